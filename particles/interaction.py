@@ -1,0 +1,156 @@
+"""The one interaction-kernel family behind every model (design.md §1).
+
+An :class:`Interaction` fixes
+
+* the score kind          s_ij = β⟨Q x_i, K x_j⟩ ("softmax"),  −‖Q x_i − K x_j‖²/(2σ²) ("rbf"),  0 ("flat");
+* the support N(i)         radius ‖x_i − x_j‖ ≤ r, window |i − j| < w, causal j ≤ i, then top-k;
+* the normalisation       a_ij = exp(s_ij)/Σ_{l∈N(i)} exp(s_il)   or   exp(s_ij)/n ("usa");
+* the geometry            "sphere": ẋ_i = P_{x_i} v_i,   "euclidean": ẋ_i = v_i − x_i,   v_i = Σ_j a_ij V x_j.
+
+The four presets "sa", "usa", "krause" and "hk" are values of this one dataclass.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MODELS = ("sa", "usa", "krause", "hk")
+SCORES = ("softmax", "rbf", "flat")
+GEOMETRIES = ("sphere", "euclidean")
+
+#: Relative tolerance of the bounded-confidence test ‖x_i − x_j‖ ≤ r·(1 + RADIUS_RTOL[dtype]).
+#: A pair at distance exactly r (e.g. neighbours on an equally spaced opinion lattice) must count as
+#: inside even when round-off puts it at r·(1 + a few ulps). The same tolerance is used by every kernel
+#: path (numpy reference, numba rows, neighbour lists, the sorted 1-D HK sweep).
+RADIUS_RTOL = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 1e-5}
+
+PRESETS = {
+    "sa": dict(score="softmax", normalise=True, geometry="sphere"),
+    "usa": dict(score="softmax", normalise=False, geometry="sphere"),
+    "krause": dict(score="rbf", normalise=True, geometry="sphere"),
+    "hk": dict(score="flat", normalise=True, geometry="euclidean"),
+}
+
+
+def radius_bound_sq(radius: float, dtype) -> float:
+    """Squared radius with the documented tolerance: pairs with ‖x_i − x_j‖² ≤ this are neighbours."""
+    return (radius * (1.0 + RADIUS_RTOL[np.dtype(dtype)])) ** 2
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """A member of the kernel family. Matrices None mean the identity."""
+
+    model: str
+    score: str
+    normalise: bool
+    geometry: str
+    beta: float = 1.0
+    sigma: float = 1.0
+    radius: float | None = None
+    window: int | None = None
+    causal: bool = False
+    top_k: int | None = None
+    Q: np.ndarray | None = field(default=None, repr=False, compare=False)
+    K: np.ndarray | None = field(default=None, repr=False, compare=False)
+    V: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    # -- derived quantities -------------------------------------------------------------------
+    def matrices(self, d: int, dtype=np.float64):
+        """(Q, K, V) as (d, d) arrays of `dtype` (identity where None)."""
+        eye = np.eye(d, dtype=dtype)
+        return tuple(eye if m is None else np.asarray(m, dtype=dtype) for m in (self.Q, self.K, self.V))
+
+    @property
+    def identity_qkv(self) -> bool:
+        return self.Q is None and self.K is None and self.V is None
+
+    @property
+    def restricted(self) -> bool:
+        """True when some restriction (radius, window, causal, top-k) shrinks the support."""
+        return self.radius is not None or self.window is not None or self.causal or self.top_k is not None
+
+    def check_dimension(self, d: int) -> None:
+        for name in ("Q", "K", "V"):
+            m = getattr(self, name)
+            if m is not None and m.shape != (d, d):
+                raise ValueError(f"{name} must have shape (d, d) = ({d}, {d}), got {m.shape}")
+
+    def attrs(self) -> dict:
+        """netCDF-safe attributes (str/int/float only; a restriction that is off is absent)."""
+        out = dict(model=self.model, score=self.score, normalise=int(self.normalise),
+                   geometry=self.geometry, beta=float(self.beta), sigma=float(self.sigma),
+                   causal=int(self.causal))
+        for name in ("radius", "window", "top_k"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+def _check_matrix(name, m):
+    if m is None:
+        return None
+    m = np.asarray(m, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"{name} must be a square (d, d) matrix, got shape {m.shape}")
+    if not np.all(np.isfinite(m)):
+        raise ValueError(f"{name} contains NaN or inf")
+    m.setflags(write=False)
+    return m
+
+
+def _check_positive_int(name, value, minimum=1):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_real(name, value, *, positive=False, nonnegative=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def make_interaction(model: str, *, beta=1.0, sigma=1.0, radius=None, window=None, causal=False,
+                     top_k=None, Q=None, K=None, V=None, geometry=None) -> Interaction:
+    """Validate parameters and build the preset `model`, optionally overriding its geometry."""
+    if model not in PRESETS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    preset = dict(PRESETS[model])
+    if geometry is not None:
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+        preset["geometry"] = geometry
+    if model == "hk" and radius is None:
+        raise ValueError("radius is required for model 'hk' (the confidence bound R)")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    return Interaction(
+        model=model, **preset,
+        beta=_check_real("beta", beta),
+        sigma=_check_real("sigma", sigma, positive=True),
+        radius=None if radius is None else _check_real("radius", radius, nonnegative=True),
+        window=_check_positive_int("window", window),
+        causal=bool(causal),
+        top_k=_check_positive_int("top_k", top_k),
+        Q=_check_matrix("Q", Q), K=_check_matrix("K", K), V=_check_matrix("V", V),
+    )
+
