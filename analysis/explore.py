@@ -1,0 +1,305 @@
+"""Helpers for the notebooks: run a model from widget values, plot particles, build the widget panel,
+export an animation.
+
+The notebooks in ``notebooks/`` hold no long code; they call these functions. Everything here works
+without a browser (the figures are plain matplotlib ``Figure`` objects, the panel is an ipywidgets
+``VBox``), so the notebooks can be executed headless in the tests.
+
+* :func:`run` — :func:`particles.simulate` with only the parameters that make sense for the model.
+* :func:`project` — particle coordinates for display: as is for d ≤ 3, otherwise onto the three
+  leading (uncentred) principal directions of the whole trajectory (then radially back onto S²
+  for the sphere).
+* :func:`plot_state` — one frame: particles (on S² for d = 3) next to the cluster count over time.
+* :func:`panel` — the ipywidgets exploration panel of ``01_cluster_formation.ipynb``.
+* :func:`export_animation` — GIF (PillowWriter) or MP4 (FFMpegWriter) of a trajectory, or ``None``
+  when the writer is not available.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+MODELS = ("sa", "usa", "krause", "hk")
+SPHERE_MODELS = ("sa", "usa", "krause")
+
+
+# ----------------------------------------------------------------------------------------- running
+def model_params(model: str, *, beta=1.0, sigma=1.0, radius=None, window=None, causal=False,
+                 top_k=None) -> dict:
+    """The keyword arguments of :func:`particles.simulate` that apply to `model`.
+
+    Widget conventions: ``radius``/``window``/``top_k`` of ``None`` or ``0`` mean "off"; ``beta``
+    applies to the softmax models (sa, usa), ``sigma`` to krause; hk needs a radius (> 0).
+    """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    params: dict = {}
+    if model in ("sa", "usa"):
+        params["beta"] = float(beta)
+    elif model == "krause":
+        params["sigma"] = float(sigma)
+    if radius:
+        params["radius"] = float(radius)
+    elif model == "hk":
+        raise ValueError("radius must be > 0 for the 'hk' model")
+    if window:
+        params["window"] = int(window)
+    if causal:
+        params["causal"] = True
+    if top_k:
+        params["top_k"] = int(top_k)
+    return params
+
+
+def run(model: str = "krause", *, n: int = 48, d: int = 3, steps: int = 120, dt: float = 0.1,
+        seed: int = 0, save_every: int = 1, **params) -> xr.Dataset:
+    """Simulate `model` from widget-style values (see :func:`model_params`); returns the Dataset."""
+    from particles import simulate
+
+    return simulate(model, n=int(n), d=int(d), steps=int(steps), dt=float(dt), seed=int(seed),
+                    save_every=int(save_every), **model_params(model, **params))
+
+
+def default_eps(ds: xr.Dataset) -> float:
+    """A cluster threshold that suits the run: 0.05 on the sphere, a tenth of the radius for HK."""
+    radius = ds.attrs.get("radius")
+    if ds.attrs.get("geometry") == "euclidean" and radius:
+        return float(min(0.05, 0.1 * radius))
+    return 0.05
+
+
+def cluster_counts(ds: xr.Dataset, eps: float | None = None) -> xr.DataArray:
+    """Number of clusters (graph components at distance ≤ eps) at every saved time."""
+    import analysis
+
+    return analysis.count_clusters(ds["x"], eps=default_eps(ds) if eps is None else eps)
+
+
+# ------------------------------------------------------------------------------------- projection
+def project(x, sphere: bool = True, basis: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates to draw, shape (..., min(d, 3)), and the projection basis used (d × k).
+
+    d ≤ 3: the coordinates themselves. d > 3: onto the three leading principal directions of all
+    points in `x` (one fixed basis for a whole trajectory, so an animation does not jump), then,
+    for the sphere, normalised back onto S² (a radial projection: angles are distorted, clusters
+    are kept).
+    """
+    x = np.asarray(x, dtype=float)
+    d = x.shape[-1]
+    if d <= 3:
+        return x, np.eye(d)
+    if basis is None:
+        flat = x.reshape(-1, d)
+        _, _, vt = np.linalg.svd(flat, full_matrices=False)  # uncentred: directions through 0
+        basis = vt[:3].T
+    y = x @ basis
+    if sphere:
+        norms = np.linalg.norm(y, axis=-1, keepdims=True)
+        y = y / np.where(norms > 0, norms, 1.0)
+    return y, basis
+
+
+def _draw_sphere(ax):
+    u, v = np.mgrid[0:2 * np.pi:24j, 0:np.pi:12j]
+    ax.plot_wireframe(np.cos(u) * np.sin(v), np.sin(u) * np.sin(v), np.cos(v),
+                      color="0.85", linewidth=0.4)
+
+
+def _particles_axes(fig, dims: int, sphere: bool, spec):
+    if dims == 3:
+        ax = fig.add_subplot(spec, projection="3d")
+        if sphere:
+            _draw_sphere(ax)
+            ax.set(xlim=(-1, 1), ylim=(-1, 1), zlim=(-1, 1))
+        ax.set_box_aspect((1, 1, 1))
+        ax.set_xticks([]), ax.set_yticks([]), ax.set_zticks([])
+        return ax
+    ax = fig.add_subplot(spec)
+    if dims == 2 and sphere:
+        t = np.linspace(0, 2 * np.pi, 200)
+        ax.plot(np.cos(t), np.sin(t), color="0.85", linewidth=0.8)
+        ax.set_aspect("equal")
+    return ax
+
+
+def _draw_particles(ax, y, dims, colors):
+    if dims == 3:
+        return ax.scatter(y[:, 0], y[:, 1], y[:, 2], c=colors, s=14, depthshade=False)
+    if dims == 2:
+        return ax.scatter(y[:, 0], y[:, 1], c=colors, s=14)
+    return ax.scatter(np.zeros(len(y)), y[:, 0], c=colors, s=14)
+
+
+def plot_state(ds: xr.Dataset, frame: int = -1, eps: float | None = None, counts=None, fig=None):
+    """One frame of a trajectory: particles (left) and the cluster count over time (right).
+
+    d = 3 on the sphere: points on S² with a wireframe; d > 3: the projection of :func:`project`;
+    d = 2: the plane (circle for the sphere); d = 1 (HK opinions): all trajectories over time.
+    Returns the matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    x = np.asarray(ds["x"].values)
+    times = np.asarray(ds["time"].values)
+    frame = int(frame) % len(times)
+    sphere = ds.attrs.get("geometry", "sphere") == "sphere"
+    counts = cluster_counts(ds, eps) if counts is None else counts
+    d = x.shape[-1]
+    if fig is None:
+        fig = plt.figure(figsize=(9.5, 4.2))
+    else:
+        fig.clear()
+    grid = fig.add_gridspec(1, 2, width_ratios=(1.15, 1))
+    n = x.shape[1]
+    colors = plt.cm.viridis(np.linspace(0, 1, n))
+    if d == 1:
+        ax = fig.add_subplot(grid[0])
+        ax.plot(times, x[:, :, 0], color="0.3", linewidth=0.6)
+        ax.axvline(times[frame], color="C3", linewidth=1)
+        ax.set(xlabel="time", ylabel="opinion", title=f"{ds.attrs.get('model', '')}: opinions, n = {n}")
+    else:
+        y, _ = project(x, sphere=sphere)
+        dims = y.shape[-1]
+        ax = _particles_axes(fig, dims, sphere, grid[0])
+        _draw_particles(ax, y[frame], dims, colors)
+        if d > 3:
+            where = f"S^{d - 1}, projected" if sphere else f"R^{d}, projected"
+        else:
+            where = {3: "S²", 2: "S¹"}[d] if sphere else f"R^{d}"
+        ax.set_title(f"{ds.attrs.get('model', '')}: n = {n} on {where}, t = {times[frame]:.2f}")
+    axc = fig.add_subplot(grid[1])
+    axc.step(times, np.asarray(counts), where="post", color="C0")
+    axc.axvline(times[frame], color="C3", linewidth=1)
+    axc.set(xlabel="time", ylabel="clusters", title="cluster count", ylim=(0, None))
+    axc.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """The PNG bytes of a matplotlib figure."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ panel
+def panel(model: str = "krause", *, n: int = 48, d: int = 3, steps: int = 150, dt: float = 0.2,
+          beta: float = 4.0, sigma: float = 0.3, radius: float = 0.0, window: int = 0,
+          causal: bool = False, top_k: int = 0, seed: int = 0, eps: float | None = None):
+    """The exploration panel: controls for the model and its parameters, the plot as a PNG image.
+
+    Any change of a model control re-simulates; the time slider only redraws. The returned VBox
+    has attributes ``controls`` (dict of widgets), ``image`` (``ipywidgets.Image``), ``status``
+    (``ipywidgets.HTML``), ``update()`` (re-simulate now) and ``dataset()`` (the last run).
+    """
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    style = {"description_width": "70px"}
+    layout = W.Layout(width="300px")
+    c = {
+        "model": W.Dropdown(options=list(MODELS), value=model, description="model"),
+        "beta": W.FloatLogSlider(value=beta, base=10, min=-1, max=1.5, step=0.05, description="β (sa/usa)"),
+        "sigma": W.FloatLogSlider(value=sigma, base=10, min=-1.5, max=1, step=0.05, description="σ (krause)"),
+        "radius": W.FloatSlider(value=radius, min=0, max=2, step=0.02, description="radius (0=off)"),
+        "window": W.IntSlider(value=window, min=0, max=64, description="window (0=off)"),
+        "causal": W.Checkbox(value=causal, description="causal"),
+        "top_k": W.IntSlider(value=top_k, min=0, max=64, description="top_k (0=off)"),
+        "n": W.IntSlider(value=n, min=4, max=256, description="n"),
+        "d": W.IntSlider(value=d, min=1, max=16, description="d"),
+        "steps": W.IntSlider(value=steps, min=10, max=1000, step=10, description="steps"),
+        "dt": W.FloatSlider(value=dt, min=0.01, max=1.0, step=0.01, description="dt"),
+        "seed": W.IntText(value=seed, description="seed"),
+    }
+    for w in c.values():
+        w.style = style
+        w.layout = layout
+        if hasattr(w, "continuous_update"):
+            w.continuous_update = False
+    frame = W.IntSlider(value=0, min=0, max=1, description="frame", continuous_update=False,
+                        style=style, layout=W.Layout(width="600px"))
+    image = W.Image(format="png", layout=W.Layout(width="760px"))
+    status = W.HTML()
+    state: dict = {}
+    fig = plt.figure(figsize=(9.5, 4.2))
+    plt.close(fig)  # drawn into the Image widget only, never shown twice by the inline backend
+
+    def redraw(*_):
+        if "ds" not in state:
+            return
+        plot_state(state["ds"], frame=frame.value, counts=state["counts"], fig=fig)
+        image.value = figure_png(fig)
+
+    def update(*_):
+        v = {k: w.value for k, w in c.items()}
+        if v["model"] == "hk" and not v["radius"]:
+            c["radius"].value = 0.2  # hk needs a confidence radius; observing radius re-runs update
+            return
+        status.value = "<i>simulating…</i>"
+        try:
+            ds = run(v["model"], n=v["n"], d=v["d"], steps=v["steps"], dt=v["dt"], seed=v["seed"],
+                     beta=v["beta"], sigma=v["sigma"], radius=v["radius"], window=v["window"],
+                     causal=v["causal"], top_k=v["top_k"], save_every=max(1, v["steps"] // 100))
+        except (ValueError, TypeError, FloatingPointError, OverflowError) as err:
+            status.value = f"<b style='color:#b00'>{type(err).__name__}: {err}</b>"
+            return
+        state["ds"] = ds
+        state["counts"] = cluster_counts(ds, eps)
+        final = int(state["counts"][-1])
+        status.value = f"{v['model']}: {final} cluster(s) at t = {float(ds.time[-1]):.2f}"
+        with frame.hold_trait_notifications():
+            frame.max = len(ds.time) - 1
+            frame.value = frame.max
+        redraw()
+
+    for w in c.values():
+        w.observe(update, names="value")
+    frame.observe(redraw, names="value")
+    left = W.VBox([c[k] for k in ("model", "beta", "sigma", "radius", "window", "causal")])
+    right = W.VBox([c[k] for k in ("top_k", "n", "d", "steps", "dt", "seed")])
+    box = W.VBox([W.HBox([left, right]), frame, status, image])
+    box.controls, box.image, box.status, box.frame = c, image, status, frame
+    box.update, box.dataset = update, (lambda: state.get("ds"))
+    update()
+    return box
+
+
+# -------------------------------------------------------------------------------------- animation
+def export_animation(ds: xr.Dataset, path, *, fps: int = 12, eps: float | None = None,
+                     max_frames: int = 60, dpi: int = 72):
+    """Write the trajectory as an animation; returns the path, or ``None`` if no writer is available.
+
+    ``.gif`` uses matplotlib's PillowWriter (needs Pillow), ``.mp4`` the FFMpegWriter (needs
+    ffmpeg on PATH). At most `max_frames` evenly spaced saved frames are drawn.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib import animation
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".gif":
+        if not animation.writers.is_available("pillow"):
+            return None
+        writer = animation.PillowWriter(fps=fps)
+    elif suffix == ".mp4":
+        if not animation.writers.is_available("ffmpeg"):
+            return None
+        writer = animation.FFMpegWriter(fps=fps)
+    else:
+        raise ValueError(f"path must end in .gif or .mp4, got {path.name!r}")
+    counts = cluster_counts(ds, eps)
+    frames = np.unique(np.linspace(0, ds.sizes["time"] - 1, min(max_frames, ds.sizes["time"])).astype(int))
+    fig = plt.figure(figsize=(9.5, 4.2))
+    try:
+        anim = animation.FuncAnimation(fig, lambda k: plot_state(ds, k, counts=counts, fig=fig).axes,
+                                       frames=frames, blit=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        anim.save(path, writer=writer, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path
