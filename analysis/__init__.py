@@ -1,0 +1,11 @@
+"""Metrics on particle trajectories, model hidden states and attention (design.md §4).
+
+Every metric accepts one item — a configuration (n, d) or an attention matrix (query, key) — or a
+stack of them with leading axes ("time" or "layer", optional "sample", "head", …) as a numpy array,
+xarray DataArray or Dataset, and returns a scalar or a DataArray labelled over the leading axes.
+"""
+
+from analysis import metrics as _metrics
+from analysis.metrics import *  # noqa: F403  (the names in analysis.metrics.__all__)
+
+__all__ = list(_metrics.__all__)

@@ -1,0 +1,120 @@
+"""Cluster counts, labels and sizes per configuration, and the time to reach k clusters.
+
+Two counts (design.md §4):
+
+* ``"graph"``: connected components of the ε-graph ‖x_i − x_j‖ ≤ ε (Euclidean distance, ε in the
+  units of x). Found with a k-d tree over grid cells, so the cost grows with the number of occupied
+  cells, not with the number of close pairs (collapsed clusters cost O(n log n), not O(n²)).
+* ``"gram"``: the count of Geshkovski et al. (arXiv 2312.10794): with u_i = x_i/‖x_i‖,
+  B_ij = 1[⟨u_i, u_j⟩ > 1 − ε] and the count is rank(B), the numerical rank with numpy's default
+  tolerance (max|λ(B)| · n · machine-ε, from the eigenvalues of the symmetric B). Here ε is a
+  cosine gap: ⟨u_i, u_j⟩ > 1 − ε ⇔ ‖u_i − u_j‖ < √(2ε). When B is a disjoint union of all-ones
+  blocks (well-separated clusters) its rank is the number of blocks; otherwise it is only a
+  rank-type count (e.g. a chain of overlapping neighbourhoods can have rank > 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+from scipy.spatial.distance import cdist
+
+from analysis._layout import POINTS, check_positive, per_item
+
+METHODS = ("graph", "gram")
+
+
+def _components(n: int, edges: np.ndarray) -> np.ndarray:
+    """Labels of the connected components of the undirected graph on n nodes with edges (m, 2)."""
+    adj = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    return connected_components(adj, directed=False)[1]
+
+
+def _graph_labels(x: np.ndarray, eps: float) -> np.ndarray:
+    """Components of ‖x_i − x_j‖ ≤ ε, numbered by first appearance (particle 0 has label 0).
+
+    Points are binned into grid cells of side δ/√d, δ = ε/4: a cell's points lie within δ < ε of
+    each other, so each cell is a clique, represented by its first point. Representatives within ε
+    are an edge of the ε-graph. A cell with several points may also reach a cell whose
+    representative lies in (ε, ε + 2δ] (never farther): those members are compared directly.
+    """
+    n, d = x.shape
+    delta = eps / 4
+    keys = np.floor(x / (delta / np.sqrt(d)))
+    _, first, cell = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    cell, reps, size = cell.ravel(), x[first], np.bincount(cell.ravel())
+    tree = cKDTree(reps)
+    edges = tree.query_pairs(eps, output_type="ndarray").reshape(-1, 2)
+    labels = _components(len(reps), edges)
+    multi = np.flatnonzero(size > 1)
+    band = cKDTree(reps[multi]).sparse_distance_matrix(tree, eps + 2 * delta, output_type="ndarray")
+    a, b = multi[band["i"]], band["j"]
+    keep = (band["v"] > eps) & (labels[a] != labels[b]) & ((size[b] == 1) | (a < b))
+    members = np.split(np.argsort(cell, kind="stable"), np.cumsum(size)[:-1])
+    linked = [(i, j) for i, j in zip(a[keep], b[keep]) if cdist(x[members[i]], x[members[j]]).min() <= eps]
+    if linked:
+        labels = _components(len(reps), np.concatenate([edges, np.array(linked)]))
+    _, order, point_labels = np.unique(labels[cell], return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(order))[point_labels.ravel()]
+
+
+def _gram_count(x: np.ndarray, eps: float) -> int:
+    """rank of B_ij = 1[⟨u_i, u_j⟩ > 1 − ε], u_i = x_i/‖x_i‖ (numpy's matrix_rank tolerance)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    u = x / np.where(norms > 0, norms, 1.0)
+    lam = np.abs(np.linalg.eigvalsh((u @ u.T > 1 - eps).astype(float)))
+    return int(np.sum(lam > lam.max() * len(x) * np.finfo(float).eps))
+
+
+@per_item(POINTS)
+def count_clusters(x, eps, method="graph"):
+    """Number of clusters: ε-graph components (method="graph") or Gram rank (method="gram")."""
+    eps = check_positive("eps", eps)
+    if method == "graph":
+        return int(_graph_labels(x, eps).max()) + 1
+    if method == "gram":
+        return _gram_count(x, eps)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+@per_item(POINTS, item_dims=(0,))
+def cluster_labels(x, eps):
+    """Component label of each particle in the ε-graph ‖x_i − x_j‖ ≤ ε, numbered 0, 1, … by first
+    appearance in particle order."""
+    return _graph_labels(x, check_positive("eps", eps))
+
+
+@per_item(POINTS, item_dims=("cluster",))
+def _sizes(x, eps):
+    return -np.sort(-np.bincount(_graph_labels(x, check_positive("eps", eps)), minlength=len(x)))
+
+
+def cluster_sizes(x, eps):
+    """Sizes m_a of the ε-graph components, largest first, along a "cluster" axis padded with 0 up
+    to the largest count over the leading axes (a single configuration gives a 1-D DataArray)."""
+    sizes = _sizes(x, eps).rename("cluster_sizes")
+    return sizes.isel(cluster=slice(0, int((sizes > 0).sum("cluster").max())))
+
+
+def time_to_clusters(x, k, eps, method="graph"):
+    """First coordinate of the "time" (else "layer") axis at which count_clusters ≤ k; NaN if never.
+
+    Uses the axis' coordinate values (e.g. time = step · dt) or, without a coordinate, the index;
+    returns a float, or a DataArray over the other leading axes (e.g. "sample").
+    """
+    if isinstance(k, bool) or not float(k).is_integer() or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    counts = count_clusters(x, eps, method=method)
+    axis = next((d for d in ("time", "layer") if isinstance(counts, xr.DataArray) and d in counts.dims), None)
+    if axis is None:
+        raise ValueError("x: needs a trajectory with a 'time' or 'layer' axis")
+    first = counts[axis].where(counts <= k).min(axis)
+    return first.item() if first.ndim == 0 else first.rename("time_to_clusters")
+
+
+def time_to_consensus(x, eps, method="graph"):
+    """time_to_clusters(x, 1, eps, method): first time/layer with a single cluster; NaN if never."""
+    return time_to_clusters(x, 1, eps, method=method)
