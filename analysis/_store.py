@@ -1,0 +1,198 @@
+"""The on-disk store of a parameter sweep: a zarr directory written point by point, atomically.
+
+Layout (zarr format of the installed zarr; one group per finished point)::
+
+    results.zarr/
+      zarr.json          root group; attrs["ksync_sweep"] = {"format": 1, "spec": {...}}
+      points/            one subgroup per finished point, named by its index key, e.g. "2_0_3"
+        2_0_3/           arrays: one per metric (0-d, or 1-d over "time"); attrs: index, params, …
+      result/            the assembled Dataset (xarray layout), written when every point is done
+      .tmp/              staging area; anything here is an unfinished write and is discarded
+
+Atomicity: a point is first written completely under ``.tmp/`` and then moved into ``points/``
+with one ``os.rename`` of its directory, which is atomic on a POSIX file system. A process killed
+at any moment (SIGKILL included) therefore leaves each point either absent or complete, never
+half-written; the same holds for the creation of the store itself and for ``result/``. The store
+must live on a local or POSIX-shared file system (not an object store such as S3). Writes are
+not fsync'ed: the guarantee is against killed processes, not against power loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+FORMAT = 1
+ATTR = "ksync_sweep"
+
+
+class SpecMismatch(ValueError):
+    """The store at a path was written for a different sweep specification."""
+
+
+def _tmp_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def _write_array(group, name: str, data: np.ndarray) -> None:
+    if hasattr(group, "create_array"):  # zarr >= 3
+        group.create_array(name, data=data)
+    else:  # pragma: no cover - zarr 2
+        group.array(name, data, chunks=data.shape or None)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory ``src`` onto ``dst``, discarding an older ``dst`` if any."""
+    if dst.exists():
+        old = src.parent / _tmp_name(f"old-{dst.name}")
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)
+
+
+def json_roundtrip(obj):
+    """``obj`` as plain JSON types (numpy scalars/arrays and tuples become numbers and lists)."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} {obj!r} in a sweep specification")
+
+
+def spec_difference(stored: dict, requested: dict) -> list[str]:
+    """Human-readable differences between two specifications (top-level and one level down)."""
+    out = []
+    for key in sorted(set(stored) | set(requested)):
+        a, b = stored.get(key, "<absent>"), requested.get(key, "<absent>")
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                sa, sb = a.get(sub, "<absent>"), b.get(sub, "<absent>")
+                if sa != sb:
+                    out.append(f"{key}.{sub}: stored {sa!r}, requested {sb!r}")
+        else:
+            out.append(f"{key}: stored {a!r}, requested {b!r}")
+    return out
+
+
+class SweepStore:
+    """A sweep store at ``path`` (see the module docstring for the layout)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.points = self.path / "points"
+        self.tmp = self.path / ".tmp"
+
+    # -- creation / opening ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, path) -> SweepStore:
+        """Open an existing store; ValueError if ``path`` is not a sweep store."""
+        store = cls(path)
+        store.spec  # noqa: B018  (validates)
+        return store
+
+    @classmethod
+    def create_or_check(cls, path, spec: dict) -> SweepStore:
+        """Create the store for ``spec``, or open it and check that it was made for the same spec.
+
+        A store made for a different spec raises :class:`SpecMismatch` listing the differences.
+        """
+        store = cls(path)
+        spec = json_roundtrip(spec)
+        if not store.path.exists():
+            store.path.parent.mkdir(parents=True, exist_ok=True)
+            staging = store.path.parent / _tmp_name(f".{store.path.name}.creating")
+            root = zarr.open_group(str(staging), mode="w")
+            root.attrs[ATTR] = {"format": FORMAT, "spec": spec}
+            zarr.open_group(str(staging / "points"), mode="w")
+            (staging / ".tmp").mkdir()
+            try:
+                os.rename(staging, store.path)
+            except OSError:  # created meanwhile by another process: check it below
+                shutil.rmtree(staging, ignore_errors=True)
+        stored = store.spec
+        if stored != spec:
+            diff = "; ".join(spec_difference(stored, spec))
+            raise SpecMismatch(
+                f"store {str(store.path)!r} holds a sweep with a different specification ({diff}); "
+                "rerun with the original spec to resume it, or write to a new store path")
+        store.tmp.mkdir(exist_ok=True)
+        store.points.mkdir(exist_ok=True)
+        return store
+
+    @property
+    def spec(self) -> dict:
+        if not self.path.exists():
+            raise FileNotFoundError(f"no sweep store at {str(self.path)!r}")
+        try:
+            attrs = dict(zarr.open_group(str(self.path), mode="r").attrs)
+        except Exception as err:  # zarr raises various errors for non-zarr directories
+            raise ValueError(f"{str(self.path)!r} exists and is not a zarr store ({err})") from err
+        if ATTR not in attrs:
+            raise ValueError(f"{str(self.path)!r} exists and is not a ksync sweep store; "
+                             "choose another path")
+        meta = attrs[ATTR]
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"sweep store {str(self.path)!r} has format {meta.get('format')}, "
+                             f"this version reads format {FORMAT}")
+        return meta["spec"]
+
+    # -- points -----------------------------------------------------------------------------------
+    def clean_tmp(self) -> None:
+        """Discard unfinished writes left by a killed process."""
+        if self.tmp.exists():
+            for entry in self.tmp.iterdir():
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def done(self) -> set[str]:
+        """Keys of the finished points."""
+        if not self.points.exists():
+            return set()
+        return {p.name for p in self.points.iterdir() if not p.name.startswith(".")
+                and ((p / "zarr.json").exists() or (p / ".zgroup").exists())}
+
+    def write_point(self, key: str, values: dict, attrs: dict) -> bool:
+        """Write one point atomically; False (and nothing written) if it is already there."""
+        final = self.points / key
+        if final.exists():
+            return False
+        staging = self.tmp / _tmp_name(key)
+        group = zarr.open_group(str(staging), mode="w")
+        for name, value in values.items():
+            _write_array(group, name, np.asarray(value))
+        group.attrs.update(json_roundtrip(attrs))
+        try:
+            os.rename(staging, final)
+        except OSError:  # written meanwhile (a duplicate result): keep the first one
+            shutil.rmtree(staging, ignore_errors=True)
+            return False
+        return True
+
+    def read_point(self, key: str) -> dict:
+        group = zarr.open_group(str(self.points / key), mode="r")
+        return {name: np.asarray(arr[...]) for name, arr in group.arrays()}
+
+    def point_attrs(self, key: str) -> dict:
+        return dict(zarr.open_group(str(self.points / key), mode="r").attrs)
+
+    # -- assembled result -------------------------------------------------------------------------
+    def write_result(self, ds) -> None:
+        """Write the assembled Dataset as group ``result`` (replacing an older one atomically)."""
+        staging = self.tmp / _tmp_name("result")
+        ds.to_zarr(str(staging), mode="w", consolidated=False)
+        _replace_dir(staging, self.path / "result")

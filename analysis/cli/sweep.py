@@ -1,0 +1,60 @@
+"""`ksync sweep SPEC.toml -o results.zarr`: a resumable parameter sweep (see analysis.sweep)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import UsageError
+
+
+def _positive_int(text):
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def register(sub):
+    p = sub.add_parser("sweep", help="run a parameter sweep on dask.distributed (resumable zarr store)",
+                       description="Run the sweep described by SPEC.toml (format: the docstring of "
+                                   "analysis.sweep, or examples/sweep_*.toml). Rerunning the same "
+                                   "command resumes an interrupted sweep.")
+    p.add_argument("spec", metavar="SPEC.toml", help="sweep specification (TOML)")
+    p.add_argument("-o", "--output", required=True, help="zarr store for the results, e.g. results.zarr")
+    p.add_argument("--scheduler", help="address of a running dask scheduler (tcp://host:port), or 'sync' "
+                                       "to run in this process; default: start a LocalCluster")
+    p.add_argument("--workers", type=_positive_int, help="worker processes of the LocalCluster "
+                                                         "(default: min(#CPUs, #points))")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from analysis.sweep import SweepError, load_spec, make_plan, sweep
+
+    if args.workers is not None and args.scheduler is not None:
+        raise UsageError("--workers only applies to the LocalCluster started without --scheduler")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {args.output!r} exists and is not a directory (zarr store)")
+    spec = load_spec(args.spec)
+    total = len(list(make_plan(**spec).points()))
+    from analysis._store import SweepStore
+
+    if out.exists():
+        already = len(SweepStore.create_or_check(out, make_plan(**spec).spec()).done())
+        print(f"{args.output}: {already} of {total} points already done, resuming", flush=True)
+    try:
+        ds = sweep(**spec, store=args.output, scheduler=args.scheduler, workers=args.workers,
+                   progress=not args.no_progress)
+    except SweepError as err:
+        print(f"ksync sweep: error: {err}; finished points are kept in {args.output}", flush=True)
+        return 1
+    shapes = ", ".join(f"{name}{tuple(ds[name].dims)}" for name in ds.data_vars)
+    print(f"wrote {args.output}: {total} points; {shapes}")
+    return 0
