@@ -1,0 +1,63 @@
+"""Default input batches for the shipped tasks (held-out splits, fixed order) and Dataset I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import xarray as xr
+
+
+def task_inputs(task: str, n: int = 16, seed: int = 0):
+    """(inputs, labels or None): the first ``n`` held-out examples of ``task``.
+
+    digits-vit: test images (n, 8, 8), labels = digits; digits-ar: test pixel tokens (n, 64);
+    text-lm: n consecutive non-overlapping windows of 128 test characters; recall: n sequences from
+    a generator seeded with ``seed``, labels = the answers.
+    """
+    from particles.nn import TASKS, data
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if task == "digits-vit":
+        _, Xte, _, yte = data.digits_split()
+        return Xte[:n], yte[:n].numpy()
+    if task == "digits-ar":
+        return data.digits_tokens()[1][:n], None
+    if task == "text-lm":
+        T = TASKS[task].model_defaults["seq_len"]
+        ids = data.text_split()[1]
+        n = min(n, len(ids) // T)
+        return torch.stack([ids[i * T : (i + 1) * T] for i in range(n)]), None
+    t = TASKS[task]()
+    x, y, _ = t._batch(n, torch.Generator().manual_seed(seed))
+    return x, y.numpy()
+
+
+def save(ds: xr.Dataset, path) -> Path:
+    """Write ``ds`` as netCDF (.nc) or zarr (.zarr); text coordinates are stored as strings."""
+    path = Path(path)
+    if path.suffix not in (".nc", ".zarr"):
+        raise ValueError(f"output must end in .nc or .zarr, got {str(path)!r}")
+    ds = ds.copy()
+    for name, var in list(ds.variables.items()):
+        if var.dtype == object:
+            ds[name] = var.astype(str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".nc":
+        ds.to_netcdf(path)
+    else:
+        ds.to_zarr(path, mode="w")
+    return path
+
+
+def load(path) -> xr.Dataset:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"trajectory file {path} not found")
+    if path.suffix == ".zarr":
+        return xr.open_zarr(path).load()
+    with xr.open_dataset(path) as ds:
+        return ds.load()

@@ -1,0 +1,348 @@
+"""Bridge between trained transformers and particle dynamics (issue 7): extraction, simulation, comparison."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import analysis
+from analysis.bridge import (
+    attention_layers,
+    compare,
+    extract,
+    fit_preset,
+    format_table,
+    layer_metrics,
+    load_hf,
+    simulate_like,
+)
+from particles.nn import TASKS, build_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+def _model(task, attention, **overrides):
+    torch.manual_seed(0)
+    cfg = TASKS[task]().config(attention, **overrides)
+    m = build_model(cfg).eval()
+    m.config = cfg
+    return m
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return {a: _model("digits-vit", a, d_model=32, n_layers=3) for a in ("krause", "softmax", "hybrid")}
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(1)) * 16
+
+
+def _manual(model, x):
+    """Residual stream and sub-layer outputs written out by hand from the model's modules."""
+    with torch.no_grad():
+        h = model.embed(x)
+        hs, mids, normed = [h], [], []
+        for b in model.blocks:
+            normed.append(b.norm1(h))
+            mid = h + b.attn(b.norm1(h))
+            h = mid + b.mlp(b.norm2(mid))
+            hs.append(h)
+            mids.append(mid)
+        return hs, mids, normed + [model.norm(h)]
+
+
+# --- our models ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["krause", "softmax", "hybrid"])
+def test_ours_hidden_states_exact(vit, images, attention):
+    m = vit[attention]
+    ds = extract(m, images)
+    hs, _, normed = _manual(m, images)
+    assert ds["x"].dims == ("sample", "layer", "token", "component")
+    assert ds["x"].shape == (3, 4, 17, 32)
+    for layer, h in enumerate(hs):
+        np.testing.assert_array_equal(ds["x"].isel(layer=layer).values, h.numpy())
+    dn = extract(m, images, representation="normalised", attention=False)
+    for layer, h in enumerate(normed):
+        np.testing.assert_array_equal(dn["x"].isel(layer=layer).values, h.numpy())
+    with torch.no_grad():
+        np.testing.assert_array_equal(dn["x"].isel(layer=-1).values, m.hidden(images).numpy())
+        np.testing.assert_array_equal(
+            m.head(torch.from_numpy(dn["x"].values[:, -1, 0])).numpy(), m(images).numpy()
+        )
+    assert list(ds["token_label"].values[:2]) == ["CLS", "patch_0_0"]
+
+
+@pytest.mark.parametrize("attention", ["krause", "softmax", "hybrid"])
+def test_ours_attention_rows_and_support(vit, images, attention):
+    ds = extract(vit[attention], images)
+    a = ds["attention"]
+    assert a.dims == ("sample", "layer", "head", "query", "key") and a.shape == (3, 4, 4, 17, 17)
+    assert np.isnan(a.isel(layer=-1)).all()
+    a = attention_layers(a).values
+    np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-6)
+    assert (a >= 0).all()
+    if attention == "krause":  # grid locality: a patch never sees a non-neighbour patch
+        support = vit["krause"].blocks[0].attn.support(17).numpy()
+        assert (a[..., ~support] == 0).all()
+        top_k = vit["krause"].blocks[0].attn.top_k
+        assert ((a[:, 0] > 0).sum(-1) <= top_k).all()
+        np.testing.assert_allclose(ds["sigma"].isel(layer=0).values, 2.5)
+    if attention == "hybrid":
+        assert ds["branch_attention"].dims == ("sample", "branch", "layer", "head", "query", "key")
+        assert list(ds["branch"].values) == ["softmax", "krause"]
+        g = attention_layers(ds["gate"]).values
+        np.testing.assert_allclose(g.sum(-1), 1.0, atol=1e-6)
+        b = attention_layers(ds["branch_attention"].transpose("branch", "sample", "layer", ...)).values
+        mix = g.transpose(0, 1, 2, 3)[:, :, None, :, :1] * b[0] + g[:, :, None, :, 1:] * b[1]
+        np.testing.assert_allclose(mix, a, atol=1e-6)
+        assert "gated mixture" in ds.attrs["attention_label"]
+
+
+def test_causal_masked_entries_zero_and_token_ids():
+    m = _model("recall", "krause")
+    x = torch.randint(0, 80, (2, 65), generator=torch.Generator().manual_seed(0))
+    ds = extract(m, x)
+    a = attention_layers(ds["attention"]).values
+    i, j = np.indices((65, 65))
+    masked = (j > i) | (i - j >= 16)  # causal sliding window 16
+    assert (a[..., masked] == 0).all()
+    np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(ds["token_id"].values, x.numpy())
+    assert ds.attrs["causal"] == 1 and ds.attrs["window"] == 16
+
+
+def test_reduce_matches_full_metrics(vit, images):
+    m = vit["hybrid"]
+    full = extract(m, images)
+    red = extract(m, images, reduce=True, sink_k=1)
+    assert "attention" not in red and "branch_attention" not in red
+    a = attention_layers(full["attention"])
+    np.testing.assert_allclose(
+        attention_layers(red["first_token_mass"]).values, analysis.first_token_mass(a).values, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        attention_layers(red["sink_score"]).values, analysis.sink_scores(a, 1).values, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        attention_layers(red["attention_entropy"]).values, analysis.attention_entropy(a).values, atol=1e-6
+    )
+    b = attention_layers(full["branch_attention"])
+    np.testing.assert_allclose(
+        attention_layers(red["branch_first_token_mass"]).values,
+        analysis.first_token_mass(b).values,
+        atol=1e-6,
+    )
+    np.testing.assert_array_equal(red["x"].values, full["x"].values)
+    with pytest.raises(ValueError, match="reduce"):
+        extract(m, images, reduce=["nope"])
+    with pytest.raises(ValueError, match="representation"):
+        extract(m, images, representation="raw")
+
+
+# --- simulated counterparts ---------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["krause", "softmax", "hybrid"])
+def test_own_attention_reproduces_attention_sublayer(vit, images, attention):
+    """One residual step of the model's own attention = the block's attention sub-layer h + attn(norm1(h));
+    the block output differs from it exactly by the MLP branch it leaves out."""
+    m = vit[attention]
+    ds = extract(m, images)
+    hs, mids, _ = _manual(m, images)
+    for layer in range(len(m.blocks)):
+        sim = simulate_like(m, ds["x"].isel(layer=layer), mode="own", geometry="residual", layers=[layer])
+        out = torch.from_numpy(sim["x"].isel(layer=1).values)
+        torch.testing.assert_close(out, mids[layer], rtol=0, atol=0)
+        block = m.blocks[layer]
+        with torch.no_grad():
+            torch.testing.assert_close(out + block.mlp(block.norm2(out)), hs[layer + 1], rtol=0, atol=0)
+        np.testing.assert_allclose(
+            sim["attention"].isel(layer=0).values, ds["attention"].isel(layer=layer).values, atol=1e-6
+        )
+
+
+def test_own_sphere_and_presets(vit, images):
+    m = vit["krause"]
+    ds = extract(m, images)
+    own = simulate_like(m, ds, steps_per_layer=2)
+    norms = np.linalg.norm(own["x"].values, axis=-1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    assert own["x"].shape == ds["x"].shape
+    sa = simulate_like(m, ds, mode="sa", beta=2.0, steps_per_layer=2)
+    assert sa["x"].dims == ds["x"].dims and sa["x"].shape == ds["x"].shape
+    np.testing.assert_allclose(attention_layers(sa["attention"]).values.sum(-1), 1.0, atol=1e-9)
+    kr = simulate_like(m, ds, mode="krause", sigma=0.5)
+    a = attention_layers(kr["attention"]).values
+    assert ((a > 0).sum(-1) <= 3).all()  # top-k of layer 0 (grid locality has no simulator counterpart)
+    with pytest.raises(ValueError, match="mode"):
+        simulate_like(m, ds, mode="hk")
+    with pytest.raises(ValueError, match="geometry"):
+        simulate_like(m, ds, mode="sa", geometry="residual")
+
+
+def test_fit_preset_recovers_beta():
+    """A trajectory simulated with SA(β = 4) is fitted back to β = 4 with ~zero residual."""
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((2, 12, 3))
+    target = simulate_like(None, x0, mode="sa", beta=4.0, n_layers=3, steps_per_layer=4, attention=False)
+    fit = fit_preset(target, "sa", grid=[0.5, 1.0, 4.0, 16.0], eps=0.3)
+    assert fit["value"] == 4.0 and fit["residual"] < 1e-9 and not fit["at_boundary"]
+    fit = fit_preset(target, "krause", grid=[0.2, 1.0], eps=0.3)
+    assert fit["param"] == "sigma" and len(fit["residuals"]) == 2 and fit["residual"] >= 0
+
+
+def test_compare_table(vit, images):
+    dss = {a: extract(vit[a], images, reduce=(a == "hybrid")) for a in vit}
+    cmp = compare(dss)
+    assert cmp["clusters"].dims == ("model", "layer") and list(cmp["model"].values) == list(dss)
+    lm = layer_metrics(dss["softmax"])
+    np.testing.assert_allclose(cmp["effective_rank"].sel(model="softmax").values, lm["effective_rank"].values)
+    assert np.isnan(cmp["first_token_mass"].sel(model="krause", layer=3))
+    text = format_table(cmp)
+    assert "softmax" in text and "Sink_0^0.3" in text and "[krause branch]" in text
+
+
+# --- Hugging Face -------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+
+
+def _tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {
+        "[PAD]": 0,
+        "[UNK]": 1,
+        **{w: i + 2 for i, w in enumerate("the cat sat on a mat and dog ran".split())},
+    }
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    return fast
+
+
+def _hf_config(family):
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    common = dict(vocab_size=16)
+    if family == "bert":
+        return BertConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            **common,
+        )
+    if family == "gpt2":
+        return GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, **common)
+    return LlamaConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        **common,
+    )
+
+
+def _save_hf(family, path):
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    AutoModel.from_config(_hf_config(family)).save_pretrained(path)
+    _tokenizer(path).save_pretrained(path)
+    return family, path
+
+
+@pytest.fixture(scope="module", params=["bert", "gpt2", "llama"])
+def hf_dir(request, tmp_path_factory):
+    return _save_hf(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_hf_extract_matches_output_hidden_states(hf_dir):
+    family, path = hf_dir
+    model, tok = load_hf(path)
+    assert tok is not None
+    ids = torch.randint(0, 16, (2, 7), generator=torch.Generator().manual_seed(0))
+    ds = extract(model, ids)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+    L, H = 2, model.config.num_attention_heads
+    assert ds["x"].shape == (2, L + 1, 7, 16) and ds["attention"].shape == (2, L + 1, H, 7, 7)
+    for layer, h in enumerate(out.hidden_states):
+        np.testing.assert_array_equal(ds["x"].isel(layer=layer).values, h.numpy())
+    for layer, a in enumerate(out.attentions):
+        np.testing.assert_array_equal(ds["attention"].isel(layer=layer).values, a.numpy())
+    a = attention_layers(ds["attention"]).values
+    np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-6)
+    if family in ("gpt2", "llama"):
+        assert ds.attrs["causal"] == 1
+        assert (a[..., np.triu_indices(7, 1)[0], np.triu_indices(7, 1)[1]] == 0).all()
+    if family == "llama":
+        assert ds.attrs["num_key_value_heads"] == 2 and ds.attrs["n_heads"] == 4 and ds.sizes["head"] == 4
+    red = extract(model, ids, reduce=True)
+    np.testing.assert_allclose(
+        attention_layers(red["attention_entropy"]).values,
+        analysis.attention_entropy(attention_layers(ds["attention"])).values,
+        atol=1e-6,
+    )
+    norm = extract(model, ids, representation="normalised", attention=False)
+    assert norm["x"].shape == ds["x"].shape
+    np.testing.assert_array_equal(norm["x"].isel(layer=-1).values, out.hidden_states[-1].numpy())
+
+
+def test_hf_text_padding_and_sdpa_switch(hf_dir, tmp_path):
+    family, path = hf_dir
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
+    tok = _tokenizer(tmp_path)
+    ds = extract(model, ["the cat sat on a mat", "a dog ran"], tokenizer=tok)
+    assert model.config._attn_implementation == "sdpa"  # switched to eager for the pass and back
+    assert ds["token_str"].values[0, 1] == "cat" and ds["token_mask"].values[1].tolist() == [1, 1, 1, 0, 0, 0]
+    assert ds.sizes["token"] == 6
+    assert np.isfinite(attention_layers(ds["attention"]).values).all()
+
+
+def test_hf_without_attention_weights_fails_clearly(hf_dir, monkeypatch):
+    _, path = hf_dir
+    model, _ = load_hf(path, attn_implementation="sdpa")
+    monkeypatch.setattr(
+        type(model),
+        "set_attn_implementation",
+        lambda self, impl: (_ for _ in ()).throw(RuntimeError("not supported")),
+    )
+    with pytest.raises(ValueError, match="cannot produce attention weights"):
+        extract(model, torch.zeros(1, 4, dtype=torch.long))
+    ds = extract(model, torch.zeros(1, 4, dtype=torch.long), attention=False)
+    assert "attention" not in ds
+
+
+# --- CLI and netCDF -----------------------------------------------------------------------------
+def test_cli_extract_and_compare(tmp_path, capsys):
+    from analysis.cli import main
+    from particles.nn import save_checkpoint
+
+    m = _model("digits-vit", "krause", d_model=16, n_layers=2)
+    save_checkpoint(m, dict(task="digits-vit", attention="krause", config=m.config), tmp_path / "k")
+    out = tmp_path / "k.nc"
+    assert main(["extract", "--checkpoint", str(tmp_path / "k.pt"), "--samples", "4", "-o", str(out)]) == 0
+    ds = xr.open_dataset(out)
+    assert ds["x"].shape == (4, 3, 17, 16) and ds.attrs["task"] == "digits-vit"
+    _, path = _save_hf("llama", tmp_path / "llama")
+    hf_out = tmp_path / "hf.nc"
+    assert main(["extract", "--hf", str(path), "--text", "the cat sat", "--reduce", "-o", str(hf_out)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(out), str(hf_out), "--fit", "--quick"]) == 0
+    text = capsys.readouterr().out
+    assert "eff.rank" in text and "fitted" in text
+    assert main(["extract", "--checkpoint", str(tmp_path / "missing.pt"), "-o", str(out)]) == 2
+    assert main(["extract", "--hf", str(path), "-o", str(out)]) == 2  # no --text/--ids
+    assert main(["compare", str(tmp_path / "nope.nc")]) == 2
