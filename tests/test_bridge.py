@@ -346,3 +346,28 @@ def test_cli_extract_and_compare(tmp_path, capsys):
     assert main(["extract", "--checkpoint", str(tmp_path / "missing.pt"), "-o", str(out)]) == 2
     assert main(["extract", "--hf", str(path), "-o", str(out)]) == 2  # no --text/--ids
     assert main(["compare", str(tmp_path / "nope.nc")]) == 2
+
+
+def test_make_compare_writes_png_pdf_nc(tmp_path):
+    from analysis.bridge import make_compare
+    from particles.nn import save_checkpoint
+
+    for att in ("krause", "softmax"):
+        m = _model("digits-vit", att, d_model=16, n_layers=2)
+        save_checkpoint(
+            m, dict(task="digits-vit", attention=att, seed=0, config=m.config), tmp_path / f"ck/{att}"
+        )
+    cmp = make_compare(
+        "digits-vit",
+        quick=True,
+        out=tmp_path / "fig",
+        progress=False,
+        checkpoints=tmp_path / "ck",
+        n_samples=3,
+    )
+    for ext in ("png", "pdf", "nc"):
+        assert (tmp_path / f"fig/compare_digits-vit.{ext}").stat().st_size > 0
+    assert "krause trained" in cmp["model"].values and "softmax SA fit" in cmp["model"].values
+    assert "fitted presets" in cmp.attrs["table"]
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        make_compare("recall", quick=True, out=tmp_path / "fig", progress=False, checkpoints=tmp_path / "ck")
