@@ -371,3 +371,26 @@ def test_make_compare_writes_png_pdf_nc(tmp_path):
     assert "fitted presets" in cmp.attrs["table"]
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         make_compare("recall", quick=True, out=tmp_path / "fig", progress=False, checkpoints=tmp_path / "ck")
+
+
+@pytest.mark.parametrize("kind", ["softmax", "krause"])
+def test_single_head_attention_is_a_kernel_family_member(kind):
+    """A bias-free single-head attention equals the particles reference kernel with Q = W_q, K = W_k,
+    V = W_o W_v: the same weights a_ij and the same velocity Σ_j a_ij V x_j."""
+    from analysis.bridge.compare import as_interaction
+    from particles import reference
+    from particles.nn import make_attention
+
+    torch.manual_seed(0)
+    spec = dict(kind=kind, causal=True, window=5, top_k=3, bias=False) | (
+        {"sigma": 1.5} if kind == "krause" else {}
+    )
+    attn = make_attention(spec, 8, 1).double()
+    x = torch.randn(1, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out, a = attn(x, return_attention=True)
+    it = as_interaction(attn)
+    np.testing.assert_allclose(reference.weights(x[0].numpy(), it), a[0, 0].numpy(), atol=1e-12)
+    np.testing.assert_allclose(reference.velocity(x[0].numpy(), it), out[0].numpy(), atol=1e-12)
+    with pytest.raises(ValueError, match="single head"):
+        as_interaction(make_attention(dict(kind=kind, bias=False), 8, 2))

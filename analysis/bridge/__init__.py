@@ -13,7 +13,15 @@ Hugging Face ``transformers`` models (load them offline with :func:`load_hf`).
 
 from __future__ import annotations
 
-from .compare import compare, fit_preset, format_table, layer_metrics, restrictions, simulate_like
+from .compare import (
+    as_interaction,
+    compare,
+    fit_preset,
+    format_table,
+    layer_metrics,
+    restrictions,
+    simulate_like,
+)
 from .core import REDUCTIONS, attention_layers
 from .hf import is_hf, load_hf
 from .ours import is_ours
@@ -42,27 +50,11 @@ def extract(
     sink_k: the key k of the sink score α_k stored by ``reduce``.
     attention: False skips attention altogether (hidden states only).
     """
+    kw = dict(representation=representation, reduce=reduce, sink_k=sink_k, attention=attention, labels=labels)
     if is_hf(model):
-        return extract_hf(
-            model,
-            inputs,
-            representation=representation,
-            reduce=reduce,
-            sink_k=sink_k,
-            attention=attention,
-            tokenizer=tokenizer,
-            labels=labels,
-        )
+        return extract_hf(model, inputs, tokenizer=tokenizer, **kw)
     if is_ours(model):
-        return extract_ours(
-            model,
-            inputs,
-            representation=representation,
-            reduce=reduce,
-            sink_k=sink_k,
-            attention=attention,
-            labels=labels,
-        )
+        return extract_ours(model, inputs, **kw)
     raise TypeError(
         f"model: expected a particles.nn model or a transformers PreTrainedModel, got {type(model).__name__}"
     )
@@ -89,6 +81,7 @@ __all__ = [
     "load_hf",
     "attention_layers",
     "restrictions",
+    "as_interaction",
     "REDUCTIONS",
     "extract_hf",
     "extract_ours",

@@ -462,3 +462,29 @@ def fit_preset(
         clusters=curves[best][1].tolist(),
         restrictions=dict(restrict),
     )
+
+
+def as_interaction(attn):
+    """The ``particles`` Interaction equal to a single-head, bias-free attention module on its input:
+    softmax → "sa" with β = 1/√d, Q = W_q, K = W_k; Krause → "krause" with σ, Q, K; V = W_o W_v (so
+    v_i = Σ_j a_ij V x_j is the module's output), with its causal/window/top-k restrictions.
+
+    The model's LayerNorm is not part of it (apply it to x first). A patch grid, biases or several
+    heads have no counterpart in the kernel family: ValueError.
+    """
+    from particles import make_interaction
+
+    kind = getattr(attn, "kind", None)
+    if kind not in ("softmax", "krause"):
+        raise ValueError(f"attn: needs a softmax or Krause attention module, got {kind!r}")
+    if attn.n_heads != 1 or attn.grid is not None:
+        raise ValueError("attn: only a single head without grid locality maps onto the kernel family")
+    if any(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)):
+        raise ValueError("attn: projections with biases do not map onto the kernel family (Q x, K x, V x)")
+    w = {n: getattr(attn, f"{n}_proj").weight.detach().double().cpu().numpy() for n in "qkvo"}
+    params = dict(
+        Q=w["q"], K=w["k"], V=w["o"] @ w["v"], causal=attn.causal, window=attn.window, top_k=attn.top_k
+    )
+    if kind == "softmax":
+        return make_interaction("sa", beta=float(attn.beta), **params)
+    return make_interaction("krause", sigma=float(attn.sigma[0]), **params)
