@@ -196,6 +196,15 @@ def test_fit_preset_recovers_beta():
     assert fit["param"] == "sigma" and len(fit["residuals"]) == 2 and fit["residual"] >= 0
 
 
+def test_layer_metrics_of_a_simulate_trajectory():
+    from particles import simulate
+
+    sim = simulate("sa", n=10, d=3, steps=4, dt=0.5, beta=2.0, return_weights=True)
+    m = layer_metrics(sim, eps=0.3)
+    assert m["effective_rank"].dims == ("layer",) and m.sizes["layer"] == 5
+    np.testing.assert_allclose(m["first_token_mass"].values, sim["attention"].values[:, :, 0].mean(-1))
+
+
 def test_compare_table(vit, images):
     dss = {a: extract(vit[a], images, reduce=(a == "hybrid")) for a in vit}
     cmp = compare(dss)

@@ -53,13 +53,13 @@ def layer_metrics(
     from "attention" (averaged over heads) or from the in-hook reductions of ``extract(reduce=...)``;
     hybrid models add ``branch_*`` variables over a "branch" axis.
     """
+    if "time" in ds.dims:  # a particles.simulate trajectory: time plays the part of the layer
+        ds = ds.rename(time="layer")
+    if "particle" in ds.dims:
+        ds = ds.rename(particle="token")
     x = ds["x"].astype(float)
     if "sample" not in x.dims:
         x = x.expand_dims(sample=[0])
-    if "time" in x.dims:
-        x = x.rename(time="layer")
-    if "particle" in x.dims:
-        x = x.rename(particle="token")
     if project:
         x = _project(x)
     out = xr.Dataset()

@@ -103,10 +103,15 @@ class AttentionSink:
 
 
 def attention_layers(ds_or_da):
-    """The layers that have attention (drops the NaN layer L of an extracted Dataset/DataArray)."""
+    """The layers that have attention: an extracted Dataset's first ``n_attention_layers``; for a
+    DataArray, every layer up to the trailing all-NaN ones (the padded layer L)."""
     n = ds_or_da.sizes["layer"]
-    n_attn = int(ds_or_da.attrs.get("n_attention_layers", n - 1))
-    return ds_or_da.isel(layer=slice(0, n_attn))
+    if "n_attention_layers" in ds_or_da.attrs:
+        n = int(ds_or_da.attrs["n_attention_layers"])
+    elif isinstance(ds_or_da, xr.DataArray):
+        while n > 0 and bool(ds_or_da.isel(layer=n - 1).isnull().all()):
+            n -= 1
+    return ds_or_da.isel(layer=slice(0, n))
 
 
 def build_dataset(hidden: list[torch.Tensor], attn_vars: dict, coords: dict, attrs: dict) -> xr.Dataset:
