@@ -1,0 +1,334 @@
+"""Parameter sweeps (issue 9): equality with direct simulate calls, the resumable zarr store,
+kill-and-resume, a worker killed mid-sweep, refused spec changes.
+
+A real ``distributed.LocalCluster`` of 2 worker processes (1 thread each) on 127.0.0.1 is shared
+by the module; simulations are small.
+"""
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import analysis
+from analysis import _store
+from analysis.sweep import SweepError, load_spec, make_plan, open_sweep, plot_sweep, sweep
+from particles import simulate
+
+SWEEP = importlib.import_module("analysis.sweep")  # the module (analysis.sweep may be the function)
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("sweep_*.toml"))
+
+# 2 axes (order matters) × a non-range seed list; curves, weights-based and option-carrying metrics
+SPEC = dict(model="krause", axes={"sigma": [0.3, 1.0], "top_k": [2, 8]}, seeds=[3, 7],
+            metrics={"final_clusters": {"eps": 0.05}, "time_to_one_cluster": {"eps": 0.05},
+                     "effective_rank_curve": {}, "final_first_token_mass": {}, "mean_cosine_curve": {}},
+            steps=30, dt=0.2, n=8, d=3, save_every=10)
+
+# a slower sweep (≈0.1 s per point) for the kill tests: 16 points
+SLOW = dict(model="sa", axes={"beta": [0.5, 1.0, 2.0, 4.0]}, seeds=4,
+            metrics=["final_clusters", "time_to_one_cluster", "effective_rank_curve"],
+            steps=1000, dt=0.05, n=64, d=3, save_every=100)
+SLOW_TOML = """\
+model = "sa"
+steps = 1000
+dt = 0.05
+seeds = 4
+metrics = ["final_clusters", "time_to_one_cluster", "effective_rank_curve"]
+[fixed]
+n = 64
+d = 3
+save_every = 100
+[axes]
+beta = [0.5, 1.0, 2.0, 4.0]
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_numba_thread():
+    """numba's parallel kernels on one thread in this process (2 shared cores; see the workers' env)."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
+
+
+def _warm():
+    simulate("sa", n=4, d=3, steps=2, dt=0.1, return_weights=True)
+    return os.getpid()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, env={"NUMBA_NUM_THREADS": "1"}) as lc, Client(lc) as client:
+        client.run(_warm)  # imports and numba caches loaded once per worker
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return sweep(**SPEC, scheduler="sync", progress=False)
+
+
+@pytest.fixture(scope="module")
+def slow_reference():
+    return sweep(**SLOW, scheduler="sync", progress=False)
+
+
+def _points(store) -> set:
+    return _store.SweepStore(store).done()
+
+
+# -- results -------------------------------------------------------------------------------------
+def test_sync_equals_direct_simulate_and_metric_calls(reference):
+    ds = reference
+    assert ds["final_clusters"].dims == ("sigma", "top_k", "seed")
+    assert ds["effective_rank_curve"].dims == ("sigma", "top_k", "seed", "time")
+    assert ds.sizes == {"sigma": 2, "top_k": 2, "seed": 2, "time": 4}
+    np.testing.assert_allclose(ds["time"], [0, 2, 4, 6])
+    assert list(ds["seed"].values) == [3, 7] and list(ds["top_k"].values) == [2, 8]
+    for sigma in (0.3, 1.0):
+        for top_k in (2, 8):
+            for seed in (3, 7):
+                run = simulate("krause", n=8, d=3, steps=30, dt=0.2, save_every=10, seed=seed, sigma=sigma,
+                               top_k=top_k, return_weights=True)
+                at = ds.sel(sigma=sigma, top_k=top_k, seed=seed)
+                last = run["x"].isel(time=-1).values
+                assert at["final_clusters"].item() == analysis.count_clusters(last, eps=0.05)
+                np.testing.assert_equal(at["time_to_one_cluster"].item(),
+                                        analysis.time_to_clusters(run["x"], 1, eps=0.05))
+                np.testing.assert_array_equal(at["effective_rank_curve"], analysis.effective_rank(run["x"]))
+                np.testing.assert_array_equal(at["mean_cosine_curve"], analysis.mean_cosine(run["x"]))
+                assert at["final_first_token_mass"].item() == analysis.first_token_mass(
+                    run["attention"].isel(time=-1).values)
+    # the sweep is not trivially constant: parameters and seeds matter
+    assert ds["final_first_token_mass"].std() > 0
+    assert ds["final_clusters"].attrs["eps"] == 0.05
+
+
+def test_localcluster_equals_sync_and_store_round_trips(cluster, reference, tmp_path):
+    store = tmp_path / "r.zarr"
+    ds = sweep(**SPEC, scheduler=cluster, store=store, progress=False)
+    xr.testing.assert_identical(ds, reference)
+    xr.testing.assert_identical(open_sweep(store), reference)
+    written = xr.open_zarr(store, group="result", consolidated=False).load()
+    xr.testing.assert_equal(written, reference)
+    assert len(_points(store)) == 8 and not any((store / ".tmp").iterdir())
+    # a rerun computes nothing and returns the same Dataset
+    ds2 = sweep(**SPEC, scheduler=cluster.scheduler.address, store=store, progress=False)
+    xr.testing.assert_identical(ds2, reference)
+
+
+def test_progress_bar_counts_points(capsys):
+    sweep("hk", {"radius": [0.1, 0.3]}, seeds=2, metrics=["final_clusters"], steps=5, dt=1.0, n=20, d=1,
+          scheduler="sync", progress=True)
+    assert "4/4" in capsys.readouterr().err
+
+
+# -- store: resume, kill, spec changes --------------------------------------------------------------
+def test_resume_skips_finished_points_and_discards_unfinished_writes(tmp_path, reference, monkeypatch):
+    store = tmp_path / "r.zarr"
+    calls = []
+    real = SWEEP.run_point
+
+    def fail_after_three(params, seed, metrics):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stands in for the process dying mid-sweep
+        calls.append((params, seed))
+        return real(params, seed, metrics)
+
+    monkeypatch.setattr(SWEEP, "run_point", fail_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(**SPEC, scheduler="sync", store=store, progress=False)
+    assert len(_points(store)) == 3
+    # a write killed halfway leaves only a staging directory, which is not a finished point
+    (store / ".tmp" / "0_0_0-dead").mkdir()
+    (store / ".tmp" / "0_0_0-dead" / "zarr.json").write_text("{")
+    monkeypatch.setattr(SWEEP, "run_point", real)
+    counted = []
+    monkeypatch.setattr(SWEEP, "run_point", lambda *a: counted.append(1) or real(*a))
+    ds = sweep(**SPEC, scheduler="sync", store=store, progress=False)
+    assert len(counted) == 8 - 3
+    xr.testing.assert_identical(ds, reference)
+    assert not any((store / ".tmp").iterdir())
+
+
+def test_changed_spec_is_refused(tmp_path):
+    store = tmp_path / "r.zarr"
+    small = dict(SPEC, axes={"sigma": [0.3], "top_k": [2]}, seeds=1)
+    sweep(**small, scheduler="sync", store=store, progress=False)
+    with pytest.raises(ValueError, match=r"different specification.*axes\.sigma: stored \[0\.3\], "
+                                         r"requested \[0\.3, 1\.0\]"):
+        sweep(**dict(small, axes={"sigma": [0.3, 1.0], "top_k": [2]}), scheduler="sync", store=store)
+    with pytest.raises(ValueError, match=r"metrics\.final_clusters"):
+        sweep(**dict(small, metrics={"final_clusters": {"eps": 0.1}}), scheduler="sync", store=store)
+    with pytest.raises(ValueError, match=r"fixed\.n: stored 8, requested 9"):
+        sweep(**dict(small, n=9), scheduler="sync", store=store)
+    # the same spec written with other number types (1 vs 1.0, tuple vs list) is the same spec
+    sweep(**dict(small, axes={"sigma": (0.3,), "top_k": [2.0]}), scheduler="sync", store=store,
+          progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a zarr store|not a ksync sweep store"):
+        sweep(**small, scheduler="sync", store=other)
+
+
+def test_bad_spec_fails_before_any_work(tmp_path):
+    store = tmp_path / "r.zarr"
+    with pytest.raises(ValueError, match="sigma must be > 0.*sigma=-1"):
+        sweep("krause", {"sigma": [1.0, -1.0]}, steps=5, dt=0.1, n=4, d=3, scheduler="sync", store=store)
+    assert not store.exists()
+    for kwargs, message in [
+        (dict(axes={"seed": [1, 2]}), "use seeds"),
+        (dict(axes={"bogus": [1]}), "unknown simulate parameter 'bogus'"),
+        (dict(axes={"beta": []}), "empty"),
+        (dict(axes={"beta": [1, 1]}), "repeats"),
+        (dict(axes={"beta": [1.0]}, beta=2.0), "both swept"),
+        (dict(metrics=["nope"]), "unknown metric 'nope'"),
+        (dict(metrics={"final_clusters": {"epsilon": 1}}), "unknown option"),
+        (dict(seeds=0), "seeds"),
+        (dict(axes={"steps": [5, 10]}, steps=None, metrics=["effective_rank_curve"]), "same saved times"),
+    ]:
+        kw = dict(dict(model="sa", steps=5, dt=0.1, n=4, d=3), **kwargs)
+        with pytest.raises(ValueError, match=message):
+            make_plan(**kw)
+
+
+def test_failing_point_raises_sweep_error_and_keeps_finished_points(tmp_path):
+    store = tmp_path / "r.zarr"
+    with pytest.raises(SweepError, match=r"beta=1000000\.0, seed=0 failed: OverflowError"):
+        sweep("usa", {"beta": [1.0, 1e6]}, metrics=["final_clusters"], steps=3, dt=0.1, n=4, d=3,
+              scheduler="sync", store=store, progress=False)
+    assert _points(store) == {"0_0"}
+    partial = open_sweep(store)
+    assert partial.attrs["points_done"] == 1 and np.isnan(partial["final_clusters"].values[1, 0])
+
+
+def test_kill_and_resume_cli(cluster, slow_reference, tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SLOW_TOML)
+    store = tmp_path / "r.zarr"
+    cmd = [sys.executable, "-c", "import sys; from analysis.cli import main; sys.exit(main())",
+           "sweep", str(spec), "-o", str(store), "--scheduler", cluster.scheduler.address, "--no-progress"]
+    env = dict(os.environ, NUMBA_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (store / "points").exists() or not _points(store):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no point finished within 60 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = _points(store)
+    assert 0 < len(finished) < 16, f"{len(finished)} points at kill: the kill did not land mid-sweep"
+    inodes = {key: (store / "points" / key).stat().st_ino for key in finished}
+    assert not (store / "result").exists()
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(finished)} of 16 points already done" in rerun.stdout
+    assert _points(store) == {p.key for p in make_plan(**SLOW).points()}
+    # the points finished before the kill were kept, not recomputed or rewritten
+    assert {key: (store / "points" / key).stat().st_ino for key in finished} == inodes
+    xr.testing.assert_identical(open_sweep(store), slow_reference)
+    xr.testing.assert_equal(xr.open_zarr(store, group="result", consolidated=False).load(), slow_reference)
+
+
+def test_worker_killed_mid_sweep_loses_and_duplicates_nothing(cluster, slow_reference, tmp_path, monkeypatch):
+    store = tmp_path / "r.zarr"
+    writes = []
+    real_write = _store.SweepStore.write_point
+
+    def counting_write(self, key, values, attrs):
+        writes.append(key)
+        return real_write(self, key, values, attrs)
+
+    monkeypatch.setattr(_store.SweepStore, "write_point", counting_write)
+    pids = cluster.run(os.getpid)
+    killed = {}
+
+    def kill_a_busy_worker():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            if writes:  # the sweep is running: kill a worker while it executes a task
+                busy = {w: ts for w, ts in cluster.processing().items() if ts}
+                if busy:
+                    worker = sorted(busy)[0]
+                    os.kill(pids[worker], signal.SIGKILL)
+                    killed.update(worker=worker, tasks=len(busy[worker]), done=len(set(writes)))
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_a_busy_worker)
+    killer.start()
+    ds = sweep(**SLOW, scheduler=cluster, store=store, progress=False)
+    killer.join()
+    assert killed, "no worker was killed"
+    assert killed["tasks"] >= 1 and killed["done"] < 16
+    xr.testing.assert_identical(ds, slow_reference)
+    assert sorted(writes) == sorted(p.key for p in make_plan(**SLOW).points())  # each point once
+    assert len(_points(store)) == 16
+
+
+# -- SPEC.toml, examples and the plot --------------------------------------------------------------
+def test_spec_toml_ranges(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('model = "krause"\nsteps = 5\ndt = 0.1\nseeds = {start = 10, stop = 13}\n'
+                    'metrics = ["final_clusters"]\n[fixed]\nn = 4\nd = 3\n'
+                    '[axes]\nsigma = {start = 0.2, stop = 1.0, num = 5}\n'
+                    'beta = {start = 0.1, stop = 10, num = 3, log = true}\n'
+                    'window = {start = 2, stop = 9, step = 2}\n')
+    spec = load_spec(path)
+    np.testing.assert_allclose(spec["axes"]["sigma"], [0.2, 0.4, 0.6, 0.8, 1.0])
+    np.testing.assert_allclose(spec["axes"]["beta"], [0.1, 1.0, 10.0])
+    assert spec["axes"]["window"] == [2, 4, 6, 8]
+    assert spec["n"] == 4 and spec["steps"] == 5
+    plan = make_plan(**spec)
+    assert plan.seeds == [10, 11, 12] and list(plan.axes) == ["sigma", "beta", "window"]
+    path.write_text('model = "sa"\nsteps = 5\ndt = 0.1\nbeta = 2\n')
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['beta'\]"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_specs_are_valid(path):
+    plan = make_plan(**load_spec(path))
+    assert len(list(plan.points())) >= 2
+
+
+def test_examples_exist():
+    assert len(EXAMPLES) >= 2
+
+
+def test_plot_sweep_mean_and_sd(reference):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    plot_sweep(reference, "final_first_token_mass", "sigma", ax=ax)
+    lines = ax.get_lines()
+    assert len(lines) == 2  # one per top_k
+    mean = reference["final_first_token_mass"].mean("seed")
+    np.testing.assert_allclose(lines[0].get_ydata(), mean.isel(top_k=0).values)
+    np.testing.assert_allclose(lines[1].get_xdata(), [0.3, 1.0])
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    sd = reference["final_first_token_mass"].std("seed", ddof=1).isel(top_k=0).values
+    assert np.isclose(band.max(), (mean.isel(top_k=0).values + sd).max())
+    with pytest.raises(ValueError, match="curve"):
+        plot_sweep(reference, "effective_rank_curve", "sigma", ax=ax)
+    plt.close(fig)
