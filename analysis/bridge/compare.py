@@ -2,7 +2,8 @@
 
 * :func:`layer_metrics` — per layer (mean over samples): cluster count, effective rank, mean cosine and
   rank-collapse residual of the tokens (projected to the unit sphere by default, so trained and
-  simulated trajectories are measured alike), first-token mass, the per-layer sink rate
+  simulated trajectories are measured alike), first-token mass (and its uniform baseline
+  mean_i 1[a_i0 > 0]/m_i over the m_i visible keys — locality/top-k change it), the per-layer sink rate
   (fraction of heads with α_k > ε) and attention entropy; Sink_k^ε over all layers and heads in attrs.
 * :func:`simulate_like` — particle dynamics started from the model's layer-0 tokens:
   ``mode="own"``: the model's own attention sub-layers ``block.attn(block.norm1(x))`` (learned
@@ -96,6 +97,7 @@ def _attention_metrics(ds, sink_eps, sink_k) -> dict:
             ftm = analysis.first_token_mass(a)
             alpha = analysis.sink_scores(a, sink_k)
             ent = analysis.attention_entropy(a)
+            out[prefix + "first_token_uniform"] = _uniform_first_token(a)
         elif prefix + "first_token_mass" in ds or prefix + "sink_score" in ds:
             if ds.attrs.get("sink_k", sink_k) != sink_k and prefix + "sink_score" in ds:
                 raise ValueError(
@@ -122,6 +124,15 @@ def _attention_metrics(ds, sink_eps, sink_k) -> dict:
         if ent is not None:
             out[prefix + "attention_entropy"] = ent.mean(("sample", "head"))
     return out
+
+
+def _uniform_first_token(a: xr.DataArray) -> xr.DataArray:
+    """Baseline of the first-token mass: what it would be if every query spread its weight uniformly
+    over its visible keys (a_ij > 0): mean_i 1[a_i0 > 0] / m_i, averaged over samples and heads."""
+    vis = a > 0
+    m = vis.sum("key")
+    base = (vis.isel(key=0) / m.where(m > 0)).mean("query")
+    return base.mean([d for d in ("sample", "head") if d in base.dims])
 
 
 def compare(sources, **metric_kw) -> xr.Dataset:
@@ -160,6 +171,7 @@ TABLE_COLUMNS = (
     ("effective_rank", "eff.rank", "{:8.2f}"),
     ("mean_cosine", "mean cos", "{:8.3f}"),
     ("first_token_mass", "1st-tok", "{:7.3f}"),
+    ("first_token_uniform", "uniform", "{:7.3f}"),
     ("sink_rate", "sink@eps", "{:8.2f}"),
     ("attention_entropy", "entropy", "{:7.3f}"),
 )

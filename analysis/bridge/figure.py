@@ -19,6 +19,7 @@ STYLES = {
     "own": dict(ls="--", marker="s", lw=1.4, ms=4),
     "SA fit": dict(ls=":", marker="^", lw=1.2, ms=4),
     "Krause fit": dict(ls="-.", marker="v", lw=1.2, ms=4),
+    "uniform": dict(ls=(0, (1, 2)), lw=1.0, alpha=0.8),
 }
 PANELS = (
     ("clusters", "clusters (ε-graph on the sphere)"),
@@ -131,6 +132,9 @@ def make_compare(
             if np.all(np.isnan(y)):
                 continue
             ax.plot(layers, y, color=COLORS[att], **STYLES[kind], alpha=1.0 if kind == "trained" else 0.75)
+            if var == "first_token_mass" and kind == "trained" and "first_token_uniform" in cmp:
+                base = cmp["first_token_uniform"].sel(model=name).values
+                ax.plot(layers, base, color=COLORS[att], **STYLES["uniform"])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("layer")
         ax.set_xticks(layers)
@@ -143,6 +147,7 @@ def make_compare(
         Line2D([], [], color="0.3", **STYLES["own"], label="own attention, no MLP (sphere)"),
         Line2D([], [], color="0.3", **STYLES["SA fit"], label="SA(β) preset, β fitted"),
         Line2D([], [], color="0.3", **STYLES["Krause fit"], label="Krause(σ) preset, σ fitted"),
+        Line2D([], [], color="0.3", **STYLES["uniform"], label="uniform over visible keys (trained)"),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     fitted = "\n".join(
