@@ -1,0 +1,81 @@
+"""``ksync train TASK --attention krause|softmax|hybrid [--epochs N] [--seed S] [--out DIR]``.
+
+TASK is one of digits-vit, digits-ar, text-lm, recall (writes OUT/TASK-ATTENTION.pt + .json), or
+``ablations``: the digits-vit controls (RBF alone, dot-product + locality, dot-product + top-k,
+full Krause, softmax) over several seeds, summarised as mean ± sd in OUT/ablations.json.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from . import UsageError
+
+TASK_NAMES = ("digits-vit", "digits-ar", "text-lm", "recall", "ablations")
+
+
+def register(subparsers):
+    p = subparsers.add_parser("train", help="train a small Krause/softmax transformer and save a checkpoint",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("task", metavar="TASK", help=f"one of {', '.join(TASK_NAMES)}")
+    p.add_argument("--attention", default="krause",
+                   help="krause | softmax | hybrid (digits-vit also: rbf, dot-local, dot-topk)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the task's own")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablations only")
+    p.add_argument("--out", default="checkpoints", help="output directory (default: checkpoints)")
+    p.add_argument("--name", default=None, help="checkpoint name (default: TASK-ATTENTION)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--subset", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def _summary(card: dict) -> str:
+    m = {k: v for k, v in card["metrics"].items() if isinstance(v, float)}
+    return ", ".join(f"{k}={v:.4f}" for k, v in m.items()) + f" ({card['train_time_s']:.0f} s)"
+
+
+def run(args) -> int:
+    from particles.nn import ABLATIONS, TASKS, save_checkpoint, train
+
+    if args.task not in TASK_NAMES:
+        raise UsageError(f"TASK must be one of {', '.join(TASK_NAMES)}, got {args.task!r}")
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    out = Path(args.out)
+    kw = dict(epochs=args.epochs, subset=args.subset, progress=not args.no_progress, threads=args.threads)
+    if args.task == "ablations":
+        return _ablations(args, out, kw, ABLATIONS, train)
+    if args.attention not in TASKS[args.task].attentions:
+        raise UsageError(f"--attention for {args.task} must be one of {', '.join(TASKS[args.task].attentions)}, "
+                         f"got {args.attention!r}")
+    model, card = train(args.task, args.attention, seed=args.seed, **kw)
+    card = save_checkpoint(model, card, out / (args.name or f"{args.task}-{args.attention}"))
+    print(f"{args.task}/{args.attention}: {_summary(card)} -> {out / card['file']}")
+    return 0
+
+
+def _ablations(args, out: Path, kw: dict, variants, train) -> int:
+    results = {}
+    for variant in variants:
+        runs = []
+        for seed in args.seeds:
+            _, card = train("digits-vit", variant, seed=seed, **kw)
+            runs.append(dict(seed=seed, test_accuracy=card["metrics"]["test_accuracy"],
+                             train_time_s=card["train_time_s"]))
+            print(f"{variant} seed {seed}: {_summary(card)}", flush=True)
+        accs = [r["test_accuracy"] for r in runs]
+        results[variant] = dict(attention=card["config"]["attention"], runs=runs, mean=statistics.mean(accs),
+                                sd=statistics.stdev(accs) if len(accs) > 1 else 0.0)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablations.json").write_text(json.dumps(dict(task="digits-vit", epochs=card["epochs"],
+                                                        seeds=args.seeds, results=results), indent=1) + "\n")
+    for variant, r in results.items():
+        print(f"{variant:10s} {r['mean']:.4f} ± {r['sd']:.4f}")
+    return 0
