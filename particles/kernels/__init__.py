@@ -1,7 +1,23 @@
 """Numba kernels behind :func:`particles.simulate`, and the choice of the fastest path.
 
 :func:`velocity_field` returns a callable x ↦ v with v_i = Σ_j a_ij V x_j for one configuration
-(n, d). Every path computes the same maths as :mod:`particles.reference` (checked in tests).
+(n, d). Every path computes the same maths as :mod:`particles.reference` (checked in tests); the
+row maths lives once, in :mod:`.rows`. Paths (``VelocityField.path``):
+
+* ``"hk1d"``       flat score, d = 1, radius, no window/causal/top-k (1-D Hegselmann–Krause):
+                   sorted two-pointer sweep over prefix sums, O(n) per step (:mod:`.hk1d`).
+* ``"neighbours"`` radius, no window, d ≤ 3, n ≥ 2048, and a sampled neighbour fraction ≤ 10 %:
+                   cKDTree neighbour lists (CSR) + the row kernel over the lists, decided per call
+                   (:mod:`.neighbours`); otherwise the call falls back to "range".
+* ``"fused"``      d ≤ 4 and no top-k (dense, causal or windowed, radius masked): one fused
+                   vectorised pass per row (scores, exp, Σ w·v) with a bound of the row max as the
+                   shift (:func:`.dense.velocity_fused`) — the dense softmax/RBF fast path.
+* ``"range"``      everything else (top-k, d > 4): each row scans one contiguous key range — all
+                   keys (dense), 0..i (causal) or the window (O(n·w)); radius masks, top-k selects
+                   inside the range (:func:`.dense.velocity_range`).
+
+Windowed rows cost O(w) whatever n, so "fused" and "range" are linear in n with a window; no path
+allocates an n×n array (only ``weights`` returns one, on request).
 """
 
 from __future__ import annotations
@@ -9,49 +25,102 @@ from __future__ import annotations
 import numpy as np
 
 from ..interaction import Interaction, radius_bound_sq
-from . import rows
+from . import dense, hk1d, neighbours, rows
+
+PATHS = ("hk1d", "neighbours", "fused", "range")
+
+
+def choose_path(it: Interaction, n: int, d: int) -> str:
+    """The static choice; "neighbours" is confirmed per call from the sampled neighbour density."""
+    plain = it.window is None and not it.causal and it.top_k is None
+    if it.score == "flat" and d == 1 and it.radius is not None and plain and it.normalise:
+        return "hk1d"
+    if it.radius is not None and it.window is None and d <= neighbours.MAX_DIM and n >= neighbours.MIN_N:
+        return "neighbours"
+    return _dense_path(it, d)
+
+
+def _dense_path(it: Interaction, d: int) -> str:
+    return "fused" if it.top_k is None and d <= rows.FUSED_MAX_DIM else "range"
 
 
 class VelocityField:
-    """v(x) for a fixed interaction, dimension and dtype, using the row-wise kernel."""
+    """v(x) for a fixed interaction, size, dimension and dtype; ``path`` names the kernel used."""
 
-    def __init__(self, it: Interaction, d: int, dtype):
+    def __init__(self, it: Interaction, n: int, d: int, dtype, path: str | None = None):
         self.interaction = it
         self.dtype = np.dtype(dtype)
+        self.path = choose_path(it, n, d) if path is None else path
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if (self.path == "hk1d" and choose_path(it, n, d) != "hk1d") or (
+                self.path == "neighbours" and it.radius is None) or (
+                self.path == "fused" and _dense_path(it, d) != "fused"):
+            raise ValueError(f"path {self.path!r} does not apply to this interaction (d={d})")
+        self.forced = path is not None
         self.Q, self.K, self.V = it.matrices(d, self.dtype)
-        self.args = (
-            rows.SCORE_CODE[it.score],
-            float(it.beta),
-            1.0 / (2.0 * it.sigma**2),
-            radius_bound_sq(it.radius, self.dtype) if it.radius is not None else 0.0,
-            it.radius is not None,
-            it.window or 0,
-            bool(it.causal),
-            it.top_k or 0,
-            bool(it.normalise),
-        )
+        t = self.dtype.type
+        self.r2 = t(radius_bound_sq(it.radius, self.dtype)) if it.radius is not None else t(0.0)
+        self.score = rows.SCORE_CODE[it.score]
+        self.beta, self.inv2s2 = t(it.beta), t(1.0 / (2.0 * it.sigma**2))
+        self.sweep = hk1d.SortedSweep() if self.path == "hk1d" else None
+        self.dense_path = "range" if self.path == "range" else _dense_path(it, d)
+        self.dims = (0,) * d
+        # Σ exp(s − bound) below this means the bound of the row max was too loose (see velocity_fused)
+        self.tiny = t(float(n) ** 2 * np.finfo(self.dtype).tiny * np.exp(40.0))
+        self.last_path = None  # the path the last call actually took
 
     def project(self, x):
-        """(Qx, Kx, Vx) row-wise; the identity costs nothing."""
+        """Component-major (xᵀ, (Qx)ᵀ, (Kx)ᵀ, (Vx)ᵀ), each (d, n) contiguous; identity costs one copy."""
+        xT = np.ascontiguousarray(x.T, dtype=self.dtype)
         if self.interaction.identity_qkv:
-            return x, x, x
-        return tuple(np.ascontiguousarray(x @ M.T) for M in (self.Q, self.K, self.V))
+            return xT, xT, xT, xT
+        return (xT,) + tuple(np.ascontiguousarray(M @ xT) for M in (self.Q, self.K, self.V))
+
+    def _row_args(self):
+        it = self.interaction
+        return (self.score, self.beta, self.inv2s2, self.r2, it.radius is not None, it.window or 0,
+                bool(it.causal), it.top_k or 0, bool(it.normalise))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        q, k, vx = self.project(x)
-        v = rows.velocity_rows(x, q, k, vx, *self.args, np.empty_like(x))
-        if not self.interaction.normalise and not np.all(np.isfinite(v)):
+        x = np.asarray(x)
+        if self.path == "hk1d":
+            self.last_path = "hk1d"
+            v = self.sweep(x.astype(self.dtype, copy=False), self.r2)
+            return v if self.interaction.V is None else v * self.V[0, 0]
+        xT, qT, kT, vT = self.project(x)
+        out = np.empty(x.shape, dtype=self.dtype)
+        nbrs = neighbours.neighbour_lists(
+            x, self.r2, 1.0 if self.forced else neighbours.MAX_FRACTION) if self.path == "neighbours" else None
+        if nbrs is not None:
+            self.last_path = "neighbours"
+            neighbours.velocity_lists(*nbrs, xT, qT, kT, vT, *self._row_args(), out)
+        elif self.dense_path == "fused":
+            self.last_path = "fused"
+            it = self.interaction
+            qnorm = np.sqrt(np.einsum("dn,dn->n", qT, qT))
+            kmax = self.dtype.type(np.sqrt(np.einsum("dn,dn->n", kT, kT).max()))
+            dense.velocity_fused(self.dims, xT, qT, kT, vT, self.score, self.beta, self.inv2s2, self.r2,
+                                 it.radius is not None, it.window or 0, bool(it.causal),
+                                 bool(it.normalise), qnorm, kmax, self.tiny, out)
+        else:
+            self.last_path = "range"
+            dense.velocity_range(xT, qT, kT, vT, *self._row_args(), out)
+        if not self.interaction.normalise and not np.all(np.isfinite(out)):
             raise OverflowError(f"usa weights exp(beta⟨Qx_i, Kx_j⟩)/n overflow {self.dtype} "
                                 f"(beta={self.interaction.beta}); lower beta or use model 'sa'")
-        return v
+        return out
 
     def weights(self, x: np.ndarray) -> np.ndarray:
         """Dense interaction matrix a_ij (n, n)."""
-        q, k, _ = self.project(x)
-        n = x.shape[0]
-        return rows.weights_rows(x, q, k, *self.args, np.empty((n, n), dtype=x.dtype))
+        xT, qT, kT, _ = self.project(np.asarray(x))
+        n = xT.shape[1]
+        return dense.weights_range(xT, qT, kT, *self._row_args(), np.empty((n, n), dtype=self.dtype))
 
 
-def velocity_field(it: Interaction, n: int, d: int, dtype=np.float64) -> VelocityField:
-    """The fastest available implementation of x ↦ v for this interaction and shape."""
-    return VelocityField(it, d, dtype)
+def velocity_field(it: Interaction, n: int, d: int, dtype=np.float64, path: str | None = None) -> VelocityField:
+    """The fastest available implementation of x ↦ v for this interaction and shape.
+
+    path forces one of PATHS (for tests and benchmarks); None chooses automatically.
+    """
+    return VelocityField(it, n, d, dtype, path)

@@ -1,19 +1,30 @@
-"""Row-wise numba kernel for the whole family: any score, radius/window/causal/top-k support.
+"""The row maths shared by every kernel path: scores, support, top-k, weights, v_i = Σ a_ij V x_j.
 
-For query i the candidate keys are the index range allowed by the window/causal restriction
-(O(w) per row with a window, O(n) otherwise, never an n×n array); the radius test
-‖x_i − x_j‖² ≤ r²(1 + rtol)² and then top-k (ties to the smaller j) prune them; the weights are
-a_ij = exp(s_ij − max_l s_il)/Σ_l exp(s_il − max) (normalised) or exp(s_ij)/n (usa).
-Scores and sums accumulate in float64 whatever the storage dtype.
+One query row i at a time, over either a contiguous key range [lo, lo + m) (dense, causal,
+windowed) or an explicit ascending key list idx[:m] (neighbour lists). Arrays are component-major
+(d, n) so the inner loops run over keys with unit stride and vectorise. Arithmetic is in the
+storage dtype (float32 or float64); the exp is :func:`fastexp.fexp`.
+
+* scores      s_ij = β⟨q_i, k_j⟩ (softmax), −‖q_i − k_j‖²·inv2s2 (rbf) or 0 (flat);
+* radius      ‖x_i − x_j‖² ≤ r2 = radius_bound_sq(r, dtype) (documented tolerance): keys outside get
+              s = −inf, which gives weight exactly 0 (or, in list mode, are dropped);
+* top-k       the k largest scores (ties to the smaller j) by bisection on the integer order keys
+              of the floats — exact, O(m) per pass, no sort, no allocation;
+* weights     exp(s − max s)/Σ (normalised) or exp(s)/n (usa); the 1/Σ or 1/n factor is applied once
+              per row, in :func:`accumulate`.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from .fastexp import fexp, float_key, key_float
 
 SOFTMAX, RBF, FLAT = 0, 1, 2
 SCORE_CODE = {"softmax": SOFTMAX, "rbf": RBF, "flat": FLAT}
+FASTMATH = {"contract", "arcp", "nsz", "reassoc"}  # no nnan/ninf: −inf masks and usa overflow stay exact
+ROWS_PER_TASK = 32  # rows per parallel task (per-task scratch buffers are allocated once)
 
 
 @njit(cache=True)
@@ -30,97 +41,296 @@ def candidate_range(i, n, window, causal):
 
 
 @njit(cache=True)
-def row_support(i, x, q, k, score, beta, inv2s2, r2, use_radius, window, causal, top_k, s, idx):
-    """Fill s[:c], idx[:c] with the scores and key indices of N(i); return c (keys ascending)."""
-    n, d = x.shape
-    lo, hi = candidate_range(i, n, window, causal)
-    c = 0
-    for j in range(lo, hi):
-        if use_radius:
-            d2 = 0.0
-            for a in range(d):
-                t = np.float64(x[i, a]) - np.float64(x[j, a])
-                d2 += t * t
-            if d2 > r2:
-                continue
-        acc = 0.0
-        if score == SOFTMAX:
-            for a in range(d):
-                acc += np.float64(q[i, a]) * np.float64(k[j, a])
-            acc *= beta
-        elif score == RBF:
-            for a in range(d):
-                t = np.float64(q[i, a]) - np.float64(k[j, a])
-                acc += t * t
-            acc *= -inv2s2
-        s[c] = acc
-        idx[c] = j
-        c += 1
-    if top_k > 0 and c > top_k:
-        order = np.argsort(-s[:c], kind="mergesort")  # stable: ties keep the smaller j first
-        keep = np.sort(order[:top_k])
-        for t in range(top_k):  # keep[t] >= t, so the in-place forward copy is safe
-            s[t] = s[keep[t]]
-            idx[t] = idx[keep[t]]
-        c = top_k
-    return c
-
-
-@njit(cache=True)
-def row_weights(s, c, normalise, n):
-    """Turn scores s[:c] into weights in place; normalised rows subtract the row max first."""
-    if normalise:
-        mx = s[0]
-        for t in range(1, c):
-            mx = max(mx, s[t])
-        tot = 0.0
-        for t in range(c):
-            s[t] = np.exp(s[t] - mx)
-            tot += s[t]
-        for t in range(c):
-            s[t] /= tot
-    else:
-        for t in range(c):
-            s[t] = np.exp(s[t]) / n
-
-
-@njit(cache=True)
-def _buffer_len(n, window, causal):
+def buffer_len(n, window, causal):
+    """Longest candidate range of any row."""
     if window <= 0:
         return n
     return min(n, window if causal else 2 * window - 1)
 
 
-@njit(parallel=True, cache=True)
-def velocity_rows(x, q, k, vx, score, beta, inv2s2, r2, use_radius, window, causal, top_k, normalise, out):
-    """out_i = Σ_{j∈N(i)} a_ij vx_j."""
-    n, d = x.shape
-    m = _buffer_len(n, window, causal)
-    for i in prange(n):
-        s = np.empty(m)
-        idx = np.empty(m, np.int64)
-        c = row_support(i, x, q, k, score, beta, inv2s2, r2, use_radius, window, causal, top_k, s, idx)
-        row_weights(s, c, normalise, n)
-        for a in range(d):
-            acc = 0.0
-            for t in range(c):
-                acc += s[t] * vx[idx[t], a]
-            out[i, a] = acc
-    return out
+@njit(cache=True, fastmath=FASTMATH)
+def scores_range(i, lo, m, qT, kT, score, beta, inv2s2, s):
+    """s[t] = s_{i, lo+t} for t < m (slices keep the indices provably ≥ 0, so the loops vectorise)."""
+    d = qT.shape[0]
+    if score == FLAT:
+        for t in range(m):
+            s[t] = 0.0
+        return
+    k0 = kT[0, lo:lo + m]
+    if score == SOFTMAX:
+        q0 = qT[0, i] * beta
+        for t in range(m):
+            s[t] = q0 * k0[t]
+        for a in range(1, d):
+            qa = qT[a, i] * beta
+            ka = kT[a, lo:lo + m]
+            for t in range(m):
+                s[t] += qa * ka[t]
+        return
+    q0 = qT[0, i]
+    for t in range(m):
+        u = q0 - k0[t]
+        s[t] = u * u
+    for a in range(1, d):
+        qa = qT[a, i]
+        ka = kT[a, lo:lo + m]
+        for t in range(m):
+            u = qa - ka[t]
+            s[t] += u * u
+    for t in range(m):
+        s[t] *= -inv2s2
 
 
-@njit(parallel=True, cache=True)
-def weights_rows(x, q, k, score, beta, inv2s2, r2, use_radius, window, causal, top_k, normalise, out):
-    """Dense a_ij (zero outside N(i)) — for inspection and sink metrics, not for stepping."""
-    n = x.shape[0]
-    m = _buffer_len(n, window, causal)
-    for i in prange(n):
-        s = np.empty(m)
-        idx = np.empty(m, np.int64)
-        c = row_support(i, x, q, k, score, beta, inv2s2, r2, use_radius, window, causal, top_k, s, idx)
-        row_weights(s, c, normalise, n)
-        for j in range(n):
-            out[i, j] = 0.0
+@njit(cache=True, fastmath=FASTMATH)
+def scores_list(i, idx, m, qT, kT, score, beta, inv2s2, s):
+    """s[t] = s_{i, idx[t]} for t < m."""
+    d = qT.shape[0]
+    for t in range(m):
+        j = idx[t]
+        acc = s.dtype.type(0.0)
+        if score == SOFTMAX:
+            for a in range(d):
+                acc += qT[a, i] * kT[a, j]
+            acc *= beta
+        elif score == RBF:
+            for a in range(d):
+                u = qT[a, i] - kT[a, j]
+                acc += u * u
+            acc *= -inv2s2
+        s[t] = acc
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def sqdist_range(i, lo, m, xT, dist):
+    """dist[t] = ‖x_i − x_{lo+t}‖²."""
+    d = xT.shape[0]
+    x0, k0 = xT[0, i], xT[0, lo:lo + m]
+    for t in range(m):
+        u = x0 - k0[t]
+        dist[t] = u * u
+    for a in range(1, d):
+        xa, ka = xT[a, i], xT[a, lo:lo + m]
+        for t in range(m):
+            u = xa - ka[t]
+            dist[t] += u * u
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def sqdist_pair(xT, i, j):
+    d2 = xT.dtype.type(0.0)
+    for a in range(xT.shape[0]):
+        u = xT[a, i] - xT[a, j]
+        d2 += u * u
+    return d2
+
+
+@njit(cache=True)
+def mask_radius(s, dist, m, r2):
+    """s[t] = −inf where the pair is outside the radius (weight exactly 0)."""
+    for t in range(m):
+        if dist[t] > r2:
+            s[t] = -np.inf
+
+
+@njit(cache=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
+def _count_ge(s, m, thr):
+    c = 0
+    for t in range(m):
+        c += s[t] >= thr
+    return c
+
+
+@njit(cache=True)
+def top_k(s, idx, m, lo, contiguous, k):
+    """Keep the k largest s[:m] (ties to the smaller key), compacted into s[:k], idx[:k] ascending.
+
+    The k-th largest value is found exactly by bisection on the integer order keys of the floats
+    (at most 32/64 vectorised counting passes); then one forward pass keeps every s > threshold
+    and the first (smallest-j) entries equal to it.
+    """
+    mn, mx = s[0], row_max(s, m)
+    for t in range(1, m):
+        mn = min(mn, s[t])
+    lo_key, hi_key = float_key(mn), float_key(mx)  # invariant: count(≥ lo) ≥ k > count(≥ hi + 1)
+    while lo_key < hi_key:
+        mid = (lo_key >> 1) + (hi_key >> 1) + ((lo_key & 1) | (hi_key & 1))  # ceil((lo+hi)/2), no overflow
+        cnt = _count_ge(s, m, key_float(mid, mx))
+        if cnt >= k:
+            lo_key = mid
+            if cnt == k:
+                break
+        else:
+            hi_key = mid - 1
+    thr = key_float(lo_key, mx)
+    n_gt = 0
+    for t in range(m):
+        n_gt += s[t] > thr
+    ties = k - n_gt
+    c = 0
+    for t in range(m):
+        keep = s[t] > thr
+        if not keep and s[t] == thr and ties > 0:
+            keep = True
+            ties -= 1
+        if keep:
+            s[c] = s[t]
+            idx[c] = lo + t if contiguous else idx[t]
+            c += 1
+    return c
+
+
+@njit(cache=True, fastmath=FASTMATH | {"nnan"})
+def row_max(s, c):
+    """max s[:c] with eight independent lanes (a plain max reduction does not vectorise)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = s[0]
+    t = 0
+    while t + 8 <= c:
+        a0, a1, a2, a3 = max(a0, s[t]), max(a1, s[t + 1]), max(a2, s[t + 2]), max(a3, s[t + 3])
+        a4, a5, a6, a7 = max(a4, s[t + 4]), max(a5, s[t + 5]), max(a6, s[t + 6]), max(a7, s[t + 7])
+        t += 8
+    mx = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
+    while t < c:
+        mx = max(mx, s[t])
+        t += 1
+    return mx
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def row_weights(s, c, normalise, n):
+    """s[:c] ← exp(s − max) (normalised) or exp(s); returns the row factor 1/Σ or 1/n."""
+    if normalise:
+        mx = row_max(s, c)
+        tot = s.dtype.type(0.0)
         for t in range(c):
-            out[i, idx[t]] = s[t]
-    return out
+            e = fexp(s[t] - mx)
+            s[t] = e
+            tot += e
+        return 1.0 / tot
+    for t in range(c):
+        s[t] = fexp(s[t])
+    return 1.0 / n
+
+
+@njit(cache=True)
+def row(i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, top_k_, normalise,
+        s, idx, dist):
+    """Scores, support and weights of query row i; returns (c, contiguous, factor).
+
+    contiguous: keys lo..lo+m−1 on entry; else idx[:m] (ascending). On return the weights are
+    factor·s[:c] for keys lo + t (contiguous) or idx[t].
+    """
+    n = xT.shape[1]
+    if contiguous:
+        scores_range(i, lo, m, qT, kT, score, beta, inv2s2, s)
+        if use_radius:
+            sqdist_range(i, lo, m, xT, dist)
+            mask_radius(s, dist, m, r2)
+    else:
+        if use_radius:  # list mode: drop keys outside the radius (the list may be a superset)
+            c = 0
+            for t in range(m):
+                if sqdist_pair(xT, i, idx[t]) <= r2:
+                    idx[c] = idx[t]
+                    c += 1
+            m = c
+        scores_list(i, idx, m, qT, kT, score, beta, inv2s2, s)
+    if top_k_ > 0 and m > top_k_:
+        m = top_k(s, idx, m, lo, contiguous, top_k_)
+        contiguous = False
+    factor = row_weights(s, m, normalise, n)
+    return m, contiguous, factor
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def accumulate(i, lo, c, contiguous, factor, s, idx, vT, out):
+    """out[i, a] = factor · Σ_t s[t] vT[a, key_t]."""
+    d = vT.shape[0]
+    for a in range(d):
+        acc = s.dtype.type(0.0)
+        if contiguous:
+            va = vT[a, lo:lo + c]
+            for t in range(c):
+                acc += s[t] * va[t]
+        else:
+            for t in range(c):
+                acc += s[t] * vT[a, idx[t]]
+        out[i, a] = acc * factor
+
+
+@njit(cache=True)
+def scatter_weights(i, lo, c, contiguous, factor, s, idx, out):
+    """Dense row out[i, :] of a_ij (zero outside N(i))."""
+    for j in range(out.shape[1]):
+        out[i, j] = 0.0
+    for t in range(c):
+        out[i, lo + t if contiguous else idx[t]] = s[t] * factor
+
+
+# --- fused single pass for small d (no top-k): scores, exp and Σ w·v without a scores buffer -----
+
+FUSED_MAX_DIM = 4
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def fused_range(dims, i, lo, m, shift, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius):
+    """One pass over keys lo..lo+m−1: (Σ w, Σ w·v_0, …, Σ w·v_3) with w = exp(s_ij − shift) (0 outside
+    the radius). len(dims) = d ≤ 4 is a compile-time constant, so the component loops unroll and the
+    key loop vectorises (the same score formulas as scores_range, written per component)."""
+    D = len(dims)
+    e1, e2, e3 = min(1, D - 1), min(2, D - 1), min(3, D - 1)
+    hi = lo + m
+    k0, k1, k2, k3 = kT[0, lo:hi], kT[e1, lo:hi], kT[e2, lo:hi], kT[e3, lo:hi]
+    v0, v1, v2, v3 = vT[0, lo:hi], vT[e1, lo:hi], vT[e2, lo:hi], vT[e3, lo:hi]
+    x0, x1, x2, x3 = xT[0, lo:hi], xT[e1, lo:hi], xT[e2, lo:hi], xT[e3, lo:hi]
+    q0, q1, q2, q3 = qT[0, i], qT[e1, i], qT[e2, i], qT[e3, i]
+    y0, y1, y2, y3 = xT[0, i], xT[e1, i], xT[e2, i], xT[e3, i]
+    zero = q0 - q0
+    tot, a0, a1, a2, a3 = zero, zero, zero, zero, zero
+    for t in range(m):
+        if score == SOFTMAX:
+            s = q0 * k0[t]
+            if D > 1:
+                s += q1 * k1[t]
+            if D > 2:
+                s += q2 * k2[t]
+            if D > 3:
+                s += q3 * k3[t]
+            s *= beta
+        elif score == RBF:
+            u = q0 - k0[t]
+            s = u * u
+            if D > 1:
+                u = q1 - k1[t]
+                s += u * u
+            if D > 2:
+                u = q2 - k2[t]
+                s += u * u
+            if D > 3:
+                u = q3 - k3[t]
+                s += u * u
+            s *= -inv2s2
+        else:
+            s = zero
+        w = fexp(s - shift)
+        if use_radius:
+            u = y0 - x0[t]
+            d2 = u * u
+            if D > 1:
+                u = y1 - x1[t]
+                d2 += u * u
+            if D > 2:
+                u = y2 - x2[t]
+                d2 += u * u
+            if D > 3:
+                u = y3 - x3[t]
+                d2 += u * u
+            w = zero if d2 > r2 else w
+        tot += w
+        a0 += w * v0[t]
+        if D > 1:
+            a1 += w * v1[t]
+        if D > 2:
+            a2 += w * v2[t]
+        if D > 3:
+            a3 += w * v3[t]
+    return tot, a0, a1, a2, a3

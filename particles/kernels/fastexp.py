@@ -1,0 +1,147 @@
+"""A vectorisable exp for numba loops: polynomial on [−ln2/2, ln2/2], 2^k built in the exponent bits.
+
+numba's ``np.exp`` calls libm one value at a time (no SVML here), which keeps the softmax loops
+scalar. ``fexp(x)`` writes e^x = 2^k · e^f with k = round(x/ln2), f = x − k·ln2 (Cody–Waite split
+of ln2 in two parts) and e^f from its Taylor polynomial (degree 6 for float32, 12 for float64);
+the factor 2^k is the integer (k + bias) shifted into the exponent field and reinterpreted as a
+float. Every step is branch-free, so LLVM vectorises loops that call it.
+
+Accuracy (measured inside fastmath loops): relative error ≤ 5e-7 (float32) and ≤ 4e-15 (float64) on the normal range. Below the
+normal range the result is 0 (flush to zero, −inf included); above x = 88 (float32) or 709
+(float64) it is +inf (so usa overflow is still detected, slightly before the true overflow).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import types
+from numba.core.extending import intrinsic, overload, register_jitable
+
+LOG2E = 1.4426950408889634
+
+
+@intrinsic
+def _bits_to_float(typingctx, bits):
+    """Reinterpret int32 → float32 or int64 → float64 (LLVM bitcast, vectorises)."""
+    target = {types.int32: types.float32, types.int64: types.float64}.get(bits)
+    if target is None:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(target))
+
+    return target(bits), codegen
+
+
+@intrinsic
+def _float_to_bits(typingctx, value):
+    """Reinterpret float32 → int32 or float64 → int64."""
+    target = {types.float32: types.int32, types.float64: types.int64}.get(value)
+    if target is None:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(target))
+
+    return target(value), codegen
+
+
+def float_key(x):  # pragma: no cover - numba overload below
+    """int64 key with the order of the float x (−0 sorts just below +0; compare floats for ties)."""
+    raise NotImplementedError
+
+
+def key_float(k, like):  # pragma: no cover - numba overload below
+    """Inverse of float_key, returning the float type of `like`."""
+    raise NotImplementedError
+
+
+@overload(float_key)
+def _float_key_overload(x):
+    if x == types.float32:
+        def impl(x):
+            b = np.int64(_float_to_bits(x))
+            return b if b >= 0 else b ^ 0x7FFFFFFF
+        return impl
+    if x == types.float64:
+        def impl(x):
+            b = _float_to_bits(x)
+            return b if b >= 0 else b ^ np.int64(0x7FFFFFFFFFFFFFFF)
+        return impl
+    return None
+
+
+@overload(key_float)
+def _key_float_overload(k, like):
+    if like == types.float32:
+        def impl(k, like):
+            return _bits_to_float(np.int32(k if k >= 0 else k ^ 0x7FFFFFFF))
+        return impl
+    if like == types.float64:
+        def impl(k, like):
+            return _bits_to_float(k if k >= 0 else k ^ np.int64(0x7FFFFFFFFFFFFFFF))
+        return impl
+    return None
+
+
+@register_jitable
+def _exp32(x):
+    hi = np.float32(88.0)  # k ≤ 127: one exponent-field factor suffices (exp(88) ≈ 1.65e38)
+    lo = np.float32(-87.33654475)  # ln(FLT_MIN): smallest normal result
+    xc = min(max(x, lo), hi)
+    k = np.rint(xc * np.float32(LOG2E))
+    f = xc - k * np.float32(0.693359375)
+    f = f - k * np.float32(-2.12194440e-4)
+    p = np.float32(1.0 / 720.0)
+    p = p * f + np.float32(1.0 / 120.0)
+    p = p * f + np.float32(1.0 / 24.0)
+    p = p * f + np.float32(1.0 / 6.0)
+    p = p * f + np.float32(0.5)
+    p = p * f + np.float32(1.0)
+    p = p * f + np.float32(1.0)
+    # (numba widens int32 arithmetic to int64: narrow explicitly before the bitcast)
+    r = p * _bits_to_float(np.int32((np.int32(k) + 127) << 23))
+    r = np.float32(0.0) if x < lo else r
+    r = np.float32(np.inf) if x > hi else r
+    return r
+
+
+@register_jitable
+def _exp64(x):
+    hi = 709.0  # k ≤ 1023: one exponent-field factor suffices
+    lo = -708.3964185322641  # ln(DBL_MIN)
+    xc = min(max(x, lo), hi)
+    k = np.rint(xc * LOG2E)
+    f = xc - k * 0.693145751953125
+    f = f - k * 1.4286068203094172321e-6
+    p = 1.0 / 479001600.0
+    p = p * f + 1.0 / 39916800.0
+    p = p * f + 1.0 / 3628800.0
+    p = p * f + 1.0 / 362880.0
+    p = p * f + 1.0 / 40320.0
+    p = p * f + 1.0 / 5040.0
+    p = p * f + 1.0 / 720.0
+    p = p * f + 1.0 / 120.0
+    p = p * f + 1.0 / 24.0
+    p = p * f + 1.0 / 6.0
+    p = p * f + 0.5
+    p = p * f + 1.0
+    p = p * f + 1.0
+    r = p * _bits_to_float((np.int64(k) + 1023) << 52)
+    r = 0.0 if x < lo else r
+    r = np.inf if x > hi else r
+    return r
+
+
+def fexp(x):  # pragma: no cover - replaced by the numba overload below inside jitted code
+    """e^x for a float32/float64 scalar inside numba code (see module docstring)."""
+    return np.exp(x)
+
+
+@overload(fexp)
+def _fexp_overload(x):
+    if x == types.float32:
+        return lambda x: _exp32(x)
+    if x == types.float64:
+        return lambda x: _exp64(x)
+    return None
