@@ -421,16 +421,15 @@ def _connect(scheduler, workers, ntasks):
     if workers is not None:
         raise ValueError("workers: only for a LocalCluster started by the sweep (scheduler=None); "
                          "an existing scheduler has its own workers")
-    client = Client(scheduler, timeout="10s")
+    client = Client(scheduler)  # connect timeout: dask config distributed.comm.timeouts.connect
     return client, client.close
 
 
-def _execute(plan, todo, scheduler, workers, on_result):
-    """Run the points in ``todo``, calling ``on_result(point, values, info)`` as each finishes."""
+def _execute(plan, todo, client, on_result):
+    """Run the points in ``todo`` (in-process when ``client`` is None), calling
+    ``on_result(point, values, info)`` as each finishes."""
     tasks = {name: (METRICS[name], opts) for name, opts in plan.metrics.items()}
-    if scheduler == "sync":
-        if workers is not None:
-            raise ValueError("workers: not used with scheduler='sync'")
+    if client is None:
         for p in todo:
             try:
                 values, info = run_point(plan.run_params(p), p.seed, tasks)
@@ -440,7 +439,6 @@ def _execute(plan, todo, scheduler, workers, on_result):
         return
     from distributed import as_completed
 
-    client, close = _connect(scheduler, workers, len(todo))
     futures = {}
     try:
         for p in todo:
@@ -456,7 +454,6 @@ def _execute(plan, todo, scheduler, workers, on_result):
     finally:
         if futures:
             client.cancel(list(futures))
-        close()
 
 
 def sweep(model, axes=None, *, seeds=1, metrics=None, store=None, scheduler=None, steps=None, dt=None,
@@ -490,18 +487,29 @@ def sweep(model, axes=None, *, seeds=1, metrics=None, store=None, scheduler=None
     todo = [p for p in points if p.key not in results]
     ntime = len(_times(plan)[0]) if _times(plan)[0] is not None else None
 
-    with tqdm(total=len(points), initial=len(points) - len(todo), disable=not progress,
-              desc=f"sweep {plan.model}", unit="pt") as bar:
-        def on_result(p, values, info):
-            _check_values(plan, p, values, ntime)
-            if db is not None:
-                db.write_point(p.key, values, {"index": list(p.index), "params": p.params, "seed": p.seed,
-                                               "info": info})
-            results[p.key] = values
-            bar.update(1)
+    client, close = None, None
+    if scheduler == "sync":
+        if workers is not None:
+            raise ValueError("workers: not used with scheduler='sync'")
+    elif todo:
+        client, close = _connect(scheduler, workers, len(todo))
 
-        if todo:
-            _execute(plan, todo, scheduler, workers, on_result)
+    def on_result(p, values, info):
+        _check_values(plan, p, values, ntime)
+        if db is not None:
+            db.write_point(p.key, values, {"index": list(p.index), "params": p.params, "seed": p.seed,
+                                           "info": info})
+        results[p.key] = values
+        bar.update(1)
+
+    try:
+        with tqdm(total=len(points), initial=len(points) - len(todo), disable=not progress,
+                  desc=f"sweep {plan.model}", unit="pt") as bar:
+            if todo:
+                _execute(plan, todo, client, on_result)
+    finally:
+        if close is not None:
+            close()
     ds = _assemble(plan, results)
     if db is not None:
         db.write_result(_zarr_safe(ds))
