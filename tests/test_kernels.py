@@ -1,0 +1,229 @@
+"""Every kernel path against the numpy reference (issue 4); no wall-clock assertions here."""
+
+import numpy as np
+import pytest
+from numba import njit
+
+from particles import make_interaction, reference
+from particles.kernels import PATHS, choose_path, velocity_field
+from particles.kernels.fastexp import fexp
+from particles.kernels.hk1d import SortedSweep
+from particles.kernels.neighbours import neighbour_lists
+
+RESTRICTIONS = [
+    {},
+    {"radius": 0.9},
+    {"window": 5},
+    {"causal": True},
+    {"window": 4, "causal": True},
+    {"top_k": 6},
+    {"window": 7, "causal": True, "top_k": 3},
+    {"radius": 1.2, "window": 9, "top_k": 4},
+    {"radius": 0.7, "top_k": 5},
+    {"radius": 1.1, "causal": True},
+]
+PRESETS = [("sa", {"beta": 2.0}), ("usa", {"beta": 1.5}), ("krause", {"sigma": 0.6}), ("hk", {"radius": 0.8})]
+
+
+def sphere_points(n, d, seed=0):
+    x = np.random.default_rng(seed).standard_normal((n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def random_qkv(d, seed=1):
+    rng = np.random.default_rng(seed)
+    return {name: np.eye(d) + 0.4 * rng.standard_normal((d, d)) for name in "QKV"}
+
+
+def applicable_paths(it, n, d):
+    out = []
+    for path in PATHS:
+        try:
+            velocity_field(it, n, d, np.float64, path=path)
+        except ValueError:
+            continue
+        out.append(path)
+    return out
+
+
+def build(model, base, restriction, general_qkv, d):
+    params = {**base, **restriction}
+    if model == "hk":
+        params["radius"] = restriction.get("radius", base["radius"])
+    if general_qkv:
+        params.update(random_qkv(d))
+    return make_interaction(model, **params)
+
+
+@pytest.mark.parametrize("model, base", PRESETS)
+@pytest.mark.parametrize("restriction", RESTRICTIONS)
+@pytest.mark.parametrize("general_qkv", [False, True])
+@pytest.mark.parametrize("d", [3, 6])
+def test_every_path_matches_reference(model, base, restriction, general_qkv, d):
+    n = 37
+    it = build(model, base, restriction, general_qkv, d)
+    x = sphere_points(n, d)
+    ref_v, ref_w = reference.velocity(x, it), reference.weights(x, it)
+    paths = applicable_paths(it, n, d)
+    assert "range" in paths
+    for path in paths:
+        field = velocity_field(it, n, d, np.float64, path=path)
+        np.testing.assert_allclose(field(x), ref_v, rtol=0, atol=1e-10, err_msg=path)
+        np.testing.assert_allclose(field.weights(x), ref_w, rtol=0, atol=1e-10, err_msg=path)
+        v32 = velocity_field(it, n, d, np.float32, path=path)(x.astype(np.float32))
+        assert v32.dtype == np.float32
+        np.testing.assert_allclose(v32, ref_v, rtol=0, atol=1e-5, err_msg=path)
+
+
+def test_automatic_choice():
+    assert choose_path(make_interaction("sa"), 4096, 3) == "fused"
+    assert choose_path(make_interaction("sa"), 4096, 64) == "range"
+    assert choose_path(make_interaction("krause", window=128, causal=True, top_k=32), 10**6, 3) == "range"
+    assert choose_path(make_interaction("krause", window=128, causal=True), 10**6, 3) == "fused"
+    assert choose_path(make_interaction("hk", radius=0.1), 10**6, 1) == "hk1d"
+    assert choose_path(make_interaction("hk", radius=0.1), 10**5, 2) == "neighbours"
+    assert choose_path(make_interaction("hk", radius=0.1), 100, 2) == "fused"
+    assert choose_path(make_interaction("hk", radius=0.1, window=3), 10**5, 1) == "fused"
+    with pytest.raises(ValueError, match="path"):
+        velocity_field(make_interaction("sa"), 10, 3, path="hk1d")
+    with pytest.raises(ValueError, match="path"):
+        velocity_field(make_interaction("sa", top_k=2), 10, 3, path="fused")
+
+
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_fused_dimensions(d):
+    n = 29
+    for model, base in PRESETS:
+        it = make_interaction(model, **base)
+        x = sphere_points(n, d, seed=d)
+        field = velocity_field(it, n, d, np.float64, path="fused")
+        np.testing.assert_allclose(field(x), reference.velocity(x, it), rtol=0, atol=1e-10)
+
+
+def test_fused_falls_back_to_exact_max_when_the_bound_is_loose():
+    """Large β with Q ≠ K: β‖q_i‖ max‖k‖ exceeds the row max by far more than the float range."""
+    d, n = 3, 40
+    rng = np.random.default_rng(5)
+    Q, K = rng.standard_normal((d, d)), rng.standard_normal((d, d)) * 3.0
+    it = make_interaction("sa", beta=300.0, Q=Q, K=K)
+    x = sphere_points(n, d, seed=6)
+    for dtype, atol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        v = velocity_field(it, n, d, dtype, path="fused")(x.astype(dtype))
+        assert np.all(np.isfinite(v))
+        np.testing.assert_allclose(v, reference.velocity(x, it), rtol=0, atol=atol)
+
+
+def test_top_k_ties_go_to_the_smaller_index():
+    """Repeated points give exactly equal scores; every path keeps the smaller j."""
+    base = sphere_points(5, 3, seed=2)
+    x = np.concatenate([base, base, base])  # each score appears three times per row
+    n = x.shape[0]
+    for model, params in (("krause", {"sigma": 0.7}), ("sa", {"beta": 1.0}), ("hk", {"radius": 5.0})):
+        it = make_interaction(model, top_k=4, **params)
+        for dtype in (np.float64, np.float32):
+            xd = x.astype(dtype)
+            field = velocity_field(it, n, 3, dtype, path="range")
+            np.testing.assert_array_equal(field.weights(xd) > 0, reference.support(x, it))
+        np.testing.assert_allclose(velocity_field(it, n, 3)(x), reference.velocity(x, it), atol=1e-12)
+
+
+def test_radius_ties_count_in_every_path():
+    """Opinions on a lattice with spacing exactly R: the neighbours at distance R are inside."""
+    R, n = 0.125, 33
+    x = (np.arange(n) * R)[:, None]
+    it = make_interaction("hk", radius=R)
+    expected = reference.velocity(x, it)
+    for path in ("hk1d", "neighbours", "fused", "range"):
+        v = velocity_field(it, n, 1, np.float64, path=path)(x)
+        np.testing.assert_allclose(v, expected, rtol=0, atol=1e-12, err_msg=path)
+    x2 = np.stack([x[:, 0], np.zeros(n)], axis=1)
+    for path in ("neighbours", "fused", "range"):
+        v = velocity_field(it, n, 2, np.float64, path=path)(x2)
+        np.testing.assert_allclose(v, reference.velocity(x2, it), rtol=0, atol=1e-12, err_msg=path)
+
+
+def test_hk1d_keeps_the_order_and_resorts_when_needed():
+    rng = np.random.default_rng(0)
+    n, R = 500, 0.05
+    x = rng.random((n, 1))
+    it = make_interaction("hk", radius=R)
+    field = velocity_field(it, n, 1)
+    assert field.path == "hk1d"
+    for _ in range(5):  # dt = 1: exactly the HK map, order preserved, sorted once
+        v = field(x)
+        np.testing.assert_allclose(v, reference.hk_map(x, R), rtol=0, atol=1e-12)
+        x = v
+    assert field.sweep.resorts == 1
+    y = rng.random((n, 1))  # a new, unrelated state: the stale order is detected
+    np.testing.assert_allclose(field(y), reference.hk_map(y, R), rtol=0, atol=1e-12)
+    assert field.sweep.resorts == 2
+
+
+def test_hk1d_matches_a_direct_sum_for_many_opinions():
+    rng = np.random.default_rng(3)
+    n, R = 20000, 0.01
+    x = rng.random(n)
+    v = SortedSweep()(x[:, None], (R * (1 + 1e-9)) ** 2)[:, 0]
+    sample = rng.choice(n, 50, replace=False)
+    for i in sample:
+        near = x[(x - x[i]) ** 2 <= (R * (1 + 1e-9)) ** 2]
+        assert abs(v[i] - near.mean()) < 1e-13
+
+
+def test_neighbour_lists_and_density_switch():
+    rng = np.random.default_rng(1)
+    x = rng.random((3000, 2))
+    r2 = 0.02**2
+    indptr, indices = neighbour_lists(x, r2, max_fraction=1.0)
+    for i in (0, 17, 2999):
+        row = indices[indptr[i]:indptr[i + 1]]
+        assert np.all(np.diff(row) > 0) and i in row
+        exact = np.flatnonzero(((x - x[i]) ** 2).sum(1) <= r2)
+        assert set(exact) <= set(row)
+    assert neighbour_lists(x, 0.5**2) is None  # too dense: the caller uses the dense kernel
+    it = make_interaction("hk", radius=0.02)
+    field = velocity_field(it, 3000, 2)
+    v = field(x)
+    assert field.last_path == "neighbours"
+    sub = rng.choice(3000, 40, replace=False)
+    for i in sub:
+        near = ((x - x[i]) ** 2).sum(1) <= (0.02 * (1 + 1e-9)) ** 2
+        np.testing.assert_allclose(v[i], x[near].mean(0), atol=1e-12)
+    field(rng.random((3000, 2)) * 0.05)  # everything within the radius: dense is faster
+    assert field.last_path == "fused"
+
+
+def test_windowed_top_k_is_linear_memory():
+    """n = 200 000 with a window: an n×n array (160 GB) could never be allocated."""
+    n, d = 200_000, 3
+    it = make_interaction("krause", sigma=0.5, window=16, causal=True, top_k=4)
+    x = sphere_points(n, d, seed=4).astype(np.float32)
+    v = velocity_field(it, n, d, np.float32)(x)
+    assert v.shape == (n, d) and np.all(np.isfinite(v))
+    sub = x[-300:].astype(np.float64)  # the last rows only see the last 16 keys
+    ref = reference.velocity(sub, it)
+    np.testing.assert_allclose(v[-200:], ref[-200:], atol=1e-5)
+
+
+def test_usa_overflow_is_reported_on_fast_paths():
+    x = sphere_points(30, 3)
+    for path in ("fused", "range"):
+        with pytest.raises(OverflowError, match="beta"):
+            velocity_field(make_interaction("usa", beta=2000.0), 30, 3, np.float32, path=path)(
+                x.astype(np.float32))
+
+
+@njit(cache=True)
+def _fexp_array(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = fexp(x[i])
+    return out
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-6), (np.float64, 1e-14)])
+def test_polynomial_exp(dtype, rtol):
+    x = np.linspace(-80, 80, 100_001).astype(dtype)
+    np.testing.assert_allclose(_fexp_array(x), np.exp(x.astype(np.float64)), rtol=rtol)
+    special = _fexp_array(np.array([-np.inf, -1e4, 0.0, 1e4, np.inf], dtype))
+    np.testing.assert_array_equal(special, [0.0, 0.0, 1.0, np.inf, np.inf])
