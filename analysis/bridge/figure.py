@@ -17,9 +17,10 @@ COLORS = {"softmax": "C0", "krause": "C3", "hybrid": "C2"}
 STYLES = {
     "trained": dict(ls="-", marker="o", lw=2.0),
     "own": dict(ls="--", marker="s", lw=1.4, ms=4),
+    "own residual": dict(ls=(0, (6, 2, 1, 2)), marker="D", lw=1.4, ms=4),
     "SA fit": dict(ls=":", marker="^", lw=1.2, ms=4),
     "Krause fit": dict(ls="-.", marker="v", lw=1.2, ms=4),
-    "uniform": dict(ls=(0, (1, 2)), lw=1.0, alpha=0.8),
+    "uniform": dict(ls=(0, (1, 1)), lw=2.5, alpha=0.3),
 }
 PANELS = (
     ("clusters", "clusters (ε-graph on the sphere)"),
@@ -62,7 +63,9 @@ def make_compare(
 ) -> xr.Dataset:
     """Compare the trained models of ``task`` with the particle dynamics; writes
     ``out/compare_<task>.png``, ``.pdf`` and ``.nc`` and returns the plotted Dataset (model, layer)
-    — one "model" entry per series: "<attention> trained", "<attention> own-attn sim",
+    — one "model" entry per series: "<attention> trained", "<attention> own-attn sphere" (the model's
+    attention sub-layers as velocity on the unit sphere, one unit of time per layer),
+    "<attention> own-attn residual" (x ← x + attn(norm1(x)): the model without its MLPs),
     "<attention> SA fit", "<attention> Krause fit" — with the fitted values in attrs and the printed
     table in ``attrs["table"]``. quick: 8 inputs, coarse fit grids, one Euler step per layer.
     """
@@ -80,7 +83,7 @@ def make_compare(
         raise FileNotFoundError(
             f"no checkpoints for task {task!r} under {checkpoints}/ (train them first: ksync train)"
         )
-    n = n_samples or (8 if quick else 32)
+    n = n_samples or (8 if quick else (32 if task == "digits-vit" else 16))
     spl = 1 if quick else 4
     inputs, labels = task_inputs(task, n)
     series, fits = {}, {}
@@ -88,7 +91,8 @@ def make_compare(
         model = load_checkpoint(path)
         ds = extract(model, inputs, labels=labels)
         series[f"{att} trained"] = ds
-        series[f"{att} own-attn sim"] = simulate_like(model, ds, mode="own", steps_per_layer=spl)
+        series[f"{att} own-attn sphere"] = simulate_like(model, ds, mode="own", steps_per_layer=spl)
+        series[f"{att} own-attn residual"] = simulate_like(model, ds, mode="own", geometry="residual")
         restrict = restrictions(model)
         for preset, label in (("sa", "SA fit"), ("krause", "Krause fit")):
             fit = fit_preset(ds, preset, eps=eps, quick=quick, progress=progress, **restrict)
@@ -127,7 +131,7 @@ def make_compare(
     for ax, (var, title) in zip(axes.ravel(), PANELS):
         for name in cmp["model"].values:
             att, kind = str(name).split(" ", 1)
-            kind = {"own-attn sim": "own"}.get(kind, kind)
+            kind = {"own-attn sphere": "own", "own-attn residual": "own residual"}.get(kind, kind)
             y = cmp[var].sel(model=name).values if var in cmp else np.full(len(layers), np.nan)
             if np.all(np.isnan(y)):
                 continue
@@ -144,12 +148,15 @@ def make_compare(
     handles = [Line2D([], [], color=COLORS[a], lw=2, label=a) for a in paths]
     handles += [
         Line2D([], [], color="0.3", **STYLES["trained"], label="trained model"),
-        Line2D([], [], color="0.3", **STYLES["own"], label="own attention, no MLP (sphere)"),
+        Line2D([], [], color="0.3", **STYLES["own"], label="own attention on the sphere"),
+        Line2D(
+            [], [], color="0.3", **STYLES["own residual"], label="own attention, residual (model minus MLPs)"
+        ),
         Line2D([], [], color="0.3", **STYLES["SA fit"], label="SA(β) preset, β fitted"),
         Line2D([], [], color="0.3", **STYLES["Krause fit"], label="Krause(σ) preset, σ fitted"),
         Line2D([], [], color="0.3", **STYLES["uniform"], label="uniform over visible keys (trained)"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=5, fontsize=8, frameon=False)
     fitted = "\n".join(
         f"{att}: "
         + ", ".join(
