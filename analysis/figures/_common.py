@@ -69,6 +69,15 @@ def run_sweep(model, axes, *, seeds, metrics, steps, dt, progress=True, x0=None,
     return ds.isel(seed=0, drop=True).rename(x0="seed").assign_coords(seed=seeds)
 
 
+def compare_runs(specs, x0, reduce, **kw) -> xr.Dataset:
+    """Run each (label, model, params) of ``specs`` from the same ``x0`` (extra simulate keywords
+    ``kw``), reduce each trajectory with ``reduce(ds) -> Dataset``, and stack along "run" (labels)."""
+    rows = []
+    for _, model, params in specs:
+        rows.append(reduce(run(model, x0, **kw, **params)).drop_vars("step", errors="ignore"))
+    return xr.concat(rows, "run").assign_coords(run=[label for label, _, _ in specs])
+
+
 def caption_text(text: str, width: int = 150) -> str:
     return "\n".join(textwrap.wrap(" ".join(text.split()), width))
 

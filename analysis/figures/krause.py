@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from analysis.figures._common import COLORS, new_figure, run_sweep, save
+from analysis.figures._common import COLORS, compare_runs, new_figure, run_sweep, save
 from analysis.figures._registry import register
 
 
@@ -86,20 +86,17 @@ def make_causal_sink(quick=False, out=None, progress=True) -> xr.Dataset:
     n, d, samples = (32, 3, 3) if quick else (64, 3, 8)
     dt, T, eps, sink_eps = 0.1, (20.0 if quick else 60.0), 0.05, 0.3
     x0 = run("sa", n=n, d=d, samples=samples, steps=0, dt=dt, seed=0)["x"].isel(time=0).values
-    rows = []
-    for _, model, params in CAUSAL_RUNS:
-        tr = run(model, x0, steps=int(round(T / dt)), dt=dt, save_every=10, return_weights=True,
-                 progress=progress, **params)
+    def reduce(tr):
         x = tr["x"]
         dist = np.sqrt(((x - x.isel(particle=0)) ** 2).sum("component")).isel(particle=slice(1, None))
-        rows.append(xr.Dataset({
-            "alpha0": sink_scores(tr["attention"], 0),
-            "sink_rate": sink_rate(tr["attention"], eps=sink_eps),
-            "distance_to_first": dist.mean("particle"),
-            "cluster_count": count_clusters(x, eps=eps),
-        }).drop_vars("step", errors="ignore"))
-    runs = [r[0] for r in CAUSAL_RUNS]
-    per_sample = xr.concat(rows, "run").assign_coords(run=runs)
+        return xr.Dataset({"alpha0": sink_scores(tr["attention"], 0),
+                           "sink_rate": sink_rate(tr["attention"], eps=sink_eps),
+                           "distance_to_first": dist.mean("particle"),
+                           "cluster_count": count_clusters(x, eps=eps)})
+
+    per_sample = compare_runs(CAUSAL_RUNS, x0, reduce, steps=int(round(T / dt)), dt=dt, save_every=10,
+                              return_weights=True, progress=progress)
+    runs = list(per_sample["run"].values)
     ds = xr.Dataset({f"{k}_mean": v.mean("sample") for k, v in per_sample.data_vars.items()}
                     | {f"{k}_sd": v.std("sample", ddof=1) for k, v in per_sample.data_vars.items()})
     ds["sink_rate"] = per_sample["sink_rate"].mean("sample")

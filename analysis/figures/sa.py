@@ -8,7 +8,16 @@ import xarray as xr
 from scipy.special import ive
 
 from analysis import count_clusters, effective_rank, normalised_energy
-from analysis.figures._common import COLORS, log_frames, new_figure, on_circle, run, run_sweep, save
+from analysis.figures._common import (
+    COLORS,
+    compare_runs,
+    log_frames,
+    new_figure,
+    on_circle,
+    run,
+    run_sweep,
+    save,
+)
 from analysis.figures._registry import register
 
 
@@ -134,7 +143,7 @@ def make_metastability(quick=False, out=None, progress=True) -> xr.Dataset:
     plateau = plateau.rename(beta="beta_plateau")
     beta_fine = np.linspace(1.0, plateau["beta_plateau"].values.max() * 1.05, 300)
     ds = xr.Dataset({
-        "count_mean": curves.mean("seed"), "count_sd": curves.std("seed", ddof=1),
+        "count": curves, "count_mean": curves.mean("seed"), "count_sd": curves.std("seed", ddof=1),
         "plateau_count": plateau,
         "plateau_mean": plateau.mean("seed"), "plateau_sd": plateau.std("seed", ddof=1),
         "k_star": ("beta_plateau", [k_star(b) for b in plateau["beta_plateau"].values]),
@@ -150,12 +159,22 @@ def make_metastability(quick=False, out=None, progress=True) -> xr.Dataset:
         keep = times > 0
         a.plot(times[keep], m[keep], color=c, lw=1.8, label=f"β = {beta:g}  (k* = {k_star(beta)})")
         a.fill_between(times[keep], np.maximum(m - s, 0.8)[keep], (m + s)[keep], color=c, alpha=0.2)
+        a.plot(times[keep], curves.sel(beta=beta).isel(seed=0).values[keep], color=c, lw=0.8, ls="--")
         a.axhline(k_star(beta), color=c, ls=":", lw=1)
+    a.plot([], [], color="0.4", ls="--", lw=0.8, label="one seed (same colour)")
+    a.plot([], [], color="0.4", ls=":", lw=1, label="k*(β) (same colour)")
     a.set(xscale="log", yscale="log", xlabel="time t", ylabel=f"cluster count (ε-graph, ε = {eps})",
           title=f"cluster count vs time, n = {n}, mean ± sd over {seeds} seeds")
-    a.set_ylim(0.8, n * 1.3)
-    a.legend(fontsize=8, loc="lower left")
-    a.text(0.98, 0.98, "dotted: k*(β)", transform=a.transAxes, ha="right", va="top", fontsize=8)
+    top = min(n * 1.3, 5 * max(k_star(b) for b in betas))
+    a.set_ylim(0.9, top)
+    a.set_xlim(3, T * 1.05)
+    ticks = [t for t in (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 40, 60, 100, 200) if t <= top]
+    a.set_yticks(ticks, [str(t) for t in ticks])
+    a.minorticks_off()
+    a.legend(fontsize=7.5, loc="upper right", ncol=2)
+    if top < n:
+        a.text(0.02, 0.02, f"(before clusters form the count is up to n = {n}, off the top)",
+               transform=a.transAxes, ha="left", va="bottom", fontsize=8)
 
     b.plot(beta_fine, ds["k_star_curve"], color="k", lw=1.5, drawstyle="steps-post",
            label="k*(β) = argmax_k k² I_k(β)")
@@ -262,14 +281,10 @@ def make_collapse_vs_clustering(quick=False, out=None, progress=True) -> xr.Data
     dt, T, eps = 0.1, (30.0 if quick else 100.0), 0.1
     steps = int(round(T / dt))
     x0 = run("sa", n=n, d=d, steps=0, dt=dt, seed=0)["x"].isel(time=0).values
-    counts, ranks = [], []
-    for _, model, params in CVC_RUNS:
-        x = run(model, x0, steps=steps, dt=dt, save_every=5, progress=progress, **params)["x"]
-        counts.append(count_clusters(x, eps=eps))
-        ranks.append(effective_rank(x))
-    runs = [r[0] for r in CVC_RUNS]
-    ds = xr.Dataset({"cluster_count": xr.concat(counts, "run").drop_vars("step"),
-                     "effective_rank": xr.concat(ranks, "run").drop_vars("step")}, coords={"run": runs})
+    ds = compare_runs(CVC_RUNS, x0, lambda tr: xr.Dataset({"cluster_count": count_clusters(tr["x"], eps=eps),
+                                                           "effective_rank": effective_rank(tr["x"])}),
+                      steps=steps, dt=dt, save_every=5, progress=progress)
+    runs = list(ds["run"].values)
     ds.attrs.update(n=n, d=d, dt=dt, eps=eps, seed=0,
                     runs="; ".join(f"{lab}: {m} {p}" for lab, m, p in CVC_RUNS))
 
@@ -286,10 +301,11 @@ def make_collapse_vs_clustering(quick=False, out=None, progress=True) -> xr.Data
     b.legend(fontsize=8)
     final = ds.isel(time=-1)
     summary = "; ".join(f"{r.split(',')[0] if r.startswith('SA') else r.removeprefix('Krause ')}: "
-                        f"{int(final['cluster_count'].sel(run=r))} clusters, rank "
+                        f"clusters {int(final['cluster_count'].sel(run=r))}, effective rank "
                         f"{float(final['effective_rank'].sel(run=r)):.2f}" for r in runs)
     caption = (f"Same start (n = {n} points uniform on S^{d - 1}, d = {d}), Euler dt = {dt}, Q=K=V=I. "
-               f"At t = {T:g}: {summary}. Softmax attention collapses to one point (rank 1); "
-               f"Krause attention keeps several synchronised clusters spanning the space.")
+               f"At t = {T:g}: {summary}. Softmax attention collapses to one point (rank 1); Krause with "
+               f"top-k or a radius freezes into several synchronised clusters spanning the space; with only "
+               f"a sequence window the clusters keep merging slowly.")
     title = "Representation collapse (softmax) vs clustering (Krause)"
     return save(fig, ds, "collapse_vs_clustering", out, title, caption)
