@@ -102,6 +102,11 @@ RESERVED = {"seed": "use seeds=…", "samples": "use seeds=… for repetitions",
             "progress": "it is the sweep's own progress bar"}
 
 
+#: the scheduler's HTTP (metrics) server on a free loopback port, without the dashboard
+#: (by default it tries port 8787, which a second cluster on the machine finds taken)
+LOOPBACK_HTTP = {"dashboard_address": "127.0.0.1:0"}
+
+
 class SweepError(RuntimeError):
     """A point of the sweep failed (the finished points stay in the store)."""
 
@@ -407,7 +412,8 @@ def _connect(scheduler, workers, ntasks):
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         # one thread per worker process, numba's parallel kernels included (env of the workers)
         cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address=None, env={"NUMBA_NUM_THREADS": "1"})
+                               host="127.0.0.1", dashboard_address=None, env={"NUMBA_NUM_THREADS": "1"},
+                               scheduler_kwargs=LOOPBACK_HTTP)
         client = Client(cluster)
 
         def close():
