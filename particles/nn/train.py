@@ -82,7 +82,7 @@ class Task:
 
 
 class DigitsViT(Task):
-    name, epochs, batch_size, lr = "digits-vit", 40, 32, 2e-3
+    name, epochs, batch_size, lr = "digits-vit", 80, 32, 2e-3
     model_defaults = dict(model="vit", image_size=8, patch=2, n_classes=10, d_model=64, n_heads=4,
                           n_layers=4, mlp_ratio=2)
     attentions = VIT_ATTENTIONS
@@ -112,12 +112,12 @@ class DigitsViT(Task):
 
 
 def shift_images(x, g, max_shift: int = 1):
-    """Augmentation: shift each 8×8 image by up to one pixel in each direction (zero fill)."""
-    B = x.shape[0]
-    pad = F.pad(x, (max_shift,) * 4)
-    dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, B), generator=g))
-    out = torch.stack([pad[b, dy[b]:dy[b] + 8, dx[b]:dx[b] + 8] for b in range(B)])
-    return out
+    """Augmentation: shift each 8×8 image by up to `max_shift` pixels in each direction (zero fill)."""
+    B, m = x.shape[0], max_shift
+    pad = F.pad(x, (m,) * 4)
+    dy, dx = torch.randint(0, 2 * m + 1, (2, B), generator=g)
+    rows, cols = dy[:, None] + torch.arange(8), dx[:, None] + torch.arange(8)
+    return pad[torch.arange(B)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 class DigitsAR(Task):
@@ -157,7 +157,7 @@ class DigitsAR(Task):
 
 
 class TextLM(Task):
-    name, epochs, batch_size, lr = "text-lm", 8, 32, 2e-3
+    name, epochs, batch_size, lr = "text-lm", 6, 32, 2e-3
     model_defaults = dict(model="causal_lm", vocab_size=len(data.CHARS), seq_len=128, d_model=96, n_heads=4,
                           n_layers=3, mlp_ratio=2)
     attentions = causal_attentions(window=32, top_k=16)
@@ -193,7 +193,7 @@ class TextLM(Task):
 
 
 class Recall(Task):
-    name, epochs, batch_size, lr = "recall", 30, 64, 1e-3
+    name, epochs, batch_size, lr = "recall", 40, 64, 1e-3
     pairs, n_keys, n_values, window = 32, 64, 16, 16
     model_defaults = dict(model="causal_lm", vocab_size=n_keys + n_values, seq_len=2 * pairs + 1,
                           d_model=64, n_heads=4, n_layers=2, mlp_ratio=2)
