@@ -200,8 +200,8 @@ def panel(model: str = "krause", *, n: int = 48, d: int = 3, steps: int = 150, d
     import ipywidgets as W
     import matplotlib.pyplot as plt
 
-    style = {"description_width": "70px"}
-    layout = W.Layout(width="300px")
+    style = {"description_width": "105px"}
+    layout = W.Layout(width="340px")
     c = {
         "model": W.Dropdown(options=list(MODELS), value=model, description="model"),
         "beta": W.FloatLogSlider(value=beta, base=10, min=-1, max=1.5, step=0.05, description="β (sa/usa)"),
@@ -221,8 +221,8 @@ def panel(model: str = "krause", *, n: int = 48, d: int = 3, steps: int = 150, d
         w.layout = layout
         if hasattr(w, "continuous_update"):
             w.continuous_update = False
-    frame = W.IntSlider(value=0, min=0, max=1, description="frame", continuous_update=False,
-                        style=style, layout=W.Layout(width="600px"))
+    frame = W.IntSlider(value=0, min=0, max=1, description="frame (time)", continuous_update=False,
+                        style=style, layout=W.Layout(width="680px"))
     image = W.Image(format="png", layout=W.Layout(width="760px"))
     status = W.HTML()
     state: dict = {}
@@ -303,3 +303,87 @@ def export_animation(ds: xr.Dataset, path, *, fps: int = 12, eps: float | None =
     finally:
         plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------- figures
+def show_figure(name: str, *, quick: bool = True, out=None, display_image: bool = True) -> xr.Dataset:
+    """Make the ``ksync figures`` figure `name` (``analysis.figures.FIGURES``) into `out` (default: a
+    temporary folder), show its PNG and caption in the notebook, and return the Dataset it plots.
+
+    ``quick=True`` is the small version used by the tests (seconds); ``quick=False`` is the full one.
+    """
+    import tempfile
+
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    from analysis import figures  # (its import may switch matplotlib to Agg: restore the backend)
+
+    if matplotlib.get_backend() != backend:
+        matplotlib.use(backend)
+    if name not in figures.FIGURES:
+        raise ValueError(f"unknown figure {name!r}; known: {', '.join(figures.FIGURES)}")
+    out = Path(out) if out is not None else Path(tempfile.gettempdir()) / "krause-sync-figures"
+    ds = figures.FIGURES[name](quick=quick, out=out, progress=False)
+    if display_image:
+        from IPython.display import Image, Markdown, display
+
+        display(Image(filename=str(out / f"{name}.png"), width=900))
+        display(Markdown(f"*{ds.attrs.get('caption', '')}*"))
+    return ds
+
+
+# ---------------------------------------------------------------------------- trained models (03)
+RESTRICTION_KEYS = ("grid", "window", "top_k", "sigma", "causal")
+
+def checkpoint_table(root="checkpoints"):
+    """A pandas DataFrame with one row per checkpoint card ``root/*.json`` (task, attention, seed,
+    layers, width, test metrics, file); empty when there are none."""
+    import json
+
+    import pandas as pd
+
+    rows = []
+    for card_path in sorted(Path(root).glob("*.json")):
+        try:
+            card = json.loads(card_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(card, dict) or "task" not in card:
+            continue
+        cfg = card.get("config", {})
+        att = cfg.get("attention", {}) if isinstance(cfg.get("attention"), dict) else {}
+        rows.append({
+            "task": card.get("task"), "attention": card.get("attention"), "seed": card.get("seed"),
+            "layers": cfg.get("n_layers"), "d_model": cfg.get("d_model"), "heads": cfg.get("n_heads"),
+            "restrictions": ", ".join(f"{k}={att[k]}" for k in RESTRICTION_KEYS if k in att),
+            **{k: round(v, 4) for k, v in card.get("metrics", {}).items() if isinstance(v, float)},
+            "weights present": card_path.with_suffix(".pt").exists(),
+            "file": card_path.with_suffix(".pt").name,
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_layers(cmp: xr.Dataset, variables=("clusters", "effective_rank", "first_token_mass", "sink_rate"),
+                title: str | None = None):
+    """Per-layer curves of ``analysis.bridge.compare`` output, one line per "model" entry, one panel
+    per variable (variables the comparison lacks are skipped). Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    variables = [v for v in variables if v in cmp]
+    fig, axes = plt.subplots(1, len(variables), figsize=(3.6 * len(variables), 3.3), squeeze=False)
+    styles = {"trained": "-o", "own": "--s", "sa": ":^", "krause": "-.v"}
+    for ax, var in zip(axes[0], variables):
+        for k, name in enumerate(cmp["model"].values):
+            y = cmp[var].sel(model=name)
+            if bool(np.all(np.isnan(y.values))):
+                continue
+            style = next((s for key, s in styles.items() if key in str(name).lower()), "-o")
+            ax.plot(cmp["layer"].values, y.values, style, color=f"C{k}", label=str(name), ms=4)
+        ax.set(title=var.replace("_", " "), xlabel="layer")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
