@@ -29,7 +29,8 @@ resumed by running it again, and the final Dataset equals that of an uninterrupt
 made for a different specification is refused with a message listing the differences. When
 every point is done the assembled Dataset is also written as the group ``result``
 (``xr.open_zarr(path, group="result", consolidated=False)``); :func:`open_sweep` assembles
-whatever is finished.
+whatever is finished. One sweep process per store at a time (a second one started on the same
+store discards the first one's unfinished writes).
 
 Metrics (name → value per point; options with defaults, overridable per metric):
     final_clusters          count_clusters(x(T), eps, method)           eps=1e-2, method="graph"
@@ -273,7 +274,9 @@ def _seeds(seeds) -> list:
             raise ValueError(f"seeds must be >= 1 (the number of seeds) or a list, got {seeds}")
         return list(range(int(seeds)))
     if isinstance(seeds, Mapping):
-        return list(range(int(seeds.get("start", 0)), int(seeds["stop"])))
+        if "stop" not in seeds or set(seeds) - {"start", "stop"}:
+            raise ValueError(f"seeds: a range is {{start, stop}} (stop excluded), got {dict(seeds)!r}")
+        return _seeds(list(range(int(seeds.get("start", 0)), int(seeds["stop"]))))
     try:
         out = [int(s) for s in seeds if not isinstance(s, bool) and float(s).is_integer()]
     except TypeError as err:
@@ -478,6 +481,8 @@ def sweep(model, axes=None, *, seeds=1, metrics=None, store=None, scheduler=None
     from tqdm.auto import tqdm
 
     plan = make_plan(model, axes, seeds=seeds, metrics=metrics, steps=steps, dt=dt, **fixed)
+    if scheduler == "sync" and workers is not None:
+        raise ValueError("workers: not used with scheduler='sync'")
     _check_points(plan)
     results: dict = {}
     db = None
@@ -491,13 +496,11 @@ def sweep(model, axes=None, *, seeds=1, metrics=None, store=None, scheduler=None
             results[key] = db.read_point(key)
     points = list(plan.points())
     todo = [p for p in points if p.key not in results]
-    ntime = len(_times(plan)[0]) if _times(plan)[0] is not None else None
+    kept = _times(plan)[0]
+    ntime = None if kept is None else len(kept)
 
     client, close = None, None
-    if scheduler == "sync":
-        if workers is not None:
-            raise ValueError("workers: not used with scheduler='sync'")
-    elif todo:
+    if scheduler != "sync" and todo:
         client, close = _connect(scheduler, workers, len(todo))
 
     def on_result(p, values, info):

@@ -218,6 +218,8 @@ def test_bad_spec_fails_before_any_work(tmp_path):
         (dict(metrics=["nope"]), "unknown metric 'nope'"),
         (dict(metrics={"final_clusters": {"epsilon": 1}}), "unknown option"),
         (dict(seeds=0), "seeds"),
+        (dict(seeds={"start": 2}), "seeds: a range"),
+        (dict(seeds={"start": 2, "stop": 2}), "non-empty"),
         (dict(axes={"steps": [5, 10]}, steps=None, metrics=["effective_rank_curve"]), "same saved times"),
     ]:
         kw = dict(dict(model="sa", steps=5, dt=0.1, n=4, d=3), **kwargs)
