@@ -71,7 +71,7 @@ def saved_steps(steps: int, save_every: int) -> np.ndarray:
 
 def simulate(model: str, x0=None, *, n=None, d=None, steps, dt, save_every=1, seed=0,
              integrator="euler", dtype="float64", progress=False, samples=None, noise=0.0,
-             return_weights=False, **params) -> xr.Dataset:
+             return_weights=False, store=None, **params) -> xr.Dataset:
     """Integrate ẋ_i = P_{x_i}(Σ_j a_ij V x_j) (sphere) or Σ_j a_ij V x_j − x_i (euclidean).
 
     model: "sa", "usa", "krause" or "hk"; params: beta, sigma, radius, window, causal, top_k, Q, K,
@@ -79,6 +79,8 @@ def simulate(model: str, x0=None, *, n=None, d=None, steps, dt, save_every=1, se
     `seed`. On the sphere x0 is normalised to unit rows. noise > 0 adds √dt·noise·ξ (Euler–Maruyama;
     sample s uses its own stream spawned from `seed`). return_weights=True also stores the
     interaction matrices a_ij at the saved steps as variable "attention" (time, query, key).
+    store: path of a zarr store; saved steps are then streamed to disk as they are computed and the
+    Dataset is opened lazily from the store (particles/store.py).
     Returns a Dataset with "x" (time, particle, component) [+ leading "sample"].
     """
     unknown = set(params) - {"beta", "sigma", "radius", "window", "causal", "top_k", "Q", "K", "V",
@@ -107,7 +109,11 @@ def simulate(model: str, x0=None, *, n=None, d=None, steps, dt, save_every=1, se
 
     field = velocity_field(it, n, d, dtype)
     keep = saved_steps(steps, save_every)
-    traj = np.empty((S, len(keep), n, d), dtype=dtype)
+    if store is None:
+        traj = np.empty((S, len(keep), n, d), dtype=dtype)
+    else:  # stream saved steps to a zarr store (particles/store.py); the result is opened lazily
+        from .store import TrajectoryStore
+        traj = sink = TrajectoryStore(store, (S, len(keep), n, d), dtype, ensemble)
     weights = np.empty((S, len(keep), n, n), dtype=dtype) if return_weights else None
     noise_rngs = [np.random.default_rng(s) for s in noise_seq.spawn(S)]
     with tqdm(total=S * steps, disable=not progress, desc=f"simulate {model}", unit="step") as bar:
@@ -124,10 +130,12 @@ def simulate(model: str, x0=None, *, n=None, d=None, steps, dt, save_every=1, se
                 traj[s, slot] = x
                 if return_weights:
                     weights[s, slot] = field.weights(x)
-    return _to_dataset(traj if ensemble else traj[0], weights if (ensemble or weights is None)
-                       else weights[0], keep, it, ensemble, dict(
-                           dt=float(dt), steps=steps, save_every=save_every, seed=seed,
-                           integrator=integrator, dtype=str(dtype), noise=float(noise), n=n, d=d))
+    traj = traj if store is None else sink.lazy()
+    ds = _to_dataset(traj if ensemble else traj[0], weights if (ensemble or weights is None)
+                     else weights[0], keep, it, ensemble, dict(
+                         dt=float(dt), steps=steps, save_every=save_every, seed=seed,
+                         integrator=integrator, dtype=str(dtype), noise=float(noise), n=n, d=d))
+    return ds if store is None else sink.finish(ds)
 
 
 def _check_finite(x, it: Interaction, step: int):

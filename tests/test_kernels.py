@@ -151,12 +151,13 @@ def test_hk1d_keeps_the_order_and_resorts_when_needed():
     assert field.path == "hk1d"
     for _ in range(5):  # dt = 1: exactly the HK map, order preserved, sorted once
         v = field(x)
-        np.testing.assert_allclose(v, reference.hk_map(x, R), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(v, reference.velocity(x, it), rtol=0, atol=1e-12)
         x = v
     assert field.sweep.resorts == 1
+    np.testing.assert_allclose(field(x[:50]), reference.hk_map(x[:50], R), rtol=0, atol=1e-12)
     y = rng.random((n, 1))  # a new, unrelated state: the stale order is detected
-    np.testing.assert_allclose(field(y), reference.hk_map(y, R), rtol=0, atol=1e-12)
-    assert field.sweep.resorts == 2
+    np.testing.assert_allclose(field(y), reference.velocity(y, it), rtol=0, atol=1e-12)
+    assert field.sweep.resorts == 3
 
 
 def test_hk1d_matches_a_direct_sum_for_many_opinions():
@@ -227,3 +228,38 @@ def test_polynomial_exp(dtype, rtol):
     np.testing.assert_allclose(_fexp_array(x), np.exp(x.astype(np.float64)), rtol=rtol)
     special = _fexp_array(np.array([-np.inf, -1e4, 0.0, 1e4, np.inf], dtype))
     np.testing.assert_array_equal(special, [0.0, 0.0, 1.0, np.inf, np.inf])
+
+
+def test_store_streams_the_same_trajectory(tmp_path):
+    from particles import simulate
+
+    kwargs = dict(n=50, d=3, steps=12, dt=0.1, save_every=5, sigma=0.7, window=8)
+    ref = simulate("krause", **kwargs)
+    ds = simulate("krause", store=tmp_path / "run.zarr", **kwargs)
+    assert ds.x.chunks is not None  # lazy, from disk
+    np.testing.assert_array_equal(ds.x.values, ref.x.values)
+    np.testing.assert_array_equal(ds.time.values, ref.time.values)
+    assert ds.attrs["model"] == "krause" and ds.attrs["window"] == 8
+    ens = simulate("sa", n=20, d=3, samples=2, steps=4, dt=0.1, store=tmp_path / "ens.zarr")
+    assert ens.x.dims == ("sample", "time", "particle", "component")
+    np.testing.assert_array_equal(ens.x.values, simulate("sa", n=20, d=3, samples=2, steps=4, dt=0.1).x.values)
+
+
+@pytest.mark.slow
+def test_store_keeps_memory_bounded(tmp_path):
+    """10⁶ particles × d = 3: 21 saved steps (504 MB in memory) cost no more than 1 saved step."""
+    import tracemalloc
+
+    from particles import simulate
+
+    def peak(steps):
+        tracemalloc.start()
+        ds = simulate("krause", n=10**6, d=3, steps=steps, dt=0.1, window=4, causal=True,
+                      store=tmp_path / f"big{steps}.zarr")
+        out = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert ds.x.shape == (steps + 1, 10**6, 3)
+        return out
+
+    one, many = peak(1), peak(20)
+    assert many < one + 2 * 24 * 2**20, (one, many)  # + at most two configurations, not 20
