@@ -9,3 +9,9 @@ from analysis import metrics as _metrics
 from analysis.metrics import *  # noqa: F403  (the names in analysis.metrics.__all__)
 
 __all__ = list(_metrics.__all__)
+
+# Parameter sweeps (dask.distributed). Note: this makes ``analysis.sweep`` the function; the module
+# stays importable as ``from analysis.sweep import ...``.
+from analysis.sweep import open_sweep, plot_sweep, sweep  # noqa: E402
+
+__all__ += ["sweep", "plot_sweep", "open_sweep"]

@@ -12,12 +12,12 @@ from . import UsageError
 
 def _matrix(text):
     """A d×d matrix given as JSON nested lists or a .npy file."""
-    if text.endswith(".npy"):
-        return np.load(text)
     try:
+        if text.endswith(".npy"):
+            return np.load(text)
         return np.asarray(json.loads(text), dtype=float)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"expected JSON nested lists or a .npy path: {err}") from err
+    except (OSError, json.JSONDecodeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"expected JSON nested lists or a readable .npy file: {err}") from err
 
 
 def register(sub):
