@@ -364,6 +364,18 @@ def checkpoint_table(root="checkpoints"):
     return pd.DataFrame(rows)
 
 
+def default_task(cards) -> str | None:
+    """The task of :func:`checkpoint_table` with the most attention kinds present (e.g. both krause
+    and softmax, so the two can be compared); ties go to the first in file order; None if empty."""
+    if len(cards) == 0:
+        return None
+    present = cards[cards["weights present"]] if "weights present" in cards else cards
+    if len(present) == 0:
+        return None
+    kinds = present.groupby("task", sort=False)["attention"].nunique()
+    return str(kinds.idxmax())
+
+
 def plot_layers(cmp: xr.Dataset, variables=("clusters", "effective_rank", "first_token_mass", "sink_rate"),
                 title: str | None = None):
     """Per-layer curves of ``analysis.bridge.compare`` output, one line per "model" entry, one panel
