@@ -314,13 +314,7 @@ def show_figure(name: str, *, quick: bool = True, out=None, display_image: bool 
     """
     import tempfile
 
-    import matplotlib
-
-    backend = matplotlib.get_backend()
-    from analysis import figures  # (its import may switch matplotlib to Agg: restore the backend)
-
-    if matplotlib.get_backend() != backend:
-        matplotlib.use(backend)
+    from analysis import figures
     if name not in figures.FIGURES:
         raise ValueError(f"unknown figure {name!r}; known: {', '.join(figures.FIGURES)}")
     out = Path(out) if out is not None else Path(tempfile.gettempdir()) / "krause-sync-figures"

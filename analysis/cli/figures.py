@@ -21,6 +21,9 @@ def register(sub):
 
 
 def run(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; the library itself leaves the backend to the user (notebooks)
     from analysis import figures
     from analysis.figures import _common
 

@@ -10,12 +10,9 @@ import contextlib
 import textwrap
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
+import matplotlib.pyplot as plt  # headless machines fall back to Agg by themselves
+import numpy as np
+import xarray as xr
 
 #: dask scheduler for the sweeps behind the figures: "sync" (in this process), None (a local
 #: dask cluster) or a scheduler address; ``ksync figures --scheduler`` sets it.
