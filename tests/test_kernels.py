@@ -242,7 +242,8 @@ def test_store_streams_the_same_trajectory(tmp_path):
     assert ds.attrs["model"] == "krause" and ds.attrs["window"] == 8
     ens = simulate("sa", n=20, d=3, samples=2, steps=4, dt=0.1, store=tmp_path / "ens.zarr")
     assert ens.x.dims == ("sample", "time", "particle", "component")
-    np.testing.assert_array_equal(ens.x.values, simulate("sa", n=20, d=3, samples=2, steps=4, dt=0.1).x.values)
+    ref_ens = simulate("sa", n=20, d=3, samples=2, steps=4, dt=0.1)
+    np.testing.assert_array_equal(ens.x.values, ref_ens.x.values)
 
 
 @pytest.mark.slow
@@ -263,3 +264,45 @@ def test_store_keeps_memory_bounded(tmp_path):
 
     one, many = peak(1), peak(20)
     assert many < one + 2 * 24 * 2**20, (one, many)  # + at most two configurations, not 20
+
+
+def test_bench_baselines_compute_the_same_step():
+    """The numpy/torch baselines of `ksync bench` time the same maths as our kernels."""
+    import torch
+
+    from analysis import bench
+
+    for case in bench.cases(quick=True):
+        case.n = min(case.n, 600)
+        if case.kind == "hk1d":
+            case.quadratic_from = 300
+        it, x = case.interaction(), bench.initial(case)
+        ours = velocity_field(it, case.n, case.d, case.dtype)(x)
+        tol = 1e-4 if case.dtype == "float32" else 1e-9
+        if case.kind == "dense":
+            np.testing.assert_allclose(bench.numpy_dense(x, it), ours, atol=tol, err_msg=case.name)
+            np.testing.assert_allclose(bench.torch_dense(torch.from_numpy(x), it).numpy(), ours, atol=tol)
+        elif case.kind == "window":
+            np.testing.assert_allclose(bench.numpy_window_topk(x, it), ours, atol=tol, err_msg=case.name)
+            np.testing.assert_allclose(bench.torch_window_topk(torch.from_numpy(x), it).numpy(), ours,
+                                       atol=tol)
+        elif case.kind == "hk1d":
+            r = it.radius * (1 + 1e-9)
+            np.testing.assert_allclose(bench.numpy_hk_sorted(x, r), ours, atol=1e-9)
+            np.testing.assert_allclose(bench.numpy_hk_quadratic(x, r), ours, atol=1e-9)
+    record = bench.run_case(bench.Case("t", "sa", 64, 3, "float32"), repeats=1, budget=0.0)
+    assert {"ours_s", "numpy_s", "torch_s", "x_numpy", "x_torch", "pairs_per_s"} <= set(record)
+    assert "sa dense fp32" in bench.format_table([record] + [dict(record, case="sa dense fp32")])
+
+
+@pytest.mark.slow
+def test_ksync_bench_quick(tmp_path):
+    import json
+
+    from analysis.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(out), "--figure", str(tmp_path / "s.png")]) == 0
+    data = json.loads(out.read_text())
+    assert data["cases"] and data["machine"]["cores"] >= 1
+    assert (tmp_path / "s.png").exists() and (tmp_path / "s.pdf").exists() and (tmp_path / "s.nc").exists()

@@ -14,7 +14,7 @@ row maths lives once, in :mod:`.rows`. Paths (``VelocityField.path``):
                    shift (:func:`.dense.velocity_fused`) — the dense softmax/RBF fast path.
 * ``"range"``      everything else (top-k, d > 4): each row scans one contiguous key range — all
                    keys (dense), 0..i (causal) or the window (O(n·w)); radius masks, top-k selects
-                   inside the range (:func:`.dense.velocity_range`).
+                   inside the range (:func:`.dense.rows_range`).
 
 Windowed rows cost O(w) whatever n, so "fused" and "range" are linear in n with a window; no path
 allocates an n×n array (only ``weights`` returns one, on request).
@@ -90,8 +90,9 @@ class VelocityField:
             return v if self.interaction.V is None else v * self.V[0, 0]
         xT, qT, kT, vT = self.project(x)
         out = np.empty(x.shape, dtype=self.dtype)
-        nbrs = neighbours.neighbour_lists(
-            x, self.r2, 1.0 if self.forced else neighbours.MAX_FRACTION) if self.path == "neighbours" else None
+        nbrs = None
+        if self.path == "neighbours":
+            nbrs = neighbours.neighbour_lists(x, self.r2, 1.0 if self.forced else neighbours.MAX_FRACTION)
         if nbrs is not None:
             self.last_path = "neighbours"
             neighbours.velocity_lists(*nbrs, xT, qT, kT, vT, *self._row_args(), out)
@@ -105,7 +106,7 @@ class VelocityField:
                                  bool(it.normalise), qnorm, kmax, self.tiny, out)
         else:
             self.last_path = "range"
-            dense.velocity_range(xT, qT, kT, vT, *self._row_args(), out)
+            dense.rows_range(xT, qT, kT, vT, *self._row_args(), False, out)
         if not self.interaction.normalise and not np.all(np.isfinite(out)):
             raise OverflowError(f"usa weights exp(beta⟨Qx_i, Kx_j⟩)/n overflow {self.dtype} "
                                 f"(beta={self.interaction.beta}); lower beta or use model 'sa'")
@@ -115,10 +116,11 @@ class VelocityField:
         """Dense interaction matrix a_ij (n, n)."""
         xT, qT, kT, _ = self.project(np.asarray(x))
         n = xT.shape[1]
-        return dense.weights_range(xT, qT, kT, *self._row_args(), np.empty((n, n), dtype=self.dtype))
+        return dense.rows_range(xT, qT, kT, xT, *self._row_args(), True, np.empty((n, n), dtype=self.dtype))
 
 
-def velocity_field(it: Interaction, n: int, d: int, dtype=np.float64, path: str | None = None) -> VelocityField:
+def velocity_field(it: Interaction, n: int, d: int, dtype=np.float64,
+                   path: str | None = None) -> VelocityField:
     """The fastest available implementation of x ↦ v for this interaction and shape.
 
     path forces one of PATHS (for tests and benchmarks); None chooses automatically.

@@ -1,10 +1,11 @@
 """Range kernel: every query row scans one contiguous key range — dense, causal or windowed.
 
 Two drivers: :func:`velocity_fused` (d ≤ 4, no top-k: one fused pass per row, no scores buffer —
-the fast path for dense softmax/RBF) and :func:`velocity_range` (any d, top-k: the buffered row
-of :mod:`.rows`). Dense (no window): keys 0..n−1 (causal: 0..i), O(n²) pairs in total; with a window w the range has
-at most 2w − 1 keys (w if causal), so the cost is O(n·w) — linear in n. A radius masks keys in the
-range; top-k selects inside it. Rows are processed in parallel tasks of ROWS_PER_TASK rows with
+the fast path for dense softmax/RBF) and :func:`rows_range` (any d, top-k: the buffered row
+of :mod:`.rows`). Dense (no window): keys 0..n−1 (causal: 0..i), O(n²) pairs in total; with a
+window w the range has at most 2w − 1 keys (w if causal), so the cost is O(n·w) — linear in n.
+A radius masks keys in the range; top-k selects inside it. Rows are processed in parallel tasks
+of ROWS_PER_TASK rows with
 per-task scratch buffers of the range length (never an n×n array).
 """
 
@@ -30,9 +31,13 @@ from .rows import (
 
 
 @njit(parallel=True, cache=True)
-def velocity_range(xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, causal, top_k,
-                   normalise, out):
-    """out[i] = Σ_{j∈N(i)} a_ij V x_j for all i (arrays component-major (d, n), out (n, d))."""
+def rows_range(xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, causal, top_k, normalise,
+               dense_weights, out):
+    """All rows with the buffered row kernel (arrays component-major (d, n)).
+
+    dense_weights False: out (n, d) ← v_i = Σ_{j∈N(i)} a_ij V x_j. True: out (n, n) ← a_ij, zero
+    outside N(i) — for inspection and sink metrics, not for stepping.
+    """
     n = xT.shape[1]
     m_max = buffer_len(n, window, causal)
     tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
@@ -44,25 +49,10 @@ def velocity_range(xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, 
             lo, hi = candidate_range(i, n, window, causal)
             c, contiguous, factor = row(i, lo, hi - lo, True, xT, qT, kT, score, beta, inv2s2, r2,
                                         use_radius, top_k, normalise, s, idx, dist)
-            accumulate(i, lo, c, contiguous, factor, s, idx, vT, out)
-    return out
-
-
-@njit(parallel=True, cache=True)
-def weights_range(xT, qT, kT, score, beta, inv2s2, r2, use_radius, window, causal, top_k, normalise, out):
-    """Dense a_ij (n, n), zero outside N(i) — for inspection and sink metrics, not for stepping."""
-    n = xT.shape[1]
-    m_max = buffer_len(n, window, causal)
-    tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(tasks):
-        s = np.empty(m_max, xT.dtype)
-        dist = np.empty(m_max if use_radius else 1, xT.dtype)
-        idx = np.empty(m_max, np.int64)
-        for i in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
-            lo, hi = candidate_range(i, n, window, causal)
-            c, contiguous, factor = row(i, lo, hi - lo, True, xT, qT, kT, score, beta, inv2s2, r2,
-                                        use_radius, top_k, normalise, s, idx, dist)
-            scatter_weights(i, lo, c, contiguous, factor, s, idx, out)
+            if dense_weights:
+                scatter_weights(i, lo, c, contiguous, factor, s, idx, out)
+            else:
+                accumulate(i, lo, c, contiguous, factor, s, idx, vT, out)
     return out
 
 

@@ -6,9 +6,10 @@ of ln2 in two parts) and e^f from its Taylor polynomial (degree 6 for float32, 1
 the factor 2^k is the integer (k + bias) shifted into the exponent field and reinterpreted as a
 float. Every step is branch-free, so LLVM vectorises loops that call it.
 
-Accuracy (measured inside fastmath loops): relative error ≤ 5e-7 (float32) and ≤ 4e-15 (float64) on the normal range. Below the
-normal range the result is 0 (flush to zero, −inf included); above x = 88 (float32) or 709
-(float64) it is +inf (so usa overflow is still detected, slightly before the true overflow).
+Accuracy (measured inside fastmath loops): relative error ≤ 5e-7 (float32) and ≤ 4e-15 (float64)
+on the normal range. Below the normal range the result is 0 (flush to zero, −inf included);
+above x = 88 (float32) or 709 (float64) it is +inf (so usa overflow is still detected, slightly
+before the true overflow).
 """
 
 from __future__ import annotations
@@ -20,30 +21,27 @@ from numba.core.extending import intrinsic, overload, register_jitable
 LOG2E = 1.4426950408889634
 
 
-@intrinsic
-def _bits_to_float(typingctx, bits):
-    """Reinterpret int32 → float32 or int64 → float64 (LLVM bitcast, vectorises)."""
-    target = {types.int32: types.float32, types.int64: types.float64}.get(bits)
-    if target is None:
-        return None
+def _bitcast(mapping, doc):
+    """A numba intrinsic reinterpreting the bits of a scalar as the type mapping[its type]."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(target))
+    def typer(typingctx, value):
+        target = mapping.get(value)
+        if target is None:
+            return None
 
-    return target(bits), codegen
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(target))
+
+        return target(value), codegen
+
+    typer.__doc__ = doc
+    return intrinsic(typer)
 
 
-@intrinsic
-def _float_to_bits(typingctx, value):
-    """Reinterpret float32 → int32 or float64 → int64."""
-    target = {types.float32: types.int32, types.float64: types.int64}.get(value)
-    if target is None:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(target))
-
-    return target(value), codegen
+_bits_to_float = _bitcast({types.int32: types.float32, types.int64: types.float64},
+                          "Reinterpret int32 → float32 or int64 → float64 (LLVM bitcast, vectorises).")
+_float_to_bits = _bitcast({types.float32: types.int32, types.float64: types.int64},
+                          "Reinterpret float32 → int32 or float64 → int64.")
 
 
 def float_key(x):  # pragma: no cover - numba overload below

@@ -271,6 +271,36 @@ def scatter_weights(i, lo, c, contiguous, factor, s, idx, out):
 FUSED_MAX_DIM = 4
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _dot4(D, t, a0, a1, a2, a3, b0, b1, b2, b3):
+    """Σ_{c<D} a_c·b_c[t] for D ≤ 4 (D constant after inlining: the branches fold away)."""
+    s = a0 * b0[t]
+    if D > 1:
+        s += a1 * b1[t]
+    if D > 2:
+        s += a2 * b2[t]
+    if D > 3:
+        s += a3 * b3[t]
+    return s
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _sqdist4(D, t, a0, a1, a2, a3, b0, b1, b2, b3):
+    """Σ_{c<D} (a_c − b_c[t])² for D ≤ 4."""
+    u = a0 - b0[t]
+    s = u * u
+    if D > 1:
+        u = a1 - b1[t]
+        s += u * u
+    if D > 2:
+        u = a2 - b2[t]
+        s += u * u
+    if D > 3:
+        u = a3 - b3[t]
+        s += u * u
+    return s
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def fused_range(dims, i, lo, m, shift, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius):
     """One pass over keys lo..lo+m−1: (Σ w, Σ w·v_0, …, Σ w·v_3) with w = exp(s_ij − shift) (0 outside
@@ -288,43 +318,14 @@ def fused_range(dims, i, lo, m, shift, xT, qT, kT, vT, score, beta, inv2s2, r2, 
     tot, a0, a1, a2, a3 = zero, zero, zero, zero, zero
     for t in range(m):
         if score == SOFTMAX:
-            s = q0 * k0[t]
-            if D > 1:
-                s += q1 * k1[t]
-            if D > 2:
-                s += q2 * k2[t]
-            if D > 3:
-                s += q3 * k3[t]
-            s *= beta
+            s = beta * _dot4(D, t, q0, q1, q2, q3, k0, k1, k2, k3)
         elif score == RBF:
-            u = q0 - k0[t]
-            s = u * u
-            if D > 1:
-                u = q1 - k1[t]
-                s += u * u
-            if D > 2:
-                u = q2 - k2[t]
-                s += u * u
-            if D > 3:
-                u = q3 - k3[t]
-                s += u * u
-            s *= -inv2s2
+            s = -inv2s2 * _sqdist4(D, t, q0, q1, q2, q3, k0, k1, k2, k3)
         else:
             s = zero
         w = fexp(s - shift)
         if use_radius:
-            u = y0 - x0[t]
-            d2 = u * u
-            if D > 1:
-                u = y1 - x1[t]
-                d2 += u * u
-            if D > 2:
-                u = y2 - x2[t]
-                d2 += u * u
-            if D > 3:
-                u = y3 - x3[t]
-                d2 += u * u
-            w = zero if d2 > r2 else w
+            w = zero if _sqdist4(D, t, y0, y1, y2, y3, x0, x1, x2, x3) > r2 else w
         tot += w
         a0 += w * v0[t]
         if D > 1:

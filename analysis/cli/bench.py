@@ -1,0 +1,63 @@
+"""``ksync bench [--quick] [--json FILE] [--figure PNG]``: kernel timings against numpy and torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+def register(subparsers):
+    p = subparsers.add_parser("bench", help="time the kernels against numpy and torch baselines",
+                              description="Time one velocity evaluation (one Euler step) per case for "
+                                          "our kernels, numpy and torch CPU, in the same process.")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke run)")
+    p.add_argument("--json", metavar="FILE", help="write the results (and the machine) as JSON")
+    p.add_argument("--figure", metavar="PNG",
+                   help="also measure scaling with n and write the log-log figure (PNG + PDF + .nc "
+                        "data next to it); default figures/scaling.png for a full run")
+    p.add_argument("--no-figure", action="store_true", help="skip the scaling measurement")
+    p.add_argument("--repeats", type=int, default=None, help="repeats per timing (best is kept)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from analysis import bench
+    torch.set_num_threads(os.cpu_count() or 1)
+    repeats = args.repeats or (2 if args.quick else 5)
+    if repeats < 1:
+        raise ValueError("--repeats must be >= 1")
+    budget = 0.5 if args.quick else 3.0
+    start = time.time()
+    records = []
+    for case in bench.cases(quick=args.quick):
+        records.append(bench.run_case(case, repeats=repeats, budget=budget))
+        print(f"  measured {case.name} (n={case.n})", flush=True)
+    bench.compare_window_dense(records)
+    print(bench.format_table(records))
+    machine = bench.machine_summary()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, load {machine['load_average_1min']:.1f}; "
+          f"numba {machine['numba']}, numpy {machine['numpy']}, torch {machine['torch']}")
+    figure = args.figure or (None if args.quick else os.path.join("figures", "scaling.png"))
+    scaling = None
+    if figure and not args.no_figure:
+        ds = bench.scaling(quick=args.quick, repeats=max(2, repeats // 2), budget=budget / 2)
+        os.makedirs(os.path.dirname(figure) or ".", exist_ok=True)
+        ds.to_netcdf(os.path.splitext(figure)[0] + ".nc")
+        bench.plot_scaling(ds, figure)
+        t = ds.seconds_per_step
+        scaling = {str(s): {int(n): float(v) for n, v in zip(ds.n.values, t.sel(series=s).values) if v == v}
+                   for s in ds.series.values}
+        print(f"scaling figure: {figure} (windowed top-k log-log slope "
+              f"{ds.attrs['windowed_loglog_slope']:.2f})")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(dict(machine=machine, quick=bool(args.quick), repeats=repeats,
+                           started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
+                           seconds=time.time() - start, cases=records, scaling=scaling),
+                      fh, indent=1, default=float)
+        print(f"wrote {args.json}")
+    return 0
