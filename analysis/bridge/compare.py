@@ -55,6 +55,17 @@ def layer_metrics(
     from "attention" (averaged over heads) or from the in-hook reductions of ``extract(reduce=...)``;
     hybrid models add ``branch_*`` variables over a "branch" axis.
     """
+    try:  # per-item SVDs of (T, D) matrices: BLAS threads only add overhead (10x on a loaded machine)
+        from threadpoolctl import threadpool_limits
+
+        limit = threadpool_limits(limits=1, user_api="blas")
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        limit = contextlib.nullcontext()
+    with limit:
+        return _layer_metrics(ds, eps, method, project, sink_eps, sink_k)
+
+
+def _layer_metrics(ds, eps, method, project, sink_eps, sink_k):
     if "time" in ds.dims:  # a particles.simulate trajectory: time plays the part of the layer
         ds = ds.rename(time="layer")
     if "particle" in ds.dims:
