@@ -114,11 +114,12 @@ def numpy_hk_quadratic(x, radius, block=2048):
 # --- timing ----------------------------------------------------------------------------------
 
 
-def best_time(fn, *, repeats=5, budget=2.0, min_repeats=2):
-    """Best wall time of fn() over up to `repeats` calls (after a warm-up), stopping after `budget` s."""
+def best_time(fn, *, repeats=5, budget=2.0, max_repeats=50):
+    """Best wall time of fn() (after a warm-up): at least `repeats` calls, more (up to max_repeats)
+    while the total stays under `budget` seconds — fast calls get many tries on a noisy machine."""
     fn()
     times, start = [], time.perf_counter()
-    while len(times) < repeats and (len(times) < min_repeats or time.perf_counter() - start < budget):
+    while len(times) < repeats or (len(times) < max_repeats and time.perf_counter() - start < budget):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
@@ -182,9 +183,7 @@ def initial(case: Case, seed=0):
 
 
 def run_case(case: Case, *, repeats=5, budget=2.0, baselines=True):
-    """Time our kernel and the baselines on the same input; returns a JSON-ready dict."""
-    import torch
-
+    """Time our kernel (and, if asked, the baselines) on one case; returns a JSON-ready dict."""
     it = case.interaction()
     x = initial(case)
     field_ = velocity_field(it, case.n, case.d, case.dtype)
@@ -194,8 +193,22 @@ def run_case(case: Case, *, repeats=5, budget=2.0, baselines=True):
                params={k: v for k, v in case.params.items() if k not in "QKV"},
                general_qkv=not it.identity_qkv)
     rec["pairs_per_s"] = case.pairs() / ours
-    if not baselines:
-        return rec
+    if baselines:
+        add_baselines(rec, case, repeats=repeats, budget=budget)
+    return rec
+
+
+def add_baselines(rec, case: Case, *, repeats=5, budget=2.0):
+    """Time the numpy / torch (or other) baselines of `case` into `rec`, with ratios to ours.
+
+    ``ksync bench`` times all of our kernels first and the baselines afterwards: torch's OpenMP
+    worker threads keep spinning for a while after each op and would otherwise slow down the
+    numba threads measured next (and vice versa) on a 2-core machine.
+    """
+    import torch
+
+    it = case.interaction()
+    x = initial(case)
     xt = torch.from_numpy(x)
     if case.kind == "dense":
         rec["numpy_s"] = best_time(lambda: numpy_dense(x, it), repeats=repeats, budget=budget)
@@ -216,7 +229,7 @@ def run_case(case: Case, *, repeats=5, budget=2.0, baselines=True):
         rec["quadratic_s"] = tq * (case.n / m) ** 2  # O(n²): extrapolated from n = m
     for key in ("numpy_s", "torch_s", "quadratic_s", "dense_kernel_s"):
         if key in rec:
-            rec["x_" + key[:-2]] = rec[key] / ours
+            rec["x_" + key[:-2]] = rec[key] / rec["ours_s"]
     return rec
 
 
@@ -246,25 +259,30 @@ BASELINE_SIZES = {
 }
 
 
-def scaling(quick=False, repeats=3, budget=1.0):
-    """Time per step against n for each series; returns an xarray Dataset (series × n, NaN if not run)."""
-    import xarray as xr
-
+def scaling_rows(part, quick=False, repeats=3, budget=1.0):
+    """[(series, n, seconds)] for part "ours" (our kernels) or "baselines"."""
     cap = 10**5 if quick else None
-    series, rows = [], []
     dtype_of = {"dense": "float32", "window": "float32", "hk1d": "float64"}
     specs = {kind: (model, params) for model, params, kind, _ in SCALING.values()}
-    for name, (model, params, kind, sizes) in SCALING.items():
-        for n in [s for s in sizes if cap is None or s <= cap]:
-            case = Case(name, model, n, 1 if kind == "hk1d" else 3, dtype_of[kind], params, kind=kind)
-            rows.append((name, n, best_time(_timed("ours", case), repeats=repeats, budget=budget)))
-        series.append(name)
-    for name, (kind, which, sizes) in BASELINE_SIZES.items():
-        model, params = specs[kind]
+    if part == "ours":
+        todo = [(name, model, params, kind, "ours", sizes)
+                for name, (model, params, kind, sizes) in SCALING.items()]
+    else:
+        todo = [(name, *specs[kind], kind, which, sizes)
+                for name, (kind, which, sizes) in BASELINE_SIZES.items()]
+    rows = []
+    for name, model, params, kind, which, sizes in todo:
         for n in [s for s in sizes if cap is None or s <= cap]:
             case = Case(name, model, n, 1 if kind == "hk1d" else 3, dtype_of[kind], params, kind=kind)
             rows.append((name, n, best_time(_timed(which, case), repeats=repeats, budget=budget)))
-        series.append(name)
+    return rows
+
+
+def scaling_dataset(rows):
+    """Time per step against n for each series as an xarray Dataset (series × n, NaN if not run)."""
+    import xarray as xr
+
+    series = list(dict.fromkeys(r[0] for r in rows))
     ns = sorted({r[1] for r in rows})
     t = np.full((len(series), len(ns)), np.nan)
     for name, n, sec in rows:
@@ -274,6 +292,12 @@ def scaling(quick=False, repeats=3, budget=1.0):
     ds.attrs.update(machine_summary())
     ds.attrs["windowed_loglog_slope"] = loglog_slope(ds, "windowed top-k Krause (ours, fp32)")
     return ds
+
+
+def scaling(quick=False, repeats=3, budget=1.0):
+    """Our kernels first, then the baselines (see add_baselines); returns scaling_dataset."""
+    ours = scaling_rows("ours", quick, repeats, budget)
+    return scaling_dataset(ours + scaling_rows("baselines", quick, repeats, budget))
 
 
 def _timed(which, case: Case):

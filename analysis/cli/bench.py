@@ -31,19 +31,29 @@ def run(args) -> int:
         raise ValueError("--repeats must be >= 1")
     budget = 0.5 if args.quick else 3.0
     start = time.time()
+    cases = bench.cases(quick=args.quick)
+    figure = args.figure or (None if args.quick else os.path.join("figures", "scaling.png"))
+    figure = None if args.no_figure else figure
+    # all of our kernels first, then every baseline (torch's spinning OpenMP threads would
+    # otherwise slow down the numba threads measured right after them, and vice versa)
     records = []
-    for case in bench.cases(quick=args.quick):
-        records.append(bench.run_case(case, repeats=repeats, budget=budget))
-        print(f"  measured {case.name} (n={case.n})", flush=True)
+    for case in cases:
+        records.append(bench.run_case(case, repeats=repeats, budget=budget, baselines=False))
+        print(f"  measured ours: {case.name} (n={case.n})", flush=True)
+    rows = bench.scaling_rows("ours", args.quick, max(2, repeats // 2), budget / 2) if figure else []
+    time.sleep(1.0)
+    for case, rec in zip(cases, records):
+        bench.add_baselines(rec, case, repeats=repeats, budget=budget)
+        print(f"  measured baselines: {case.name}", flush=True)
     bench.compare_window_dense(records)
     print(bench.format_table(records))
     machine = bench.machine_summary()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, load {machine['load_average_1min']:.1f}; "
           f"numba {machine['numba']}, numpy {machine['numpy']}, torch {machine['torch']}")
-    figure = args.figure or (None if args.quick else os.path.join("figures", "scaling.png"))
     scaling = None
-    if figure and not args.no_figure:
-        ds = bench.scaling(quick=args.quick, repeats=max(2, repeats // 2), budget=budget / 2)
+    if figure:
+        rows += bench.scaling_rows("baselines", args.quick, max(2, repeats // 2), budget / 2)
+        ds = bench.scaling_dataset(rows)
         os.makedirs(os.path.dirname(figure) or ".", exist_ok=True)
         ds.to_netcdf(os.path.splitext(figure)[0] + ".nc")
         bench.plot_scaling(ds, figure)

@@ -145,8 +145,9 @@ def top_k(s, idx, m, lo, contiguous, k):
     """Keep the k largest s[:m] (ties to the smaller key), compacted into s[:k], idx[:k] ascending.
 
     The k-th largest value is found exactly by bisection on the integer order keys of the floats
-    (at most 32/64 vectorised counting passes); then one forward pass keeps every s > threshold
-    and the first (smallest-j) entries equal to it.
+    (at most 32/64 vectorised counting passes, usually far fewer: it stops when exactly k are ≥ the
+    midpoint); then one branch-free forward pass keeps every s > threshold and the first
+    (smallest-j) entries equal to it.
     """
     mn, mx = s[0], row_max(s, m)
     for t in range(1, m):
@@ -167,15 +168,24 @@ def top_k(s, idx, m, lo, contiguous, k):
         n_gt += s[t] > thr
     ties = k - n_gt
     c = 0
-    for t in range(m):
-        keep = s[t] > thr
-        if not keep and s[t] == thr and ties > 0:
-            keep = True
-            ties -= 1
-        if keep:
-            s[c] = s[t]
-            idx[c] = lo + t if contiguous else idx[t]
-            c += 1
+    if contiguous:  # branch-free compaction (the keep pattern is random: branches would mispredict)
+        for t in range(m):
+            v = s[t]
+            eq = np.int64(v == thr) & np.int64(ties > 0)
+            keep = np.int64(v > thr) | eq
+            ties -= eq
+            s[c] = v
+            idx[c] = lo + t
+            c += keep
+    else:
+        for t in range(m):
+            v, j = s[t], idx[t]
+            eq = np.int64(v == thr) & np.int64(ties > 0)
+            keep = np.int64(v > thr) | eq
+            ties -= eq
+            s[c] = v
+            idx[c] = j
+            c += keep
     return c
 
 
