@@ -21,6 +21,8 @@ STYLES = {
     "SA fit": dict(ls=":", marker="^", lw=1.2, ms=4),
     "Krause fit": dict(ls="-.", marker="v", lw=1.2, ms=4),
     "uniform": dict(ls=(0, (1, 1)), lw=2.5, alpha=0.3),
+    "softmax branch": dict(ls="-", marker="x", lw=0.8, ms=5, alpha=0.7),
+    "krause branch": dict(ls="-", marker="+", lw=0.8, ms=7, alpha=0.7),
 }
 PANELS = (
     ("clusters", "clusters (ε-graph on the sphere)"),
@@ -139,6 +141,12 @@ def make_compare(
             if var == "first_token_mass" and kind == "trained" and "first_token_uniform" in cmp:
                 base = cmp["first_token_uniform"].sel(model=name).values
                 ax.plot(layers, base, color=COLORS[att], **STYLES["uniform"])
+            branch_var = f"branch_{var}"
+            if kind == "trained" and att == "hybrid" and branch_var in cmp and "branch" in cmp.dims:
+                for b in cmp["branch"].values:
+                    yb = cmp[branch_var].sel(model=name, branch=b).values
+                    if not np.all(np.isnan(yb)):
+                        ax.plot(layers, yb, color=COLORS[att], **STYLES[f"{b} branch"])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("layer")
         ax.set_xticks(layers)
@@ -156,6 +164,11 @@ def make_compare(
         Line2D([], [], color="0.3", **STYLES["Krause fit"], label="Krause(σ) preset, σ fitted"),
         Line2D([], [], color="0.3", **STYLES["uniform"], label="uniform over visible keys (trained)"),
     ]
+    if "hybrid" in paths:
+        handles += [
+            Line2D([], [], color=COLORS["hybrid"], **STYLES[f"{b} branch"], label=f"hybrid: {b} branch")
+            for b in ("softmax", "krause")
+        ]
     fig.legend(handles=handles, loc="outside lower center", ncol=5, fontsize=8, frameon=False)
     fitted = "\n".join(
         f"{att}: "
