@@ -22,12 +22,34 @@ allocates an n×n array (only ``weights`` returns one, on request).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import numba
 import numpy as np
 
 from ..interaction import Interaction, radius_bound_sq
 from . import dense, hk1d, neighbours, rows
 
 PATHS = ("hk1d", "neighbours", "fused", "range")
+
+#: Below this many scored pairs a call runs on one thread: waking the second numba thread costs more
+#: than it saves, and on a busy machine the wait for it can take a whole scheduler tick (4 ms).
+SERIAL_WORK = 1 << 21
+HK1D_WORK_PER_OPINION = 16  # the sweep's cost per opinion, in the same units
+
+
+@contextmanager
+def threads_for(work: int):
+    """Run the enclosed kernels on one numba thread when `work` (pairs) is small."""
+    if work >= SERIAL_WORK:
+        yield
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 def choose_path(it: Interaction, n: int, d: int) -> str:
@@ -86,27 +108,32 @@ class VelocityField:
         x = np.asarray(x)
         if self.path == "hk1d":
             self.last_path = "hk1d"
-            v = self.sweep(x.astype(self.dtype, copy=False), self.r2)
+            with threads_for(HK1D_WORK_PER_OPINION * x.shape[0]):
+                v = self.sweep(x.astype(self.dtype, copy=False), self.r2)
             return v if self.interaction.V is None else v * self.V[0, 0]
         xT, qT, kT, vT = self.project(x)
         out = np.empty(x.shape, dtype=self.dtype)
         nbrs = None
         if self.path == "neighbours":
             nbrs = neighbours.neighbour_lists(x, self.r2, 1.0 if self.forced else neighbours.MAX_FRACTION)
+        it = self.interaction
+        n = x.shape[0]
         if nbrs is not None:
             self.last_path = "neighbours"
-            neighbours.velocity_lists(*nbrs, xT, qT, kT, vT, *self._row_args(), out)
+            with threads_for(int(nbrs[0][-1])):
+                neighbours.velocity_lists(*nbrs, xT, qT, kT, vT, *self._row_args(), out)
         elif self.dense_path == "fused":
             self.last_path = "fused"
-            it = self.interaction
             qnorm = np.sqrt(np.einsum("dn,dn->n", qT, qT))
             kmax = self.dtype.type(np.sqrt(np.einsum("dn,dn->n", kT, kT).max()))
-            dense.velocity_fused(self.dims, xT, qT, kT, vT, self.score, self.beta, self.inv2s2, self.r2,
-                                 it.radius is not None, it.window or 0, bool(it.causal),
-                                 bool(it.normalise), qnorm, kmax, self.tiny, out)
+            with threads_for(n * rows.buffer_len(n, it.window or 0, bool(it.causal))):
+                dense.velocity_fused(self.dims, xT, qT, kT, vT, self.score, self.beta, self.inv2s2,
+                                     self.r2, it.radius is not None, it.window or 0, bool(it.causal),
+                                     bool(it.normalise), qnorm, kmax, self.tiny, out)
         else:
             self.last_path = "range"
-            dense.rows_range(xT, qT, kT, vT, *self._row_args(), False, out)
+            with threads_for(n * rows.buffer_len(n, it.window or 0, bool(it.causal))):
+                dense.rows_range(xT, qT, kT, vT, *self._row_args(), False, out)
         if not self.interaction.normalise and not np.all(np.isfinite(out)):
             raise OverflowError(f"usa weights exp(beta⟨Qx_i, Kx_j⟩)/n overflow {self.dtype} "
                                 f"(beta={self.interaction.beta}); lower beta or use model 'sa'")
