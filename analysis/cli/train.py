@@ -62,6 +62,8 @@ def run(args) -> int:
 
 
 def _ablations(args, out: Path, kw: dict, variants, train) -> int:
+    """Every variant × seed; OUT/ablations.json is rewritten after each run (partial results survive)."""
+    out.mkdir(parents=True, exist_ok=True)
     results = {}
     for variant in variants:
         runs = []
@@ -70,12 +72,12 @@ def _ablations(args, out: Path, kw: dict, variants, train) -> int:
             runs.append(dict(seed=seed, test_accuracy=card["metrics"]["test_accuracy"],
                              train_time_s=card["train_time_s"]))
             print(f"{variant} seed {seed}: {_summary(card)}", flush=True)
-        accs = [r["test_accuracy"] for r in runs]
-        results[variant] = dict(attention=card["config"]["attention"], runs=runs, mean=statistics.mean(accs),
-                                sd=statistics.stdev(accs) if len(accs) > 1 else 0.0)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablations.json").write_text(json.dumps(dict(task="digits-vit", epochs=card["epochs"],
-                                                        seeds=args.seeds, results=results), indent=1) + "\n")
+            accs = [r["test_accuracy"] for r in runs]
+            results[variant] = dict(attention=card["config"]["attention"], runs=runs, mean=statistics.mean(accs),
+                                    sd=statistics.stdev(accs) if len(accs) > 1 else 0.0)
+            summary = dict(task="digits-vit", epochs=card["epochs"], seeds=args.seeds, results=results,
+                           machine=card["machine"])
+            (out / "ablations.json").write_text(json.dumps(summary, indent=1) + "\n")
     for variant, r in results.items():
         print(f"{variant:10s} {r['mean']:.4f} ± {r['sd']:.4f}")
     return 0

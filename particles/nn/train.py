@@ -221,8 +221,9 @@ class Recall(Task):
         x, y, dist = self.test
         correct = (model(x)[:, -1].argmax(1) == y).float()
         w = self.window
-        bins = {f"[{lo},{hi})": (lo, hi) for lo, hi in ((1, w), (w, 2 * w), (2 * w, 4 * w + 1))}
-        by_bin = {k: correct[(dist >= lo) & (dist < hi)].mean().item() for k, (lo, hi) in bins.items()}
+        # key at distance d ⇒ its value token at d − 1: inside the Krause window iff d ≤ w
+        bins = {f"{lo}-{hi}": (lo, hi) for lo, hi in ((2, w), (w + 1, 2 * w), (2 * w + 1, 2 * self.pairs))}
+        by_bin = {k: correct[(dist >= lo) & (dist <= hi)].mean().item() for k, (lo, hi) in bins.items()}
         by_dist = {int(d): correct[dist == d].mean().item() for d in dist.unique()}
         return {"test_accuracy": correct.mean().item(), "accuracy_by_distance_bin": by_bin,
                 "accuracy_by_distance": by_dist, "krause_window": w, "chance": 1 / self.n_values,
