@@ -24,6 +24,7 @@ from .fastexp import fexp, float_key, key_float
 SOFTMAX, RBF, FLAT = 0, 1, 2
 SCORE_CODE = {"softmax": SOFTMAX, "rbf": RBF, "flat": FLAT}
 FASTMATH = {"contract", "arcp", "nsz", "reassoc"}  # no nnan/ninf: −inf masks and usa overflow stay exact
+VALUE_BISECTIONS = 12  # top-k: value-space halvings before the exact integer-key bisection
 ROWS_PER_TASK = 32  # rows per parallel task (per-task scratch buffers are allocated once)
 
 
@@ -142,31 +143,56 @@ def _count_ge(s, m, thr):
 
 @njit(cache=True)
 def top_k(s, idx, m, lo, contiguous, k):
-    """Keep the k largest s[:m] (ties to the smaller key), compacted into s[:k], idx[:k] ascending.
+    """Keep the k largest s[:m] (ties to the smaller key); returns (c, contiguous).
 
-    The k-th largest value is found exactly by bisection on the integer order keys of the floats
-    (at most 32/64 vectorised counting passes, usually far fewer: it stops when exactly k are ≥ the
-    midpoint); then one branch-free forward pass keeps every s > threshold and the first
-    (smallest-j) entries equal to it.
+    Usually every score equal to the k-th largest is kept: then the others are set to −inf in
+    place (weight exactly 0) and the row stays as it was (c = m). Otherwise (a tie split by the
+    k slots) the kept entries are compacted into s[:k], idx[:k] ascending (contiguous False).
+
+    The k-th largest value is found exactly by bisection — a few halvings in value space (usually
+    enough to isolate exactly k values), then on the integer order keys of the floats (exact, at
+    most 32/64 vectorised counting passes); then one branch-free forward pass keeps every
+    s > threshold and the first (smallest-j) entries equal to it.
     """
-    mn, mx = s[0], row_max(s, m)
-    for t in range(1, m):
-        mn = min(mn, s[t])
-    lo_key, hi_key = float_key(mn), float_key(mx)  # invariant: count(≥ lo) ≥ k > count(≥ hi + 1)
-    while lo_key < hi_key:
-        mid = (lo_key >> 1) + (hi_key >> 1) + ((lo_key & 1) | (hi_key & 1))  # ceil((lo+hi)/2), no overflow
-        cnt = _count_ge(s, m, key_float(mid, mx))
-        if cnt >= k:
-            lo_key = mid
-            if cnt == k:
+    mn, mx = -row_max(s, m, -1), row_max(s, m)
+    if _count_ge(s, m, mx) >= k:  # ties at the maximum fill the k slots
+        lo_key = hi_key = float_key(mx)
+    else:
+        # value-space bisection first (usually isolates exactly k values within a few passes);
+        # invariant: count(≥ a) ≥ k > count(≥ b)
+        a, b, half = mn, mx, s.dtype.type(0.5)  # stay in the storage dtype (keys depend on it)
+        for _ in range(VALUE_BISECTIONS):
+            mid = a + (b - a) * half
+            if not (a < mid < b):
                 break
-        else:
-            hi_key = mid - 1
+            cnt = _count_ge(s, m, mid)
+            if cnt >= k:
+                a = mid
+                if cnt == k:
+                    b = a
+                    break
+            else:
+                b = mid
+        # exact finish on the integer order keys: largest key with count(≥ key) ≥ k
+        lo_key, hi_key = float_key(a), (float_key(b) - 1 if b > a else float_key(a))
+        while lo_key < hi_key:
+            mid = (lo_key >> 1) + (hi_key >> 1) + ((lo_key & 1) | (hi_key & 1))  # ceil, no overflow
+            cnt = _count_ge(s, m, key_float(mid, mx))
+            if cnt >= k:
+                lo_key = mid
+                if cnt == k:
+                    break
+            else:
+                hi_key = mid - 1
     thr = key_float(lo_key, mx)
-    n_gt = 0
+    n_ge, n_gt = _count_ge(s, m, thr), 0
     for t in range(m):
         n_gt += s[t] > thr
     ties = k - n_gt
+    if ties == n_ge - n_gt:  # every score equal to the threshold is kept (always, without ties):
+        for t in range(m):  # mask the rest to −inf (weight exactly 0), no compaction, no gather
+            s[t] = s[t] if s[t] >= thr else -np.inf
+        return m, contiguous
     c = 0
     if contiguous:  # branch-free compaction (the keep pattern is random: branches would mispredict)
         for t in range(m):
@@ -186,21 +212,25 @@ def top_k(s, idx, m, lo, contiguous, k):
             s[c] = v
             idx[c] = j
             c += keep
-    return c
+    return c, False
 
 
 @njit(cache=True, fastmath=FASTMATH | {"nnan"})
-def row_max(s, c):
-    """max s[:c] with eight independent lanes (a plain max reduction does not vectorise)."""
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = s[0]
+def row_max(s, c, sign=1):
+    """max s[:c] (sign = −1: −min s[:c]) with eight independent lanes (a plain max reduction does
+    not vectorise)."""
+    f = s.dtype.type(sign)
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = f * s[0]
     t = 0
     while t + 8 <= c:
-        a0, a1, a2, a3 = max(a0, s[t]), max(a1, s[t + 1]), max(a2, s[t + 2]), max(a3, s[t + 3])
-        a4, a5, a6, a7 = max(a4, s[t + 4]), max(a5, s[t + 5]), max(a6, s[t + 6]), max(a7, s[t + 7])
+        a0, a1 = max(a0, f * s[t]), max(a1, f * s[t + 1])
+        a2, a3 = max(a2, f * s[t + 2]), max(a3, f * s[t + 3])
+        a4, a5 = max(a4, f * s[t + 4]), max(a5, f * s[t + 5])
+        a6, a7 = max(a6, f * s[t + 6]), max(a7, f * s[t + 7])
         t += 8
     mx = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
     while t < c:
-        mx = max(mx, s[t])
+        mx = max(mx, f * s[t])
         t += 1
     return mx
 
@@ -245,8 +275,7 @@ def row(i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, t
             m = c
         scores_list(i, idx, m, qT, kT, score, beta, inv2s2, s)
     if top_k_ > 0 and m > top_k_:
-        m = top_k(s, idx, m, lo, contiguous, top_k_)
-        contiguous = False
+        m, contiguous = top_k(s, idx, m, lo, contiguous, top_k_)
     factor = row_weights(s, m, normalise, n)
     return m, contiguous, factor
 
