@@ -77,7 +77,9 @@ def test_every_path_matches_reference(model, base, restriction, general_qkv, d):
 
 def test_automatic_choice():
     assert choose_path(make_interaction("sa"), 4096, 3) == "fused"
-    assert choose_path(make_interaction("sa"), 4096, 64) == "range"
+    assert choose_path(make_interaction("sa"), 4096, 64) == "blas"
+    assert choose_path(make_interaction("krause"), 4096, 64) == "range"
+    assert choose_path(make_interaction("sa", causal=True), 4096, 64) == "range"
     assert choose_path(make_interaction("krause", window=128, causal=True, top_k=32), 10**6, 3) == "range"
     assert choose_path(make_interaction("krause", window=128, causal=True), 10**6, 3) == "fused"
     assert choose_path(make_interaction("hk", radius=0.1), 10**6, 1) == "hk1d"

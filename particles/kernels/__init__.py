@@ -12,9 +12,11 @@ row maths lives once, in :mod:`.rows`. Paths (``VelocityField.path``):
 * ``"fused"``      d ≤ 4 and no top-k (dense, causal or windowed, radius masked): one fused
                    vectorised pass per row (scores, exp, Σ w·v) with a bound of the row max as the
                    shift (:func:`.dense.velocity_fused`) — the dense softmax/RBF fast path.
-* ``"range"``      everything else (top-k, d > 4): each row scans one contiguous key range — all
-                   keys (dense), 0..i (causal) or the window (O(n·w)); radius masks, top-k selects
-                   inside the range (:func:`.dense.rows_range`).
+* ``"blas"``       softmax score, d > 4, no restriction: row blocks of BLAS matmuls around the
+                   shared row weights (:mod:`.blas`).
+* ``"range"``      everything else (top-k, or d > 4 with another score or a restriction): each
+                   row scans one contiguous key range — all keys (dense), 0..i (causal) or the
+                   window (O(n·w)); radius masks, top-k selects inside the range (:func:`.dense.rows_range`).
 
 Windowed rows cost O(w) whatever n, so "fused" and "range" are linear in n with a window; no path
 allocates an n×n array (only ``weights`` returns one, on request).
@@ -28,9 +30,9 @@ import numba
 import numpy as np
 
 from ..interaction import Interaction, radius_bound_sq
-from . import dense, hk1d, neighbours, rows
+from . import blas, dense, hk1d, neighbours, rows
 
-PATHS = ("hk1d", "neighbours", "fused", "range")
+PATHS = ("hk1d", "neighbours", "fused", "blas", "range")
 
 #: Below this many scored pairs a call runs on one thread: waking the second numba thread costs more
 #: than it saves, and on a busy machine the wait for it can take a whole scheduler tick (4 ms).
@@ -63,7 +65,11 @@ def choose_path(it: Interaction, n: int, d: int) -> str:
 
 
 def _dense_path(it: Interaction, d: int) -> str:
-    return "fused" if it.top_k is None and d <= rows.FUSED_MAX_DIM else "range"
+    if it.top_k is None and d <= rows.FUSED_MAX_DIM:
+        return "fused"
+    if it.score == "softmax" and not it.restricted:
+        return "blas"
+    return "range"
 
 
 class VelocityField:
@@ -77,7 +83,7 @@ class VelocityField:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if (self.path == "hk1d" and choose_path(it, n, d) != "hk1d") or (
                 self.path == "neighbours" and it.radius is None) or (
-                self.path == "fused" and _dense_path(it, d) != "fused"):
+                self.path in ("fused", "blas") and _dense_path(it, d) != self.path):
             raise ValueError(f"path {self.path!r} does not apply to this interaction (d={d})")
         self.forced = path is not None
         self.Q, self.K, self.V = it.matrices(d, self.dtype)
@@ -130,6 +136,10 @@ class VelocityField:
                 dense.velocity_fused(self.dims, xT, qT, kT, vT, self.score, self.beta, self.inv2s2,
                                      self.r2, it.radius is not None, it.window or 0, bool(it.causal),
                                      bool(it.normalise), qnorm, kmax, self.tiny, out)
+        elif self.dense_path == "blas":
+            self.last_path = "blas"
+            with threads_for(n * n):
+                blas.velocity_blas(qT.T, kT.T, vT.T, self.beta, bool(it.normalise), out)
         else:
             self.last_path = "range"
             with threads_for(n * rows.buffer_len(n, it.window or 0, bool(it.causal))):
