@@ -107,15 +107,16 @@ def test_ours_attention_rows_and_support(vit, images, attention):
 
 def test_causal_masked_entries_zero_and_token_ids():
     m = _model("recall", "krause")
-    x = torch.randint(0, 80, (2, 65), generator=torch.Generator().manual_seed(0))
+    T, w = m.seq_len, m.blocks[0].attn.window
+    x = torch.randint(0, m.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
     ds = extract(m, x)
     a = attention_layers(ds["attention"]).values
-    i, j = np.indices((65, 65))
-    masked = (j > i) | (i - j >= 16)  # causal sliding window 16
+    i, j = np.indices((T, T))
+    masked = (j > i) | (i - j >= w)  # causal sliding window
     assert (a[..., masked] == 0).all()
     np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-6)
     np.testing.assert_array_equal(ds["token_id"].values, x.numpy())
-    assert ds.attrs["causal"] == 1 and ds.attrs["window"] == 16
+    assert ds.attrs["causal"] == 1 and ds.attrs["window"] == w
 
 
 def test_reduce_matches_full_metrics(vit, images):

@@ -13,7 +13,7 @@ def task_inputs(task: str, n: int = 16, seed: int = 0):
 
     digits-vit: test images (n, 8, 8), labels = digits; digits-ar: test pixel tokens (n, 64);
     text-lm: n consecutive non-overlapping windows of 128 test characters; recall: n sequences from
-    a generator seeded with ``seed``, labels = the answers.
+    the task's generator seeded with ``seed`` (no labels).
     """
     from particles.nn import TASKS, data
 
@@ -32,8 +32,8 @@ def task_inputs(task: str, n: int = 16, seed: int = 0):
         n = min(n, len(ids) // T)
         return torch.stack([ids[i * T : (i + 1) * T] for i in range(n)]), None
     t = TASKS[task]()
-    x, y, _ = t._batch(n, torch.Generator().manual_seed(seed))
-    return x, y.numpy()
+    x = t._batch(n, torch.Generator().manual_seed(seed))[0]
+    return x, None
 
 
 def save(ds: xr.Dataset, path) -> Path:
