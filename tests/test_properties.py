@@ -10,7 +10,6 @@ Each property runs ≤ 50 examples.
 """
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -22,15 +21,6 @@ SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[Healt
 NORMALISED = ("sa", "krause", "hk")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_numba_thread():
-    """Tiny systems: numba's parallel launch costs more than it saves on a shared machine."""
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
 
 
 def _floats(lo, hi):

@@ -53,15 +53,6 @@ beta = [0.5, 1.0, 2.0, 4.0]
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_numba_thread():
-    """numba's parallel kernels on one thread in this process (2 shared cores; see the workers' env)."""
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
 
 
 def _warm():

@@ -6,7 +6,6 @@ title and caption in the attrs) through :func:`save`; ``out=None`` writes nothin
 
 from __future__ import annotations
 
-import contextlib
 import textwrap
 from pathlib import Path
 
@@ -14,37 +13,12 @@ import matplotlib.pyplot as plt  # headless machines fall back to Agg by themsel
 import numpy as np
 import xarray as xr
 
+from particles import simulate
+
 #: dask scheduler for the sweeps behind the figures: "sync" (in this process), None (a local
 #: dask cluster) or a scheduler address; ``ksync figures --scheduler`` sets it.
 SCHEDULER = "sync"
-#: below this many particles the simulations run single-threaded (numba's parallel loops cost
-#: more than they save for small n on a shared machine)
-SERIAL_BELOW = 400
-
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-
-
-@contextlib.contextmanager
-def threads_for(n: int):
-    """Run numba's parallel kernels on one thread while inside, when n < SERIAL_BELOW."""
-    import numba
-
-    before = numba.get_num_threads()
-    if n < SERIAL_BELOW:
-        numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
-
-
-def run(model, x0=None, *, n=None, **kw) -> xr.Dataset:
-    """particles.simulate with the thread choice of :func:`threads_for`."""
-    from particles import simulate
-
-    size = n if n is not None else np.shape(x0)[-2]
-    with threads_for(size):
-        return simulate(model, x0, n=n, **kw)
 
 
 def run_sweep(model, axes, *, seeds, metrics, steps, dt, progress=True, x0=None, **fixed) -> xr.Dataset:
@@ -57,12 +31,10 @@ def run_sweep(model, axes, *, seeds, metrics, steps, dt, progress=True, x0=None,
     from analysis.sweep import sweep
 
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    n = fixed.get("n") if x0 is None else np.shape(x0(seeds[0]))[0]
     kw = dict(metrics=metrics, steps=steps, dt=dt, scheduler=SCHEDULER, progress=progress, **fixed)
-    with threads_for(n or 0):
-        if x0 is None:
-            return sweep(model, axes, seeds=seeds, **kw)
-        ds = sweep(model, {**axes, "x0": [x0(s) for s in seeds]}, seeds=[0], **kw)
+    if x0 is None:
+        return sweep(model, axes, seeds=seeds, **kw)
+    ds = sweep(model, {**axes, "x0": [x0(s) for s in seeds]}, seeds=[0], **kw)
     return ds.isel(seed=0, drop=True).rename(x0="seed").assign_coords(seed=seeds)
 
 
@@ -71,7 +43,7 @@ def compare_runs(specs, x0, reduce, **kw) -> xr.Dataset:
     ``kw``), reduce each trajectory with ``reduce(ds) -> Dataset``, and stack along "run" (labels)."""
     rows = []
     for _, model, params in specs:
-        rows.append(reduce(run(model, x0, **kw, **params)).drop_vars("step", errors="ignore"))
+        rows.append(reduce(simulate(model, x0, **kw, **params)).drop_vars("step", errors="ignore"))
     return xr.concat(rows, "run").assign_coords(run=[label for label, _, _ in specs])
 
 

@@ -6,9 +6,10 @@ import numpy as np
 import xarray as xr
 
 from analysis import cluster_sizes
-from analysis.figures._common import COLORS, new_figure, run, run_sweep, save
+from analysis.figures._common import COLORS, new_figure, run_sweep, save
 from analysis.figures._registry import register
 from analysis.sweep import register_metric
+from particles import simulate
 
 #: HK clusters are exact (finite-time convergence): opinions closer than this are one cluster
 HK_EPS = 1e-6
@@ -50,7 +51,7 @@ def make_hk_2r(quick=False, out=None, progress=True) -> xr.Dataset:
                             "figures_final_movement": {}}, progress=progress)
     sw = sw.assign_coords(inv_radius=("radius", inv_r)).swap_dims(radius="inv_radius")
     demo_r, demo_steps = 0.05, 20
-    demo = run("hk", n=n, d=1, steps=demo_steps, dt=1.0, radius=demo_r, seed=0)
+    demo = simulate("hk", n=n, d=1, steps=demo_steps, dt=1.0, radius=demo_r, seed=0)
     order = np.argsort(demo["x"].isel(time=0, component=0).values)[:: 4 if not quick else 8]
     paths = demo["x"].isel(component=0, particle=order).drop_vars("step")
     ds = xr.Dataset({

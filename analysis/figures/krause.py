@@ -8,6 +8,7 @@ import xarray as xr
 
 from analysis.figures._common import COLORS, compare_runs, new_figure, run_sweep, save
 from analysis.figures._registry import register
+from particles import simulate
 
 
 @register()
@@ -81,11 +82,10 @@ def make_causal_sink(quick=False, out=None, progress=True) -> xr.Dataset:
     """Causal softmax vs causal windowed Krause dynamics: attention on the first particle (α₀, Sink
     rate), mean distance to the first particle and cluster count over time."""
     from analysis import count_clusters, sink_rate, sink_scores
-    from analysis.figures._common import run
 
     n, d, samples = (32, 3, 3) if quick else (64, 3, 8)
     dt, T, eps, sink_eps = 0.1, (20.0 if quick else 60.0), 0.05, 0.3
-    x0 = run("sa", n=n, d=d, samples=samples, steps=0, dt=dt, seed=0)["x"].isel(time=0).values
+    x0 = simulate("sa", n=n, d=d, samples=samples, steps=0, dt=dt, seed=0)["x"].isel(time=0).values
     def reduce(tr):
         x = tr["x"]
         dist = np.sqrt(((x - x.isel(particle=0)) ** 2).sum("component")).isel(particle=slice(1, None))

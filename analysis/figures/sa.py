@@ -14,11 +14,11 @@ from analysis.figures._common import (
     log_frames,
     new_figure,
     on_circle,
-    run,
     run_sweep,
     save,
 )
 from analysis.figures._registry import register
+from particles import simulate
 
 
 # ------------------------------------------------------------------------------------------ sa_sphere
@@ -34,7 +34,7 @@ def make_sa_sphere(quick=False, out=None, progress=True) -> xr.Dataset:
     """SA on S²: snapshots of the particles at several times; they collapse to one cluster."""
     n, beta, dt, T, eps = (64 if quick else 200), 1.0, 0.1, 20.0, 0.1
     snaps = [0.0, 3.0, 6.0, 8.0, 10.0, 20.0]
-    traj = run("sa", n=n, d=3, steps=int(round(T / dt)), dt=dt, beta=beta, seed=0, save_every=1,
+    traj = simulate("sa", n=n, d=3, steps=int(round(T / dt)), dt=dt, beta=beta, seed=0, save_every=1,
                progress=progress)
     x = traj["x"].drop_vars("step")
     counts = count_clusters(x, eps=eps)
@@ -229,7 +229,7 @@ def make_energy_staircase(quick=False, out=None, progress=True) -> xr.Dataset:
     masses, polar = (40, 10, 10, 10, 10), (0.0, 0.7, 1.0, 1.2, 1.3)
     x0 = satellite_start(masses, polar)
     n = len(x0)
-    traj = run("sa", x0, steps=int(round(T / dt)), dt=dt, beta=beta, save_every=1, progress=progress)
+    traj = simulate("sa", x0, steps=int(round(T / dt)), dt=dt, beta=beta, save_every=1, progress=progress)
     x = traj["x"].drop_vars("step")
     x = x.isel(time=log_frames(x["time"].values, 400))
     energy = normalised_energy(x, beta)
@@ -280,7 +280,7 @@ def make_collapse_vs_clustering(quick=False, out=None, progress=True) -> xr.Data
     n, d = (64, 8) if quick else (256, 8)
     dt, T, eps = 0.1, (30.0 if quick else 100.0), 0.1
     steps = int(round(T / dt))
-    x0 = run("sa", n=n, d=d, steps=0, dt=dt, seed=0)["x"].isel(time=0).values
+    x0 = simulate("sa", n=n, d=d, steps=0, dt=dt, seed=0)["x"].isel(time=0).values
     ds = compare_runs(CVC_RUNS, x0, lambda tr: xr.Dataset({"cluster_count": count_clusters(tr["x"], eps=eps),
                                                            "effective_rank": effective_rank(tr["x"])}),
                       steps=steps, dt=dt, save_every=5, progress=progress)
