@@ -71,13 +71,18 @@ def test_grid_mask_neighbours_and_cls():
     assert (m == m.T).all()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: KrauseAttention(16, 4, grid=(3, 3), top_k=4),
-    lambda: SoftmaxAttention(16, 4, grid=(3, 3)),
-    lambda: KrauseAttention(16, 4, causal=True, window=3, top_k=2),
-    lambda: SoftmaxAttention(16, 4, causal=True),
-    lambda: HybridAttention(16, 4, softmax=dict(causal=True), krause=dict(causal=True, window=3, top_k=2)),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: KrauseAttention(16, 4, grid=(3, 3), top_k=4),
+        lambda: SoftmaxAttention(16, 4, grid=(3, 3)),
+        lambda: KrauseAttention(16, 4, causal=True, window=3, top_k=2),
+        lambda: SoftmaxAttention(16, 4, causal=True),
+        lambda: HybridAttention(
+            16, 4, softmax=dict(causal=True), krause=dict(causal=True, window=3, top_k=2)
+        ),
+    ],
+)
 def test_masks_rows_and_return_attention(make):
     torch.manual_seed(0)
     attn = make().eval()
@@ -117,8 +122,14 @@ def test_models_shapes_and_hooks():
     assert vit(x).shape == (5, 10)
     assert vit.embed(x).shape == (5, 17, 16)
     assert vit.blocks[0].attn.top_k == 2 and vit.blocks[1].attn.top_k == 3
-    lm = CausalLM(vocab_size=17, seq_len=64, bos=17, d_model=16, n_layers=2,
-                  attention=dict(kind="krause", causal=True, window=8, top_k=4))
+    lm = CausalLM(
+        vocab_size=17,
+        seq_len=64,
+        bos=17,
+        d_model=16,
+        n_layers=2,
+        attention=dict(kind="krause", causal=True, window=8, top_k=4),
+    )
     tokens = torch.randint(17, (3, 64))
     assert lm(tokens).shape == (3, 64, 17) and lm.embed(tokens).shape == (3, 64, 16)
     assert hasattr(lm.blocks[0], "norm1") and hasattr(lm.blocks[0].attn, "q_proj")
@@ -127,8 +138,11 @@ def test_models_shapes_and_hooks():
 @pytest.mark.parametrize("kind", ["krause", "softmax", "hybrid"])
 def test_cached_decoding_matches_full_forward(kind):
     torch.manual_seed(0)
-    spec = dict(krause=dict(kind="krause", causal=True, window=5, top_k=3), softmax=dict(kind="softmax", causal=True),
-                hybrid=dict(kind="hybrid", softmax=dict(causal=True), krause=dict(causal=True, window=5, top_k=3)))
+    spec = dict(
+        krause=dict(kind="krause", causal=True, window=5, top_k=3),
+        softmax=dict(kind="softmax", causal=True),
+        hybrid=dict(kind="hybrid", softmax=dict(causal=True), krause=dict(causal=True, window=5, top_k=3)),
+    )
     lm = CausalLM(vocab_size=7, seq_len=12, bos=7, d_model=16, n_layers=2, attention=spec[kind]).eval()
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     a = lm.generate(4, generator=g1, use_cache=True)
@@ -167,8 +181,9 @@ def test_training_is_deterministic():
 
 
 def test_checkpoint_roundtrip_and_damage(tmp_path):
-    model, card = train("digits-vit", "krause", epochs=1, subset=32, overrides=dict(d_model=16, n_layers=1),
-                        progress=False)
+    model, card = train(
+        "digits-vit", "krause", epochs=1, subset=32, overrides=dict(d_model=16, n_layers=1), progress=False
+    )
     card = save_checkpoint(model, card, tmp_path / "tiny")
     loaded = load_checkpoint(tmp_path / "tiny.pt")
     assert not loaded.training and loaded.config == json.loads(json.dumps(model.config))

@@ -17,11 +17,17 @@ TASK_NAMES = ("digits-vit", "digits-ar", "text-lm", "recall", "ablations")
 
 
 def register(subparsers):
-    p = subparsers.add_parser("train", help="train a small Krause/softmax transformer and save a checkpoint",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "train",
+        help="train a small Krause/softmax transformer and save a checkpoint",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("task", metavar="TASK", help=f"one of {', '.join(TASK_NAMES)}")
-    p.add_argument("--attention", default="krause",
-                   help="krause | softmax | hybrid (digits-vit also: rbf, dot-local, dot-topk)")
+    p.add_argument(
+        "--attention",
+        default="krause",
+        help="krause | softmax | hybrid (digits-vit also: rbf, dot-local, dot-topk)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="default: the task's own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablations only")
@@ -53,8 +59,10 @@ def run(args) -> int:
     if args.task == "ablations":
         return _ablations(args, out, kw, ABLATIONS, train)
     if args.attention not in TASKS[args.task].attentions:
-        raise UsageError(f"--attention for {args.task} must be one of {', '.join(TASKS[args.task].attentions)}, "
-                         f"got {args.attention!r}")
+        raise UsageError(
+            f"--attention for {args.task} must be one of {', '.join(TASKS[args.task].attentions)}, "
+            f"got {args.attention!r}"
+        )
     model, card = train(args.task, args.attention, seed=args.seed, **kw)
     card = save_checkpoint(model, card, out / (args.name or f"{args.task}-{args.attention}"))
     print(f"{args.task}/{args.attention}: {_summary(card)} -> {out / card['file']}")
@@ -69,14 +77,28 @@ def _ablations(args, out: Path, kw: dict, variants, train) -> int:
         runs = []
         for seed in args.seeds:
             _, card = train("digits-vit", variant, seed=seed, **kw)
-            runs.append(dict(seed=seed, test_accuracy=card["metrics"]["test_accuracy"],
-                             train_time_s=card["train_time_s"]))
+            runs.append(
+                dict(
+                    seed=seed,
+                    test_accuracy=card["metrics"]["test_accuracy"],
+                    train_time_s=card["train_time_s"],
+                )
+            )
             print(f"{variant} seed {seed}: {_summary(card)}", flush=True)
             accs = [r["test_accuracy"] for r in runs]
-            results[variant] = dict(attention=card["config"]["attention"], runs=runs, mean=statistics.mean(accs),
-                                    sd=statistics.stdev(accs) if len(accs) > 1 else 0.0)
-            summary = dict(task="digits-vit", epochs=card["epochs"], seeds=args.seeds, results=results,
-                           machine=card["machine"])
+            results[variant] = dict(
+                attention=card["config"]["attention"],
+                runs=runs,
+                mean=statistics.mean(accs),
+                sd=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            )
+            summary = dict(
+                task="digits-vit",
+                epochs=card["epochs"],
+                seeds=args.seeds,
+                results=results,
+                machine=card["machine"],
+            )
             (out / "ablations.json").write_text(json.dumps(summary, indent=1) + "\n")
     for variant, r in results.items():
         print(f"{variant:10s} {r['mean']:.4f} ± {r['sd']:.4f}")

@@ -28,13 +28,34 @@ Checkpoints: ``load_checkpoint(path)`` (verifies sha256, weights only), ``save_c
 Training: ``train(task, attention, epochs=, seed=)`` with tasks in ``TASKS``.
 """
 
-from .attention import HybridAttention, KrauseAttention, SoftmaxAttention, causal_mask, grid_mask, make_attention
+from .attention import (
+    HybridAttention,
+    KrauseAttention,
+    SoftmaxAttention,
+    causal_mask,
+    grid_mask,
+    make_attention,
+)
 from .checkpoint import CheckpointError, load_checkpoint, read_card, save_checkpoint
 from .models import Block, CausalLM, ViT
 from .train import ABLATIONS, TASKS, build_model, train
 
 __all__ = [
-    "KrauseAttention", "SoftmaxAttention", "HybridAttention", "make_attention", "grid_mask", "causal_mask",
-    "Block", "ViT", "CausalLM", "build_model", "train", "TASKS", "ABLATIONS",
-    "load_checkpoint", "save_checkpoint", "read_card", "CheckpointError",
+    "KrauseAttention",
+    "SoftmaxAttention",
+    "HybridAttention",
+    "make_attention",
+    "grid_mask",
+    "causal_mask",
+    "Block",
+    "ViT",
+    "CausalLM",
+    "build_model",
+    "train",
+    "TASKS",
+    "ABLATIONS",
+    "load_checkpoint",
+    "save_checkpoint",
+    "read_card",
+    "CheckpointError",
 ]

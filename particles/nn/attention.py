@@ -25,7 +25,7 @@ from torch import nn
 
 
 def grid_mask(rows: int, cols: int, cls_token: bool = True) -> torch.Tensor:
-    """Boolean (T, T) mask: patch p sees itself and its 4 grid neighbours; CLS (token 0) sees and is seen by all."""
+    """Boolean (T, T) mask: a patch sees itself and its 4 neighbours; CLS (token 0) sees all, all see it."""
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     r, c = r.reshape(-1), c.reshape(-1)
     patches = (r[:, None] - r[None, :]).abs() + (c[:, None] - c[None, :]).abs() <= 1
@@ -52,9 +52,18 @@ class _Attention(nn.Module):
 
     kind = "base"
 
-    def __init__(self, d_model: int, n_heads: int = 1, *, causal: bool = False, window: int | None = None,
-                 grid: tuple[int, int] | None = None, cls_token: bool = True, top_k: int | None = None,
-                 bias: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int = 1,
+        *,
+        causal: bool = False,
+        window: int | None = None,
+        grid: tuple[int, int] | None = None,
+        cls_token: bool = True,
+        top_k: int | None = None,
+        bias: bool = True,
+    ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
@@ -80,7 +89,9 @@ class _Attention(nn.Module):
         if self.grid is not None:
             mask = grid_mask(*self.grid, self.cls_token)
             if mask.shape[0] != T:
-                raise ValueError(f"grid {self.grid} (cls={self.cls_token}) needs {mask.shape[0]} tokens, got {T}")
+                raise ValueError(
+                    f"grid {self.grid} (cls={self.cls_token}) needs {mask.shape[0]} tokens, got {T}"
+                )
         elif self.causal:
             mask = causal_mask(T, self.window, offset)
         elif self.window is not None:
@@ -126,14 +137,16 @@ class _Attention(nn.Module):
         if "k" in cache:
             k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
         if self.window is not None:
-            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+            k, v = k[:, :, -self.window :], v[:, :, -self.window :]
         cache["k"], cache["v"] = k, v
         a = self.weights(self.scores(q, k), None)
         return self.o_proj((a @ v).transpose(1, 2).reshape(x.shape[0], 1, self.d_model))
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, window={self.window}, "
-                f"grid={self.grid}, top_k={self.top_k}")
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, window={self.window}, "
+            f"grid={self.grid}, top_k={self.top_k}"
+        )
 
 
 class SoftmaxAttention(_Attention):
@@ -154,8 +167,9 @@ class KrauseAttention(_Attention):
 
     kind = "krause"
 
-    def __init__(self, d_model: int, n_heads: int = 1, *, sigma: float = 2.5, sigma_per_head: bool = True,
-                 **kwargs):
+    def __init__(
+        self, d_model: int, n_heads: int = 1, *, sigma: float = 2.5, sigma_per_head: bool = True, **kwargs
+    ):
         super().__init__(d_model, n_heads, **kwargs)
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
@@ -184,8 +198,16 @@ class HybridAttention(nn.Module):
 
     kind = "hybrid"
 
-    def __init__(self, d_model: int, n_heads: int = 1, *, softmax: dict | None = None, krause: dict | None = None,
-                 gate_init: float = 0.8, bias: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int = 1,
+        *,
+        softmax: dict | None = None,
+        krause: dict | None = None,
+        gate_init: float = 0.8,
+        bias: bool = True,
+    ):
         super().__init__()
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
         self.softmax = SoftmaxAttention(d_model, n_heads, bias=bias, **(softmax or {}))

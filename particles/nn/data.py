@@ -26,8 +26,12 @@ def digits_split():
     d = load_digits()
     X = d.images.astype(np.float32)
     Xtr, Xte, ytr, yte = train_test_split(X, d.target, test_size=0.25, random_state=0, stratify=d.target)
-    return (torch.from_numpy(Xtr), torch.from_numpy(Xte),
-            torch.from_numpy(ytr).long(), torch.from_numpy(yte).long())
+    return (
+        torch.from_numpy(Xtr),
+        torch.from_numpy(Xte),
+        torch.from_numpy(ytr).long(),
+        torch.from_numpy(yte).long(),
+    )
 
 
 def digits_tokens():
@@ -57,16 +61,25 @@ def text_split(train_fraction: float = 0.9):
     return ids[:cut], ids[cut:]
 
 
-def recall_batch(n: int, *, pairs: int = 32, n_keys: int = 64, n_values: int = 16,
-                 generator: torch.Generator | None = None):
-    """Associative recall: [k_0 v_0 k_1 v_1 … k_{m−1} v_{m−1} q] with distinct keys k (tokens
-    0..n_keys−1), values v (tokens n_keys..n_keys+n_values−1), query q = k_j for j uniform; the answer
-    is v_j. Returns (tokens (n, 2m+1), answers (n,), distances (n,)), distance = 2m − 2j = position
-    of the query minus position of its key (2, 4, …, 2m)."""
-    keys = torch.rand(n, n_keys, generator=generator).argsort(1)[:, :pairs]
-    values = n_keys + torch.randint(n_values, (n, pairs), generator=generator)
-    j = torch.randint(pairs, (n,), generator=generator)
+def recall_batch(
+    n: int, *, pairs: int = 32, n_keys: int = 16, n_values: int = 16, generator: torch.Generator | None = None
+):
+    """Multi-query associative recall: [k_0 v_0 k_1 v_1 … k_{m−1} v_{m−1}] with keys drawn uniformly
+    from tokens 0..n_keys−1 (so keys repeat) and, per sequence, a random key → value map onto tokens
+    n_keys..n_keys+n_values−1. Whenever a key has occurred before, its value is determined: the model
+    reading k_t must predict v_t. Returns (tokens (n, 2m), targets (n, 2m), distances (n, 2m)):
+    targets[:, 2t] = v_t at repeated keys and −100 elsewhere (ignored); distance = position of k_t
+    minus position of the key's previous occurrence (its value token lies at distance − 1), 0 elsewhere."""
+    keys = torch.randint(n_keys, (n, pairs), generator=generator)
+    table = n_keys + torch.randint(n_values, (n, n_keys), generator=generator)
+    values = table.gather(1, keys)
     seq = torch.stack([keys, values], 2).reshape(n, 2 * pairs)
-    rows = torch.arange(n)
-    seq = torch.cat([seq, keys[rows, j][:, None]], 1)
-    return seq, values[rows, j], 2 * pairs - 2 * j
+    t = torch.arange(pairs)
+    same = (keys[:, :, None] == keys[:, None, :]) & (t[None, None, :] < t[None, :, None])  # earlier, same key
+    last = torch.where(same, t[None, None, :], -1).amax(2)  # previous occurrence (−1: none)
+    seen = last >= 0
+    targets = torch.full((n, 2 * pairs), -100, dtype=torch.long)
+    dist = torch.zeros((n, 2 * pairs), dtype=torch.long)
+    targets[:, 0::2] = torch.where(seen, values, -100)
+    dist[:, 0::2] = torch.where(seen, 2 * (t - last), 0)
+    return seq, targets, dist

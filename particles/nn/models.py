@@ -34,8 +34,9 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.attn = make_attention(attention, d_model, n_heads)
         self.norm2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
-                                 nn.Linear(mlp_ratio * d_model, d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model)
+        )
         self.drop = nn.Dropout(dropout)
 
     def forward(self, h):
@@ -50,8 +51,9 @@ class Block(nn.Module):
 class _Transformer(nn.Module):
     def __init__(self, d_model, n_heads, n_layers, attention, mlp_ratio, dropout):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, s, mlp_ratio, dropout)
-                                    for s in layer_specs(attention, n_layers))
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_heads, s, mlp_ratio, dropout) for s in layer_specs(attention, n_layers)
+        )
         self.norm = nn.LayerNorm(d_model)
 
     def hidden(self, inputs):
@@ -76,8 +78,19 @@ class ViT(_Transformer):
     Tokens: CLS + (8/patch)² patches (linear patch embedding of x/16) + learned positions.
     """
 
-    def __init__(self, *, image_size=8, patch=2, n_classes=10, d_model=64, n_heads=4, n_layers=4,
-                 attention: dict, mlp_ratio=2, dropout=0.0):
+    def __init__(
+        self,
+        *,
+        image_size=8,
+        patch=2,
+        n_classes=10,
+        d_model=64,
+        n_heads=4,
+        n_layers=4,
+        attention: dict,
+        mlp_ratio=2,
+        dropout=0.0,
+    ):
         super().__init__(d_model, n_heads, n_layers, attention, mlp_ratio, dropout)
         self.image_size, self.patch = image_size, patch
         self.grid = (image_size // patch, image_size // patch)
@@ -109,8 +122,19 @@ class CausalLM(_Transformer):
     Without it (char LM, recall) logits[:, t] predict inputs[:, t + 1].
     """
 
-    def __init__(self, *, vocab_size, seq_len, d_model=64, n_heads=4, n_layers=4, attention: dict,
-                 mlp_ratio=2, dropout=0.0, bos: int | None = None):
+    def __init__(
+        self,
+        *,
+        vocab_size,
+        seq_len,
+        d_model=64,
+        n_heads=4,
+        n_layers=4,
+        attention: dict,
+        mlp_ratio=2,
+        dropout=0.0,
+        bos: int | None = None,
+    ):
         super().__init__(d_model, n_heads, n_layers, attention, mlp_ratio, dropout)
         self.vocab_size, self.seq_len, self.bos = vocab_size, seq_len, bos
         self.tok = nn.Embedding(vocab_size + (bos is not None), d_model)
@@ -132,8 +156,16 @@ class CausalLM(_Transformer):
         return self.head(self.hidden(x))
 
     @torch.no_grad()
-    def generate(self, n: int, length: int | None = None, *, prompt=None, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+    def generate(
+        self,
+        n: int,
+        length: int | None = None,
+        *,
+        prompt=None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
         """Sample (n, length) tokens (prompt included). With ``use_cache`` every attention keeps a
         key/value cache: of fixed size ``window`` for windowed (Krause) attention, growing for full
         softmax attention; without it the whole prefix is recomputed at every step."""
@@ -148,7 +180,7 @@ class CausalLM(_Transformer):
         while seq.shape[1] - skip < length:
             if use_cache:
                 for p in range(fed, seq.shape[1]):
-                    h = self.tok(seq[:, p:p + 1]) + self.pos.weight[p]
+                    h = self.tok(seq[:, p : p + 1]) + self.pos.weight[p]
                     for block, cache in zip(self.blocks, caches):
                         h = block.step(h, cache)
                 fed = seq.shape[1]
@@ -159,4 +191,4 @@ class CausalLM(_Transformer):
             logits = self.head(self.norm(h[:, -1]))
             nxt = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)
             seq = torch.cat([seq, nxt], 1)
-        return seq[:, skip:skip + length]
+        return seq[:, skip : skip + length]

@@ -6,8 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-METRIC = {"digits-vit": ("test_accuracy", "test accuracy ↑"), "digits-ar": ("test_bits_per_pixel", "bits/pixel ↓"),
-          "text-lm": ("test_bits_per_char", "bits/char ↓"), "recall": ("test_accuracy", "accuracy (all distances) ↑")}
+METRIC = {
+    "digits-vit": ("test_accuracy", "test accuracy ↑"),
+    "digits-ar": ("test_bits_per_pixel", "bits/pixel ↓"),
+    "text-lm": ("test_bits_per_char", "bits/char ↓"),
+    "recall": ("test_accuracy", "accuracy (all distances) ↑"),
+}
 ORDER = ("krause", "softmax", "hybrid")
 
 
@@ -21,8 +25,10 @@ def cards(directory) -> dict:
 
 
 def main_table(c: dict) -> str:
-    rows = ["| task | metric | Krause | softmax | hybrid | train time K / S / H (s) | params (K) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| task | metric | Krause | softmax | hybrid | train time K / S / H (s) | params (K) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for task, (key, label) in METRIC.items():
         got = [c.get((task, a)) for a in ORDER]
         if not any(got):
@@ -40,7 +46,9 @@ def sampling_table(c: dict) -> str:
         g = c.get(("digits-ar", a))
         if g:
             m = g["metrics"]
-            rows.append(f"| {a} | {m['sample_ms_per_image_cached']:.2f} | {m['sample_ms_per_image_uncached']:.2f} |")
+            rows.append(
+                f"| {a} | {m['sample_ms_per_image_cached']:.2f} | {m['sample_ms_per_image_uncached']:.2f} |"
+            )
     return "\n".join(rows)
 
 
@@ -49,11 +57,17 @@ def recall_table(c: dict) -> str:
     if not got:
         return ""
     bins = list(next(iter(got.values()))["metrics"]["accuracy_by_distance_bin"])
-    rows = ["| recall: accuracy at distance | " + " | ".join(bins) + " | all |", "|---" * (len(bins) + 2) + "|"]
+    rows = [
+        "| recall: accuracy at distance | " + " | ".join(bins) + " | all |",
+        "|---" * (len(bins) + 2) + "|",
+    ]
     for a, g in got.items():
         m = g["metrics"]
-        rows.append(f"| {a} | " + " | ".join(f"{m['accuracy_by_distance_bin'][b]:.3f}" for b in bins)
-                    + f" | {m['test_accuracy']:.3f} |")
+        rows.append(
+            f"| {a} | "
+            + " | ".join(f"{m['accuracy_by_distance_bin'][b]:.3f}" for b in bins)
+            + f" | {m['test_accuracy']:.3f} |"
+        )
     return "\n".join(rows)
 
 
@@ -62,8 +76,11 @@ def ablation_table(path) -> str:
     if not path.exists():
         return ""
     r = json.loads(path.read_text())
-    rows = [f"| digits-vit variant ({len(r['seeds'])} seeds, {r['epochs']} epochs) | test accuracy mean ± sd | runs |",
-            "|---|---|---|"]
+    rows = [
+        f"| digits-vit variant ({len(r['seeds'])} seeds, {r['epochs']} epochs) | test accuracy mean ± sd "
+        "| runs |",
+        "|---|---|---|",
+    ]
     for name, v in r["results"].items():
         runs = ", ".join(f"{x['test_accuracy']:.4f}" for x in v["runs"])
         rows.append(f"| {name} | {v['mean']:.4f} ± {v['sd']:.4f} | {runs} |")
@@ -72,7 +89,12 @@ def ablation_table(path) -> str:
 
 def report(directory="checkpoints") -> str:
     c = cards(directory)
-    parts = [main_table(c), sampling_table(c), recall_table(c), ablation_table(Path(directory) / "ablations.json")]
+    parts = [
+        main_table(c),
+        sampling_table(c),
+        recall_table(c),
+        ablation_table(Path(directory) / "ablations.json"),
+    ]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 

@@ -1,10 +1,10 @@
 """Training tasks: digits-vit, digits-ar, text-lm, recall (and the digits-vit ablation variants).
 
 ``train(task, attention, epochs=None, seed=0)`` → (model, card). Everything is seeded (model init,
-batch order, synthetic data), single-process, ``torch.set_num_threads(1)`` by default (on a shared 2-core machine two
-OpenMP threads were ~10× slower than one, from spin-waiting); the same seed and thread count give
-the same weights. Optimiser: AdamW, linear warm-up (5 %) then cosine decay,
-gradient clipping at 1.
+batch order, synthetic data), single-process, ``torch.set_num_threads(1)`` by default (on a
+shared 2-core machine two OpenMP threads were ~10× slower than one, from spin-waiting); the same
+seed and thread count give the same weights. Optimiser: AdamW, linear warm-up (5 %) then cosine
+decay, gradient clipping at 1.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ VIT_GRID = [4, 4]
 VIT_ATTENTIONS = {
     "krause": dict(kind="krause", grid=VIT_GRID, top_k=VIT_TOPK, sigma=2.5, sigma_per_head=False),
     "softmax": dict(kind="softmax"),
-    "hybrid": dict(kind="hybrid", softmax={},
-                   krause=dict(grid=VIT_GRID, top_k=VIT_TOPK, sigma=2.5, sigma_per_head=False)),
+    "hybrid": dict(
+        kind="hybrid", softmax={}, krause=dict(grid=VIT_GRID, top_k=VIT_TOPK, sigma=2.5, sigma_per_head=False)
+    ),
     # ablations (design: isolate the bounded-confidence rule)
     "rbf": dict(kind="krause", sigma=2.5, sigma_per_head=False),  # RBF scores alone
     "dot-local": dict(kind="softmax", grid=VIT_GRID),  # dot product + locality
@@ -40,8 +41,11 @@ ABLATIONS = ("rbf", "dot-local", "dot-topk", "krause", "softmax")
 
 def causal_attentions(window: int, top_k: int, sigma: float = 2.5) -> dict:
     krause = dict(causal=True, window=window, top_k=top_k, sigma=sigma, sigma_per_head=True)
-    return {"krause": dict(kind="krause", **krause), "softmax": dict(kind="softmax", causal=True),
-            "hybrid": dict(kind="hybrid", softmax=dict(causal=True), krause=krause)}
+    return {
+        "krause": dict(kind="krause", **krause),
+        "softmax": dict(kind="softmax", causal=True),
+        "hybrid": dict(kind="hybrid", softmax=dict(causal=True), krause=krause),
+    }
 
 
 def _steps(n: int, batch: int) -> int:
@@ -62,7 +66,9 @@ class Task:
 
     def config(self, attention: str, **overrides) -> dict:
         if attention not in self.attentions:
-            raise ValueError(f"attention for {self.name} must be one of {tuple(self.attentions)}, got {attention!r}")
+            raise ValueError(
+                f"attention for {self.name} must be one of {tuple(self.attentions)}, got {attention!r}"
+            )
         return dict(self.model_defaults, attention=self.attentions[attention], **overrides)
 
     def setup(self, subset: int | None = None):
@@ -83,8 +89,9 @@ class Task:
 
 class DigitsViT(Task):
     name, epochs, batch_size, lr = "digits-vit", 80, 32, 2e-3
-    model_defaults = dict(model="vit", image_size=8, patch=2, n_classes=10, d_model=64, n_heads=4,
-                          n_layers=4, mlp_ratio=2)
+    model_defaults = dict(
+        model="vit", image_size=8, patch=2, n_classes=10, d_model=64, n_heads=4, n_layers=4, mlp_ratio=2
+    )
     attentions = VIT_ATTENTIONS
 
     def setup(self, subset=None):
@@ -98,7 +105,7 @@ class DigitsViT(Task):
     def batches(self, g):
         perm = torch.randperm(len(self.Xtr), generator=g)
         for s in range(self.steps_per_epoch()):
-            idx = perm[s * self.batch_size:(s + 1) * self.batch_size]
+            idx = perm[s * self.batch_size : (s + 1) * self.batch_size]
             yield shift_images(self.Xtr[idx], g), self.ytr[idx]
 
     def loss(self, model, batch):
@@ -107,8 +114,11 @@ class DigitsViT(Task):
     @torch.no_grad()
     def evaluate(self, model):
         logits = model(self.Xte)
-        return {"test_accuracy": (logits.argmax(1) == self.yte).float().mean().item(),
-                "test_loss": F.cross_entropy(logits, self.yte).item(), "n_test": len(self.yte)}
+        return {
+            "test_accuracy": (logits.argmax(1) == self.yte).float().mean().item(),
+            "test_loss": F.cross_entropy(logits, self.yte).item(),
+            "n_test": len(self.yte),
+        }
 
 
 def shift_images(x, g, max_shift: int = 1):
@@ -122,8 +132,9 @@ def shift_images(x, g, max_shift: int = 1):
 
 class DigitsAR(Task):
     name, epochs, batch_size, lr = "digits-ar", 30, 32, 2e-3
-    model_defaults = dict(model="causal_lm", vocab_size=17, seq_len=64, bos=17, d_model=64, n_heads=4,
-                          n_layers=4, mlp_ratio=2)
+    model_defaults = dict(
+        model="causal_lm", vocab_size=17, seq_len=64, bos=17, d_model=64, n_heads=4, n_layers=4, mlp_ratio=2
+    )
     attentions = causal_attentions(window=16, top_k=12)
 
     def setup(self, subset=None):
@@ -137,7 +148,7 @@ class DigitsAR(Task):
     def batches(self, g):
         perm = torch.randperm(len(self.train_tokens), generator=g)
         for s in range(self.steps_per_epoch()):
-            yield self.train_tokens[perm[s * self.batch_size:(s + 1) * self.batch_size]]
+            yield self.train_tokens[perm[s * self.batch_size : (s + 1) * self.batch_size]]
 
     def loss(self, model, x):
         return F.cross_entropy(model(x).reshape(-1, 17), x.reshape(-1))
@@ -151,15 +162,26 @@ class DigitsAR(Task):
             t0 = time.perf_counter()
             model.generate(n_samples, generator=g, use_cache=cache)
             timings[name] = 1e3 * (time.perf_counter() - t0) / n_samples
-        return {"test_bits_per_pixel": nll.item() / LN2, "n_test_images": len(self.test_tokens),
-                "sample_ms_per_image_cached": timings["cached"],
-                "sample_ms_per_image_uncached": timings["uncached"], "n_samples_timed": n_samples}
+        return {
+            "test_bits_per_pixel": nll.item() / LN2,
+            "n_test_images": len(self.test_tokens),
+            "sample_ms_per_image_cached": timings["cached"],
+            "sample_ms_per_image_uncached": timings["uncached"],
+            "n_samples_timed": n_samples,
+        }
 
 
 class TextLM(Task):
     name, epochs, batch_size, lr = "text-lm", 6, 32, 2e-3
-    model_defaults = dict(model="causal_lm", vocab_size=len(data.CHARS), seq_len=128, d_model=96, n_heads=4,
-                          n_layers=3, mlp_ratio=2)
+    model_defaults = dict(
+        model="causal_lm",
+        vocab_size=len(data.CHARS),
+        seq_len=128,
+        d_model=96,
+        n_heads=4,
+        n_layers=3,
+        mlp_ratio=2,
+    )
     attentions = causal_attentions(window=32, top_k=16)
     steps = 100  # random windows per epoch
 
@@ -175,7 +197,7 @@ class TextLM(Task):
     def batches(self, g):
         for _ in range(self.steps):
             start = torch.randint(len(self.train_ids) - self.T - 1, (self.batch_size,), generator=g)
-            yield torch.stack([self.train_ids[s:s + self.T + 1] for s in start.tolist()])
+            yield torch.stack([self.train_ids[s : s + self.T + 1] for s in start.tolist()])
 
     def loss(self, model, x):
         return F.cross_entropy(model(x[:, :-1]).reshape(-1, model.vocab_size), x[:, 1:].reshape(-1))
@@ -186,17 +208,29 @@ class TextLM(Task):
         n = (len(self.test_ids) - 1) // self.T
         total = 0.0
         for chunk in torch.arange(n).split(64):
-            x = torch.stack([self.test_ids[i * self.T:(i + 1) * self.T + 1] for i in chunk.tolist()])
+            x = torch.stack([self.test_ids[i * self.T : (i + 1) * self.T + 1] for i in chunk.tolist()])
             total += self.loss(model, x).item() * x.shape[0]
-        return {"test_bits_per_char": total / n / LN2, "n_test_chars": n * self.T,
-                "n_train_chars": len(self.train_ids)}
+        return {
+            "test_bits_per_char": total / n / LN2,
+            "n_test_chars": n * self.T,
+            "n_train_chars": len(self.train_ids),
+        }
 
 
 class Recall(Task):
-    name, epochs, batch_size, lr = "recall", 40, 64, 1e-3
-    pairs, n_keys, n_values, window = 32, 64, 16, 16
-    model_defaults = dict(model="causal_lm", vocab_size=n_keys + n_values, seq_len=2 * pairs + 1,
-                          d_model=64, n_heads=4, n_layers=2, mlp_ratio=2)
+    """Multi-query associative recall (:func:`data.recall_batch`), loss on every determined value."""
+
+    name, epochs, batch_size, lr = "recall", 20, 64, 2e-3
+    pairs, n_keys, n_values, window = 32, 16, 16, 16
+    model_defaults = dict(
+        model="causal_lm",
+        vocab_size=n_keys + n_values,
+        seq_len=2 * pairs,
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        mlp_ratio=2,
+    )
     attentions = causal_attentions(window=window, top_k=8)
     steps = 100
 
@@ -204,7 +238,7 @@ class Recall(Task):
         return data.recall_batch(n, pairs=self.pairs, n_keys=self.n_keys, n_values=self.n_values, generator=g)
 
     def setup(self, subset=None):
-        self.test = self._batch(4096, torch.Generator().manual_seed(12345))
+        self.test = self._batch(2048, torch.Generator().manual_seed(12345))
 
     def steps_per_epoch(self):
         return self.steps
@@ -214,20 +248,31 @@ class Recall(Task):
             yield self._batch(self.batch_size, g)
 
     def loss(self, model, batch):
-        return F.cross_entropy(model(batch[0])[:, -1], batch[1])
+        return F.cross_entropy(
+            model(batch[0]).reshape(-1, model.vocab_size), batch[1].reshape(-1), ignore_index=-100
+        )
 
     @torch.no_grad()
     def evaluate(self, model):
         x, y, dist = self.test
-        correct = (model(x)[:, -1].argmax(1) == y).float()
+        keep = y >= 0
+        correct = (model(x).argmax(-1) == y)[keep].float()
+        dist = dist[keep]
         w = self.window
-        # key at distance d ⇒ its value token at d − 1: inside the Krause window iff d ≤ w
+        # the key's earlier value token lies at distance d − 1: visible to a window-w query iff d ≤ w
         bins = {f"{lo}-{hi}": (lo, hi) for lo, hi in ((2, w), (w + 1, 2 * w), (2 * w + 1, 2 * self.pairs))}
         by_bin = {k: correct[(dist >= lo) & (dist <= hi)].mean().item() for k, (lo, hi) in bins.items()}
+        n_bin = {k: int(((dist >= lo) & (dist <= hi)).sum()) for k, (lo, hi) in bins.items()}
         by_dist = {int(d): correct[dist == d].mean().item() for d in dist.unique()}
-        return {"test_accuracy": correct.mean().item(), "accuracy_by_distance_bin": by_bin,
-                "accuracy_by_distance": by_dist, "krause_window": w, "chance": 1 / self.n_values,
-                "n_test": len(y)}
+        return {
+            "test_accuracy": correct.mean().item(),
+            "accuracy_by_distance_bin": by_bin,
+            "queries_by_distance_bin": n_bin,
+            "accuracy_by_distance": by_dist,
+            "krause_window": w,
+            "chance": 1 / self.n_values,
+            "n_test_queries": int(keep.sum()),
+        }
 
 
 TASKS = {t.name: t for t in (DigitsViT, DigitsAR, TextLM, Recall)}
@@ -245,9 +290,17 @@ def build_model(config: dict) -> torch.nn.Module:
     raise ValueError(f"unknown model kind {kind!r}")
 
 
-def train(task: str, attention: str = "krause", *, epochs: int | None = None, seed: int = 0,
-          subset: int | None = None, overrides: dict | None = None, progress: bool = True,
-          threads: int = 1):
+def train(
+    task: str,
+    attention: str = "krause",
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    subset: int | None = None,
+    overrides: dict | None = None,
+    progress: bool = True,
+    threads: int = 1,
+):
     """Train `attention` on `task`; returns (model in eval mode, card dict without sha256)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
@@ -266,12 +319,16 @@ def train(task: str, attention: str = "krause", *, epochs: int | None = None, se
     total = epochs * t.steps_per_epoch()
     warm = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+        opt,
+        lambda s: (
+            (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+        ),
+    )
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=f"{task}/{attention}", disable=not progress, leave=False)
     history, t0 = [], time.perf_counter()
-    for epoch in range(epochs):
+    for _ in range(epochs):
         model.train()
         losses = []
         for batch in t.batches(g):
@@ -290,12 +347,29 @@ def train(task: str, attention: str = "krause", *, epochs: int | None = None, se
     model.eval()
     t1 = time.perf_counter()
     metrics = t.evaluate(model)
-    card = dict(task=task, attention=attention, seed=seed, epochs=epochs, steps=total, batch_size=t.batch_size,
-                lr=t.lr, subset=subset, config=config, metrics=metrics, train_loss_by_epoch=history,
-                train_time_s=round(train_time, 2), eval_time_s=round(time.perf_counter() - t1, 2),
-                n_params=sum(p.numel() for p in model.parameters()),
-                machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                             torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                             cpu_count=os.cpu_count(), load_average_at_end=round(os.getloadavg()[0], 2),
-                             python=platform.python_version()))
+    card = dict(
+        task=task,
+        attention=attention,
+        seed=seed,
+        epochs=epochs,
+        steps=total,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        subset=subset,
+        config=config,
+        metrics=metrics,
+        train_loss_by_epoch=history,
+        train_time_s=round(train_time, 2),
+        eval_time_s=round(time.perf_counter() - t1, 2),
+        n_params=sum(p.numel() for p in model.parameters()),
+        machine=dict(
+            platform=platform.platform(),
+            processor=platform.processor() or platform.machine(),
+            torch_threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            cpu_count=os.cpu_count(),
+            load_average_at_end=round(os.getloadavg()[0], 2),
+            python=platform.python_version(),
+        ),
+    )
     return model, card
