@@ -51,10 +51,10 @@ def extract(
     attention: False skips attention altogether (hidden states only).
     """
     kw = dict(representation=representation, reduce=reduce, sink_k=sink_k, attention=attention, labels=labels)
+    if is_ours(model):  # checked first: is_hf imports transformers (seconds)
+        return extract_ours(model, inputs, **kw)
     if is_hf(model):
         return extract_hf(model, inputs, tokenizer=tokenizer, **kw)
-    if is_ours(model):
-        return extract_ours(model, inputs, **kw)
     raise TypeError(
         f"model: expected a particles.nn model or a transformers PreTrainedModel, got {type(model).__name__}"
     )

@@ -374,27 +374,6 @@ def _simulate_own(model, x0, geometry, dt, spl, layers, attention):
     )
 
 
-#: Token counts up to which the presets run numba single-threaded: for a few dozen particles the
-#: parallel kernels' thread overhead dominates (measured ~20 ms vs 0.1 ms per step, n = 17, d = 64,
-#: on a loaded 2-core machine).
-SMALL_N = 512
-
-
-@contextlib.contextmanager
-def _numba_threads(n):
-    if n is None:
-        yield
-        return
-    import numba
-
-    previous = numba.get_num_threads()
-    numba.set_num_threads(min(n, previous))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
-
-
 def _simulate_preset(mode, x0, n_layers, dt, spl, beta, sigma, attention, restrict):
     from particles import simulate
 
@@ -403,16 +382,15 @@ def _simulate_preset(mode, x0, n_layers, dt, spl, beta, sigma, attention, restri
         params["beta"] = 1.0 if beta is None else float(beta)
     else:
         params["sigma"] = 1.0 if sigma is None else float(sigma)
-    with _numba_threads(1 if x0.shape[1] <= SMALL_N else None):
-        sim = simulate(
-            mode,
-            x0.astype(np.float64),
-            steps=n_layers * spl,
-            dt=dt / spl,
-            save_every=spl,
-            return_weights=attention,
-            **params,
-        )
+    sim = simulate(
+        mode,
+        x0.astype(np.float64),
+        steps=n_layers * spl,
+        dt=dt / spl,
+        save_every=spl,
+        return_weights=attention,
+        **params,
+    )
     x = sim["x"].values  # (S, L+1, T, D)
     attn_vars = {}
     if attention:

@@ -71,9 +71,6 @@ def make_compare(
     "<attention> SA fit", "<attention> Krause fit" — with the fitted values in attrs and the printed
     table in ``attrs["table"]``. quick: 8 inputs, coarse fit grids, one Euler step per layer.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from particles.nn import load_checkpoint
@@ -183,10 +180,11 @@ def make_compare(
     fig.suptitle(
         f"{task}: trained models vs particle dynamics ({n} held-out inputs, ε = {eps})\n{fitted}", fontsize=10
     )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"compare_{task}.{ext}", dpi=130)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for ext in ("png", "pdf"):
+            fig.savefig(out / f"compare_{task}.{ext}", dpi=130)
+        save(cmp, out / f"compare_{task}.nc")
     plt.close(fig)
-    save(cmp, out / f"compare_{task}.nc")
     return cmp

@@ -13,6 +13,7 @@ from analysis.figures._registry import FIGURES, FigureEntry, make_all, register,
 from analysis.figures import sa  # noqa: F401
 from analysis.figures import hk  # noqa: F401
 from analysis.figures import krause  # noqa: F401
+from analysis.figures import compare  # noqa: F401
 # isort: on
 
 __all__ = ["FIGURES", "FigureEntry", "make_all", "register", "select"]

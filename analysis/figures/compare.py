@@ -1,0 +1,38 @@
+"""Trained-vs-simulated comparison figures: one ``compare_<task>`` per task with shipped checkpoints.
+
+Each is :func:`analysis.bridge.make_compare` on the checkpoints in the repository's
+``checkpoints/`` folder (found by their JSON cards).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from analysis.figures._registry import register
+
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
+
+
+def shipped_tasks(root=CHECKPOINTS) -> list[str]:
+    """Tasks with at least two trained attention kinds under ``root`` (read from the JSON cards)."""
+    kinds: dict[str, set] = {}
+    for card in sorted(Path(root).glob("*.json")):
+        meta = json.loads(card.read_text())
+        if meta.get("attention") and card.with_suffix(".pt").exists():
+            kinds.setdefault(meta["task"], set()).add(meta["attention"])
+    return [task for task, found in kinds.items() if len(found) >= 2]
+
+
+def _register(task: str) -> None:
+    def make(quick=False, out=None, progress=True):
+        from analysis.bridge import make_compare
+
+        return make_compare(task, quick=quick, out=out, progress=progress, checkpoints=CHECKPOINTS)
+
+    make.__doc__ = f"{task}: trained Krause vs softmax per layer (clusters, collapse, sinks) vs simulation"
+    register(f"compare_{task}", group="compare")(make)
+
+
+for _task in shipped_tasks():
+    _register(_task)
