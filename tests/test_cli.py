@@ -23,17 +23,21 @@ from analysis.cli import build_parser, main
 ROOT = Path(__file__).resolve().parents[1]
 SUBPARSERS = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
 COMMANDS = sorted(SUBPARSERS)
-OUTPUT_DESTS = {"output", "out", "outdir", "output_dir"}
+OUTPUT_DESTS = {"output", "out", "outdir", "output_dir", "figure", "json"}
 INPUT_DESTS = {"x0", "spec", "input", "inputs", "checkpoint", "hf", "config", "trajectories", "data", "path",
                "paths", "file", "files", "model_path", "store", "results"}
 INPUT_HELP = re.compile(r"\.(npy|npz|nc|zarr|toml|pt|json)\b|\bfile\b|\bdirectory\b|\bpath\b", re.I)
 LIMIT_S = 60
 
 
+class StillRunning(BaseException):
+    """Raised by the alarm; a BaseException so that the CLI's own error handling cannot swallow it."""
+
+
 @contextmanager
 def time_limit(seconds):
     def alarm(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: the bad argument was not refused early")
+        raise StillRunning(f"still running after {seconds} s: the bad argument was not refused early")
 
     old = signal.signal(signal.SIGALRM, alarm)
     signal.alarm(seconds)
