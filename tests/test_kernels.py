@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import PRESETS, RESTRICTIONS, random_qkv, sphere_points
 from numba import njit
 
 from particles import make_interaction, reference
@@ -9,30 +10,6 @@ from particles.kernels import PATHS, choose_path, velocity_field
 from particles.kernels.fastexp import fexp
 from particles.kernels.hk1d import SortedSweep
 from particles.kernels.neighbours import neighbour_lists
-
-RESTRICTIONS = [
-    {},
-    {"radius": 0.9},
-    {"window": 5},
-    {"causal": True},
-    {"window": 4, "causal": True},
-    {"top_k": 6},
-    {"window": 7, "causal": True, "top_k": 3},
-    {"radius": 1.2, "window": 9, "top_k": 4},
-    {"radius": 0.7, "top_k": 5},
-    {"radius": 1.1, "causal": True},
-]
-PRESETS = [("sa", {"beta": 2.0}), ("usa", {"beta": 1.5}), ("krause", {"sigma": 0.6}), ("hk", {"radius": 0.8})]
-
-
-def sphere_points(n, d, seed=0):
-    x = np.random.default_rng(seed).standard_normal((n, d))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def random_qkv(d, seed=1):
-    rng = np.random.default_rng(seed)
-    return {name: np.eye(d) + 0.4 * rng.standard_normal((d, d)) for name in "QKV"}
 
 
 def applicable_paths(it, n, d):

@@ -5,32 +5,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import PRESETS, RESTRICTIONS, random_qkv, sphere_points
 
 from particles import make_interaction, reference, simulate
 from particles.interaction import RADIUS_RTOL
 from particles.kernels import velocity_field
-
-RESTRICTIONS = [
-    {},
-    {"radius": 0.9},
-    {"window": 5},
-    {"causal": True},
-    {"window": 4, "causal": True},
-    {"top_k": 6},
-    {"window": 7, "causal": True, "top_k": 3},
-    {"radius": 1.2, "window": 9, "top_k": 4},
-]
-PRESETS = [("sa", {"beta": 2.0}), ("usa", {"beta": 1.5}), ("krause", {"sigma": 0.6}), ("hk", {"radius": 0.8})]
-
-
-def sphere_points(n, d, seed=0):
-    x = np.random.default_rng(seed).standard_normal((n, d))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def random_qkv(d, seed=1):
-    rng = np.random.default_rng(seed)
-    return {name: np.eye(d) + 0.4 * rng.standard_normal((d, d)) for name in "QKV"}
 
 
 @pytest.mark.parametrize("model, base", PRESETS)
