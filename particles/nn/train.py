@@ -220,7 +220,7 @@ class TextLM(Task):
 class Recall(Task):
     """Multi-query associative recall (:func:`data.recall_batch`), loss on every determined value."""
 
-    name, epochs, batch_size, lr = "recall", 20, 64, 2e-3
+    name, epochs, batch_size, lr = "recall", 60, 64, 2e-3
     pairs, n_keys, n_values, window = 32, 16, 16, 16
     model_defaults = dict(
         model="causal_lm",
