@@ -117,7 +117,7 @@ def make_compare(
         task=task,
         n_inputs=int(n),
         table=table,
-        checkpoints=json.dumps({a: str(p) for a, p in paths.items()}),
+        checkpoints=json.dumps({a: Path(p).name for a, p in paths.items()}),
         fits=json.dumps(
             {k: {x: f[x] for x in ("param", "value", "residual", "at_boundary")} for k, f in fits.items()}
         ),
