@@ -9,15 +9,18 @@
 Each property runs ≤ 50 examples.
 """
 
+from dataclasses import replace
+
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from particles import make_interaction, reference, simulate
 from particles.kernels import velocity_field
 
-SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, derandomize=True,  # reproducible in CI
+                    suppress_health_check=[HealthCheck.too_slow])
 NORMALISED = ("sa", "krause", "hk")
 
 
@@ -61,11 +64,32 @@ def _scale(x, it):
     return float(np.max(np.abs(reference.weights(x, it)) @ np.abs(x @ V.T), initial=0.0))
 
 
+def _near_tie(x, it, rel=1e-4):
+    """True when fp32 round-off may legitimately change the support: a pair within rel·r of the
+    radius, or a top-k boundary whose k-th and (k+1)-th scores differ by less than rel."""
+    if it.radius is not None:
+        dist = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+        if np.any(np.abs(dist - it.radius) <= rel * max(it.radius, 1e-12)):
+            return True
+    if it.top_k is not None:
+        s = reference.scores(x, it)
+        allowed = reference.support(x, replace(it, top_k=None))
+        for row, keep in zip(s, allowed):
+            cand = np.sort(row[keep])[::-1]
+            k = it.top_k
+            if len(cand) > k and cand[k - 1] - cand[k] <= rel * (1 + abs(cand[k])):
+                return True
+    return False
+
+
 @SETTINGS
 @given(kernels(), st.sampled_from(["float64", "float64", "float32"]))
 def test_velocity_field_matches_reference(case, dtype):
     it, x = case
     n, d = x.shape
+    if dtype == "float32":  # compare like with like: the reference sees the same rounded input
+        x = x.astype(np.float32).astype(np.float64)
+        assume(not _near_tie(x, it))
     field = velocity_field(it, n, d, dtype)
     v = field(x.astype(dtype))
     assert v.shape == (n, d) and v.dtype == np.dtype(dtype)
