@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .integrate import INTEGRATORS, make_stepper, normalise_rows
-from .interaction import Interaction, make_interaction
+from .interaction import Interaction, _check_real, make_interaction
 from .kernels import velocity_field
 
 DTYPES = ("float32", "float64")
@@ -95,10 +95,8 @@ def simulate(model: str, x0=None, *, n=None, d=None, steps, dt, save_every=1, se
     dtype = np.dtype(dtype)
     steps = _check_count("steps", steps, 0)
     save_every = _check_count("save_every", save_every, 1)
-    if isinstance(dt, bool) or not isinstance(dt, numbers.Real) or not np.isfinite(dt) or dt <= 0:
-        raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
-    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not np.isfinite(noise) or noise < 0:
-        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    dt = _check_real("dt", dt, positive=True)
+    noise = _check_real("noise", noise, nonnegative=True)
     if noise > 0 and integrator != "euler":
         raise ValueError("integrator must be 'euler' when noise > 0 (Euler–Maruyama)")
 
@@ -133,8 +131,8 @@ def simulate(model: str, x0=None, *, n=None, d=None, steps, dt, save_every=1, se
     traj = traj if store is None else sink.lazy()
     ds = _to_dataset(traj if ensemble else traj[0], weights if (ensemble or weights is None)
                      else weights[0], keep, it, ensemble, dict(
-                         dt=float(dt), steps=steps, save_every=save_every, seed=seed,
-                         integrator=integrator, dtype=str(dtype), noise=float(noise), n=n, d=d))
+                         dt=dt, steps=steps, save_every=save_every, seed=seed,
+                         integrator=integrator, dtype=str(dtype), noise=noise, n=n, d=d))
     return ds if store is None else sink.finish(ds)
 
 
