@@ -7,7 +7,7 @@ from numba import njit
 
 from particles import make_interaction, reference
 from particles.kernels import PATHS, choose_path, velocity_field
-from particles.kernels.fastexp import fexp
+from particles.kernels.fastexp import exp2_sat, fexp
 from particles.kernels.hk1d import SortedSweep
 from particles.kernels.neighbours import neighbour_lists
 
@@ -207,6 +207,23 @@ def test_polynomial_exp(dtype, rtol):
     np.testing.assert_allclose(_fexp_array(x), np.exp(x.astype(np.float64)), rtol=rtol)
     special = _fexp_array(np.array([-np.inf, -1e4, 0.0, 1e4, np.inf], dtype))
     np.testing.assert_array_equal(special, [0.0, 0.0, 1.0, np.inf, np.inf])
+
+
+@njit(cache=True)
+def _exp2_sat_array(y):
+    out = np.empty_like(y)
+    for i in range(y.size):
+        out[i] = exp2_sat(y[i])
+    return out
+
+
+@pytest.mark.parametrize("dtype, rtol, floor, top", [(np.float32, 3e-7, -125, 128), (np.float64, 1e-15, -1021, 1024)])
+def test_saturating_exp2(dtype, rtol, floor, top):
+    """2^y to the documented accuracy in its range, 2^floor below it (never 0), +inf from `top` on."""
+    y = np.linspace(floor, top - 1, 200_001).astype(dtype)
+    np.testing.assert_allclose(_exp2_sat_array(y), np.exp2(y.astype(np.float64)), rtol=rtol)
+    special = _exp2_sat_array(np.array([-np.inf, floor - 50.5, 0.0, 1.0, top, np.inf], dtype))
+    np.testing.assert_array_equal(special, [2.0**floor, 2.0**floor, 1.0, 2.0, np.inf, np.inf])
 
 
 def test_store_streams_the_same_trajectory(tmp_path):

@@ -93,7 +93,8 @@ class VelocityField:
         self.beta, self.inv2s2 = t(it.beta), t(1.0 / (2.0 * it.sigma**2))
         self.sweep = hk1d.SortedSweep() if self.path == "hk1d" else None
         self.dense_path = "range" if self.path == "range" else _dense_path(it, d)
-        self.dims = (0,) * d
+        self.dims = (0,) * d  # compile-time constants of the fused kernel (rows.static)
+        self.score_s, self.radius_s = rows.static(self.score), rows.static(it.radius is not None)
         # Σ exp(s − bound) below this means the bound of the row max was too loose (see velocity_fused)
         self.tiny = t(float(n) ** 2 * np.finfo(self.dtype).tiny * np.exp(40.0))
         self.last_path = None  # the path the last call actually took
@@ -133,8 +134,8 @@ class VelocityField:
             qnorm = np.sqrt(np.einsum("dn,dn->n", qT, qT))
             kmax = self.dtype.type(np.sqrt(np.einsum("dn,dn->n", kT, kT).max()))
             with threads_for(n * rows.buffer_len(n, it.window or 0, bool(it.causal))):
-                dense.velocity_fused(self.dims, xT, qT, kT, vT, self.score, self.beta, self.inv2s2,
-                                     self.r2, it.radius is not None, it.window or 0, bool(it.causal),
+                dense.velocity_fused(self.dims, self.score_s, self.radius_s, xT, qT, kT, vT, self.beta,
+                                     self.inv2s2, self.r2, it.window or 0, bool(it.causal),
                                      bool(it.normalise), qnorm, kmax, self.tiny, out)
         elif self.dense_path == "blas":
             self.last_path = "blas"

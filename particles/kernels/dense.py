@@ -57,9 +57,10 @@ def rows_range(xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, caus
 
 
 @njit(parallel=True, cache=True)
-def velocity_fused(dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, causal,
+def velocity_fused(dims, score_s, radius_s, xT, qT, kT, vT, beta, inv2s2, r2, window, causal,
                    normalise, qnorm, kmax, tiny, out):
-    """Dense/causal/windowed rows without top-k for d = len(dims) ≤ 4, one fused pass per row.
+    """Dense/causal/windowed rows without top-k for d = len(dims) ≤ 4, one fused pass per row
+    (score code = len(score_s) − 1 and use_radius = len(radius_s) − 1 are compile-time, see rows.static).
 
     The shift is an upper bound of the row max instead of the max itself (no extra pass):
     |β|·‖q_i‖·max_j‖k_j‖ for softmax (Cauchy–Schwarz), 0 for rbf and flat. If the bound is so loose
@@ -68,7 +69,7 @@ def velocity_fused(dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, wi
     exact row max, so no weight that matters can underflow. usa rows use no shift (exp(s)/n).
     """
     n = xT.shape[1]
-    D = len(dims)
+    D, score, use_radius = len(dims), len(score_s) - 1, len(radius_s) - 1
     m_max = buffer_len(n, window, causal)
     tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(tasks):
@@ -77,16 +78,16 @@ def velocity_fused(dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, wi
         for i in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             lo, hi = candidate_range(i, n, window, causal)
             shift = xT.dtype.type(0.0) if score != SOFTMAX or not normalise else abs(beta) * qnorm[i] * kmax
-            tot, a0, a1, a2, a3 = fused_range(dims, i, lo, hi - lo, shift, xT, qT, kT, vT, score, beta,
-                                              inv2s2, r2, use_radius)
+            tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT, kT,
+                                              vT, beta, inv2s2, r2)
             if normalise and tot < tiny:  # loose bound: redo with the exact row max
                 scores_range(i, lo, hi - lo, qT, kT, score, beta, inv2s2, s)
                 if use_radius:
                     sqdist_range(i, lo, hi - lo, xT, dist)
                     mask_radius(s, dist, hi - lo, r2)
                 shift = row_max(s, hi - lo)
-                tot, a0, a1, a2, a3 = fused_range(dims, i, lo, hi - lo, shift, xT, qT, kT, vT, score,
-                                                  beta, inv2s2, r2, use_radius)
+                tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT,
+                                                  kT, vT, beta, inv2s2, r2)
             f = 1.0 / tot if normalise else 1.0 / n
             out[i, 0] = a0 * f
             if D > 1:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .fastexp import fexp, float_key, key_float
+from .fastexp import LOG2E, exp2_sat, fexp, float_key, key_float
 
 SOFTMAX, RBF, FLAT = 0, 1, 2
 SCORE_CODE = {"softmax": SOFTMAX, "rbf": RBF, "flat": FLAT}
@@ -310,6 +310,12 @@ def scatter_weights(i, lo, c, contiguous, factor, s, idx, out):
 FUSED_MAX_DIM = 4
 
 
+def static(code: int) -> tuple:
+    """(0,)·(code + 1): numba sees a tuple's length as a compile-time constant, so a kernel taking
+    static(code) and reading ``len(t) − 1`` is compiled once per code with its branches folded."""
+    return (0,) * (int(code) + 1)
+
+
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def _dot4(D, t, a0, a1, a2, a3, b0, b1, b2, b3):
     """Σ_{c<D} a_c·b_c[t] for D ≤ 4 (D constant after inlining: the branches fold away)."""
@@ -341,11 +347,17 @@ def _sqdist4(D, t, a0, a1, a2, a3, b0, b1, b2, b3):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def fused_range(dims, i, lo, m, shift, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius):
+def fused_range(dims, score_s, radius_s, i, lo, m, shift, xT, qT, kT, vT, beta, inv2s2, r2):
     """One pass over keys lo..lo+m−1: (Σ w, Σ w·v_0, …, Σ w·v_3) with w = exp(s_ij − shift) (0 outside
-    the radius). len(dims) = d ≤ 4 is a compile-time constant, so the component loops unroll and the
-    key loop vectorises (the same score formulas as scores_range, written per component)."""
-    D = len(dims)
+    the radius). d = len(dims) ≤ 4, the score code and use_radius are compile-time constants
+    (:func:`static`), so the component loops unroll, the branches fold and the key loop vectorises
+    (the same score formulas as scores_range, written per component).
+
+    log2(e) is folded into the query and the shift, w = 2^y with y = log2(e)·(s_ij − shift), and the
+    exp is :func:`fastexp.exp2_sat` (a term that underflows counts as 2^-126 instead of 0: at most
+    2^-126 of the row sum, which ``velocity_fused`` keeps ≥ its ``tiny``).
+    """
+    D, score, use_radius = len(dims), len(score_s) - 1, len(radius_s) - 1
     e1, e2, e3 = min(1, D - 1), min(2, D - 1), min(3, D - 1)
     hi = lo + m
     k0, k1, k2, k3 = kT[0, lo:hi], kT[e1, lo:hi], kT[e2, lo:hi], kT[e3, lo:hi]
@@ -354,15 +366,20 @@ def fused_range(dims, i, lo, m, shift, xT, qT, kT, vT, score, beta, inv2s2, r2, 
     q0, q1, q2, q3 = qT[0, i], qT[e1, i], qT[e2, i], qT[e3, i]
     y0, y1, y2, y3 = xT[0, i], xT[e1, i], xT[e2, i], xT[e3, i]
     zero = q0 - q0
+    log2e = xT.dtype.type(LOG2E)
+    b = beta * log2e  # softmax: y = Σ_c (b·q_c)·k_c − log2(e)·shift
+    bq0, bq1, bq2, bq3 = b * q0, b * q1, b * q2, b * q3
+    y_shift = -shift * log2e
+    g = -inv2s2 * log2e  # rbf: y = g·‖q − k‖² − log2(e)·shift
     tot, a0, a1, a2, a3 = zero, zero, zero, zero, zero
     for t in range(m):
         if score == SOFTMAX:
-            s = beta * _dot4(D, t, q0, q1, q2, q3, k0, k1, k2, k3)
+            y = _dot4(D, t, bq0, bq1, bq2, bq3, k0, k1, k2, k3) + y_shift
         elif score == RBF:
-            s = -inv2s2 * _sqdist4(D, t, q0, q1, q2, q3, k0, k1, k2, k3)
+            y = g * _sqdist4(D, t, q0, q1, q2, q3, k0, k1, k2, k3) + y_shift
         else:
-            s = zero
-        w = fexp(s - shift)
+            y = y_shift
+        w = exp2_sat(y)
         if use_radius:
             w = zero if _sqdist4(D, t, y0, y1, y2, y3, x0, x1, x2, x3) > r2 else w
         tot += w
