@@ -94,6 +94,7 @@ class VelocityField:
         self.sweep = hk1d.SortedSweep() if self.path == "hk1d" else None
         self.dense_path = "range" if self.path == "range" else _dense_path(it, d)
         self.dims = (0,) * d  # compile-time constants of the fused kernel (rows.static)
+        self.small_dims = self.dims if d <= rows.FUSED_MAX_DIM else ()
         self.score_s, self.radius_s = rows.static(self.score), rows.static(it.radius is not None)
         # Σ exp(s − bound) below this means the bound of the row max was too loose (see velocity_fused)
         self.tiny = t(float(n) ** 2 * np.finfo(self.dtype).tiny * np.exp(40.0))
@@ -144,7 +145,7 @@ class VelocityField:
         else:
             self.last_path = "range"
             with threads_for(n * rows.buffer_len(n, it.window or 0, bool(it.causal))):
-                dense.rows_range(xT, qT, kT, vT, *self._row_args(), False, out)
+                dense.rows_range(self.small_dims, xT, qT, kT, vT, *self._row_args(), False, out)
         if not self.interaction.normalise and not np.all(np.isfinite(out)):
             raise OverflowError(f"usa weights exp(beta⟨Qx_i, Kx_j⟩)/n overflow {self.dtype} "
                                 f"(beta={self.interaction.beta}); lower beta or use model 'sa'")
@@ -154,7 +155,8 @@ class VelocityField:
         """Dense interaction matrix a_ij (n, n)."""
         xT, qT, kT, _ = self.project(np.asarray(x))
         n = xT.shape[1]
-        return dense.rows_range(xT, qT, kT, xT, *self._row_args(), True, np.empty((n, n), dtype=self.dtype))
+        return dense.rows_range(self.small_dims, xT, qT, kT, xT, *self._row_args(), True,
+                                np.empty((n, n), dtype=self.dtype))
 
 
 def velocity_field(it: Interaction, n: int, d: int, dtype=np.float64,

@@ -21,24 +21,30 @@ from .rows import (
     buffer_len,
     candidate_range,
     fused_range,
+    keep_top,
     mask_radius,
-    row,
-    row_max,
+    row_min_max,
+    row_scores,
+    row_weights,
     scatter_weights,
     scores_range,
+    top_k_threshold,
     sqdist_range,
+    weighted_sum_range,
 )
 
 
 @njit(parallel=True, cache=True)
-def rows_range(xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, causal, top_k, normalise,
+def rows_range(dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, causal, top_k, normalise,
                dense_weights, out):
     """All rows with the buffered row kernel (arrays component-major (d, n)).
 
-    dense_weights False: out (n, d) ← v_i = Σ_{j∈N(i)} a_ij V x_j. True: out (n, n) ← a_ij, zero
-    outside N(i) — for inspection and sink metrics, not for stepping.
+    dense_weights False: out (n, d) ← v_i = Σ_{j∈N(i)} a_ij V x_j; for d = len(dims) ≤ 4 (dims = ()
+    otherwise) a row without a top-k tie finishes in one pass (:func:`.rows.weighted_sum_range`).
+    True: out (n, n) ← a_ij, zero outside N(i) — for inspection and sink metrics, not for stepping.
     """
     n = xT.shape[1]
+    D = len(dims)
     m_max = buffer_len(n, window, causal)
     tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(tasks):
@@ -47,8 +53,28 @@ def rows_range(xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, caus
         idx = np.empty(m_max, np.int64)
         for i in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             lo, hi = candidate_range(i, n, window, causal)
-            c, contiguous, factor = row(i, lo, hi - lo, True, xT, qT, kT, score, beta, inv2s2, r2,
-                                        use_radius, top_k, normalise, s, idx, dist)
+            m = row_scores(dims, i, lo, hi - lo, True, xT, qT, kT, score, beta, inv2s2, r2, use_radius, s, idx,
+                           dist)
+            thr, exact, mx = xT.dtype.type(-np.inf), True, xT.dtype.type(0.0)
+            if top_k > 0 and m > top_k:
+                thr, exact, mx = top_k_threshold(s, m, top_k)
+            elif normalise:
+                mx = row_min_max(s, m)[1]
+            if D > 0 and exact and not dense_weights:
+                tot, a0, a1, a2, a3 = weighted_sum_range(dims, s, lo, m, thr, mx, normalise, vT)
+                f = 1.0 / tot if normalise else 1.0 / n
+                out[i, 0] = a0 * f
+                if D > 1:
+                    out[i, 1] = a1 * f
+                if D > 2:
+                    out[i, 2] = a2 * f
+                if D > 3:
+                    out[i, 3] = a3 * f
+                continue
+            c, contiguous = m, True
+            if top_k > 0 and m > top_k:
+                c, contiguous = keep_top(s, idx, m, lo, True, top_k, thr, exact)
+            factor = row_weights(s, c, normalise, n)
             if dense_weights:
                 scatter_weights(i, lo, c, contiguous, factor, s, idx, out)
             else:
@@ -81,11 +107,11 @@ def velocity_fused(dims, score_s, radius_s, xT, qT, kT, vT, beta, inv2s2, r2, wi
             tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT, kT,
                                               vT, beta, inv2s2, r2)
             if normalise and tot < tiny:  # loose bound: redo with the exact row max
-                scores_range(i, lo, hi - lo, qT, kT, score, beta, inv2s2, s)
+                scores_range(dims, i, lo, hi - lo, qT, kT, score, beta, inv2s2, s)
                 if use_radius:
                     sqdist_range(i, lo, hi - lo, xT, dist)
                     mask_radius(s, dist, hi - lo, r2)
-                shift = row_max(s, hi - lo)
+                shift = row_min_max(s, hi - lo)[1]
                 tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT,
                                                   kT, vT, beta, inv2s2, r2)
             f = 1.0 / tot if normalise else 1.0 / n

@@ -47,8 +47,46 @@ _float_to_bits = _bitcast({types.float32: types.int32, types.float64: types.int6
                           "Reinterpret float32 → int32 or float64 → int64.")
 
 
+def order_bits(x):  # pragma: no cover - numba overload below
+    """The bits of float x as a signed integer of its width, in the order of the floats (−0 just
+    below +0): non-negative patterns as they are, negative ones with the magnitude bits flipped.
+    Branch-free, so integer min/max/count loops over it vectorise. An involution on the bits."""
+    raise NotImplementedError
+
+
+def order_float(b):  # pragma: no cover - numba overload below
+    """Inverse of order_bits: int32 → float32, int64 → float64."""
+    raise NotImplementedError
+
+
+_MAGNITUDE = {32: (np.int32(31), np.int32(0x7FFFFFFF)), 64: (np.int64(63), np.int64(0x7FFFFFFFFFFFFFFF))}
+
+
+def _flip_negative(bits):
+    sign, magnitude = _MAGNITUDE[bits]
+    if bits == 32:  # numba widens int32 arithmetic to int64: narrow the result
+        return lambda b: np.int32(b ^ ((b >> sign) & magnitude))
+    return lambda b: b ^ ((b >> sign) & magnitude)
+
+
+@overload(order_bits)
+def _order_bits_overload(x):
+    if x in (types.float32, types.float64):
+        flip = register_jitable(_flip_negative(x.bitwidth))
+        return lambda x: flip(_float_to_bits(x))
+    return None
+
+
+@overload(order_float)
+def _order_float_overload(b):
+    if b in (types.int32, types.int64):
+        flip = register_jitable(_flip_negative(b.bitwidth))
+        return lambda b: _bits_to_float(flip(b))
+    return None
+
+
 def float_key(x):  # pragma: no cover - numba overload below
-    """int64 key with the order of the float x (−0 sorts just below +0; compare floats for ties)."""
+    """int64 key with the order of the float x (order_bits widened; compare floats for ties)."""
     raise NotImplementedError
 
 
@@ -59,29 +97,17 @@ def key_float(k, like):  # pragma: no cover - numba overload below
 
 @overload(float_key)
 def _float_key_overload(x):
-    if x == types.float32:
-        def impl(x):
-            b = np.int64(_float_to_bits(x))
-            return b if b >= 0 else b ^ 0x7FFFFFFF
-        return impl
-    if x == types.float64:
-        def impl(x):
-            b = _float_to_bits(x)
-            return b if b >= 0 else b ^ np.int64(0x7FFFFFFFFFFFFFFF)
-        return impl
+    if x in (types.float32, types.float64):
+        return lambda x: np.int64(order_bits(x))
     return None
 
 
 @overload(key_float)
 def _key_float_overload(k, like):
     if like == types.float32:
-        def impl(k, like):
-            return _bits_to_float(np.int32(k if k >= 0 else k ^ 0x7FFFFFFF))
-        return impl
+        return lambda k, like: order_float(np.int32(k))
     if like == types.float64:
-        def impl(k, like):
-            return _bits_to_float(k if k >= 0 else k ^ np.int64(0x7FFFFFFFFFFFFFFF))
-        return impl
+        return lambda k, like: order_float(np.int64(k))
     return None
 
 

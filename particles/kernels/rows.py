@@ -8,8 +8,9 @@ storage dtype (float32 or float64); the exp is :func:`fastexp.fexp`.
 * scores      s_ij = β⟨q_i, k_j⟩ (softmax), −‖q_i − k_j‖²·inv2s2 (rbf) or 0 (flat);
 * radius      ‖x_i − x_j‖² ≤ r2 = radius_bound_sq(r, dtype) (documented tolerance): keys outside get
               s = −inf, which gives weight exactly 0 (or, in list mode, are dropped);
-* top-k       the k largest scores (ties to the smaller j) by bisection on the integer order keys
-              of the floats — exact, O(m) per pass, no sort, no allocation;
+* top-k       the k largest scores (ties to the smaller j): a threshold found by counting passes
+              (interpolation, halving, then bisection on the floats' integer order keys) — exact,
+              O(m) per pass, no sort, no allocation;
 * weights     exp(s − max s)/Σ (normalised) or exp(s)/n (usa); the 1/Σ or 1/n factor is applied once
               per row, in :func:`accumulate`.
 """
@@ -19,13 +20,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .fastexp import LOG2E, exp2_sat, fexp, float_key, key_float
+from .fastexp import LOG2E, exp2_sat, fexp, float_key, key_float, order_bits, order_float
 
 SOFTMAX, RBF, FLAT = 0, 1, 2
 SCORE_CODE = {"softmax": SOFTMAX, "rbf": RBF, "flat": FLAT}
 FASTMATH = {"contract", "arcp", "nsz", "reassoc"}  # no nnan/ninf: −inf masks and usa overflow stay exact
-VALUE_BISECTIONS = 12  # top-k: value-space halvings before the exact integer-key bisection
-ROWS_PER_TASK = 32  # rows per parallel task (per-task scratch buffers are allocated once)
+VALUE_SEARCHES = 12  # top-k: value-space passes before the exact integer-key bisection
+ROWS_PER_TASK = 128  # rows per parallel task (per-task scratch buffers are allocated once)
 
 
 @njit(cache=True)
@@ -49,15 +50,58 @@ def buffer_len(n, window, causal):
     return min(n, window if causal else 2 * window - 1)
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _dot4(D, t, a0, a1, a2, a3, b0, b1, b2, b3):
+    """Σ_{c<D} a_c·b_c[t] for D ≤ 4 (D constant after inlining: the branches fold away)."""
+    s = a0 * b0[t]
+    if D > 1:
+        s += a1 * b1[t]
+    if D > 2:
+        s += a2 * b2[t]
+    if D > 3:
+        s += a3 * b3[t]
+    return s
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _sqdist4(D, t, a0, a1, a2, a3, b0, b1, b2, b3):
+    """Σ_{c<D} (a_c − b_c[t])² for D ≤ 4."""
+    u = a0 - b0[t]
+    s = u * u
+    if D > 1:
+        u = a1 - b1[t]
+        s += u * u
+    if D > 2:
+        u = a2 - b2[t]
+        s += u * u
+    if D > 3:
+        u = a3 - b3[t]
+        s += u * u
+    return s
+
+
 @njit(cache=True, fastmath=FASTMATH)
-def scores_range(i, lo, m, qT, kT, score, beta, inv2s2, s):
-    """s[t] = s_{i, lo+t} for t < m (slices keep the indices provably ≥ 0, so the loops vectorise)."""
-    d = qT.shape[0]
+def scores_range(dims, i, lo, m, qT, kT, score, beta, inv2s2, s):
+    """s[t] = s_{i, lo+t} for t < m (slices keep the indices provably ≥ 0, so the loops vectorise).
+    d = len(dims) ≤ 4: one pass over the keys; dims = (): one pass per component (any d)."""
+    d, D = qT.shape[0], len(dims)
     if score == FLAT:
         for t in range(m):
             s[t] = 0.0
         return
     k0 = kT[0, lo:lo + m]
+    if D > 0:
+        e1, e2, e3 = min(1, D - 1), min(2, D - 1), min(3, D - 1)
+        k1, k2, k3 = kT[e1, lo:lo + m], kT[e2, lo:lo + m], kT[e3, lo:lo + m]
+        q0, q1, q2, q3 = qT[0, i], qT[e1, i], qT[e2, i], qT[e3, i]
+        if score == SOFTMAX:
+            q0, q1, q2, q3 = q0 * beta, q1 * beta, q2 * beta, q3 * beta
+            for t in range(m):
+                s[t] = _dot4(D, t, q0, q1, q2, q3, k0, k1, k2, k3)
+        else:
+            for t in range(m):
+                s[t] = _sqdist4(D, t, q0, q1, q2, q3, k0, k1, k2, k3) * -inv2s2
+        return
     if score == SOFTMAX:
         q0 = qT[0, i] * beta
         for t in range(m):
@@ -133,66 +177,94 @@ def mask_radius(s, dist, m, r2):
             s[t] = -np.inf
 
 
-@njit(cache=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
+@njit(cache=True, fastmath=FASTMATH)
 def _count_ge(s, m, thr):
-    c = 0
+    """#{t < m : s[t] ≥ thr}. The count is narrowed to int32 at every step: numba would widen it to
+    int64 lanes (half as many per vector), and the top-k search waits on each count in turn."""
+    c = np.int32(0)
     for t in range(m):
-        c += s[t] >= thr
-    return c
+        c = np.int32(c + np.int32(s[t] >= thr))
+    return np.int64(c)
+
+
+# --- top-k ----------------------------------------------------------------------------------------
+
+EXACT, TIE = True, False  # count(≥ thr) = k exactly; or thr is a k-th largest value shared by a tie
 
 
 @njit(cache=True)
-def top_k(s, idx, m, lo, contiguous, k):
-    """Keep the k largest s[:m] (ties to the smaller key); returns (c, contiguous).
+def _bisect_keys(s, m, k, a, b):
+    """Bisection on the floats' integer order keys in [a, b), given count(≥ a) ≥ k > count(≥ b):
+    the largest threshold with count ≥ k (exact, at most 32/64 passes). Returns (thr, state)."""
+    lo_key, hi_key = float_key(a), float_key(b) - 1
+    while lo_key < hi_key:
+        mid = (lo_key >> 1) + (hi_key >> 1) + ((lo_key & 1) | (hi_key & 1))  # ceil, no overflow
+        c = _count_ge(s, m, key_float(mid, a))
+        if c >= k:
+            lo_key = mid
+            if c == k:
+                return key_float(mid, a), EXACT
+        else:
+            hi_key = mid - 1
+    thr = key_float(lo_key, a)
+    return thr, _count_ge(s, m, thr) == k
 
-    Usually every score equal to the k-th largest is kept: then the others are set to −inf in
-    place (weight exactly 0) and the row stays as it was (c = m). Otherwise (a tie split by the
-    k slots) the kept entries are compacted into s[:k], idx[:k] ascending (contiguous False).
 
-    The k-th largest value is found exactly by bisection — a few halvings in value space (usually
-    enough to isolate exactly k values), then on the integer order keys of the floats (exact, at
-    most 32/64 vectorised counting passes); then one branch-free forward pass keeps every
-    s > threshold and the first (smallest-j) entries equal to it.
+@njit(cache=True)
+def top_k_threshold(s, m, k):
+    """(thr, state, max) for the k largest of s[:m], m > k: count(≥ thr) = k (state EXACT), or thr is
+    the k-th largest value and more than k values are ≥ it (TIE).
+
+    Each pass is one vectorised count; the search keeps count(≥ a) = ca ≥ k > cb = count(≥ b),
+    starting from [min, max] (min raised to the finite range past radius-masked −inf entries):
+    interpolation on the counts, t = b − (b − a)·(k − cb + ½)/(ca − cb) (exact for evenly spread
+    scores), halving whenever a step did not at least halve the bracket's count; when the floats run
+    out, bisection on their integer order keys.
     """
-    mn, mx = -row_max(s, m, -1), row_max(s, m)
-    if _count_ge(s, m, mx) >= k:  # ties at the maximum fill the k slots
-        lo_key = hi_key = float_key(mx)
-    else:
-        # value-space bisection first (usually isolates exactly k values within a few passes);
-        # invariant: count(≥ a) ≥ k > count(≥ b)
-        a, b, half = mn, mx, s.dtype.type(0.5)  # stay in the storage dtype (keys depend on it)
-        for _ in range(VALUE_BISECTIONS):
-            mid = a + (b - a) * half
-            if not (a < mid < b):
-                break
-            cnt = _count_ge(s, m, mid)
-            if cnt >= k:
-                a = mid
-                if cnt == k:
-                    b = a
-                    break
-            else:
-                b = mid
-        # exact finish on the integer order keys: largest key with count(≥ key) ≥ k
-        lo_key, hi_key = float_key(a), (float_key(b) - 1 if b > a else float_key(a))
-        while lo_key < hi_key:
-            mid = (lo_key >> 1) + (hi_key >> 1) + ((lo_key & 1) | (hi_key & 1))  # ceil, no overflow
-            cnt = _count_ge(s, m, key_float(mid, mx))
-            if cnt >= k:
-                lo_key = mid
-                if cnt == k:
-                    break
-            else:
-                hi_key = mid - 1
-    thr = key_float(lo_key, mx)
-    n_ge, n_gt = _count_ge(s, m, thr), 0
-    for t in range(m):
-        n_gt += s[t] > thr
-    ties = k - n_gt
-    if ties == n_ge - n_gt:  # every score equal to the threshold is kept (always, without ties):
-        for t in range(m):  # mask the rest to −inf (weight exactly 0), no compaction, no gather
+    mn, mx = row_min_max(s, m)
+    n_max = _count_ge(s, m, mx)
+    if n_max >= k:  # ties at the maximum fill the k slots
+        return mx, n_max == k, mx
+    big, half = s.dtype.type(np.finfo(s.dtype).max), s.dtype.type(0.5)
+    a, ca, b, cb = mn, m, mx, n_max
+    if a < -big:
+        c = _count_ge(s, m, -big)
+        if c >= k:
+            a, ca = -big, c
+    interpolate = True
+    for _ in range(VALUE_SEARCHES):
+        if interpolate:
+            t = b - (b - a) * ((s.dtype.type(k - cb) + half) / s.dtype.type(ca - cb))
+        else:
+            t = a + (b - a) * half
+        if not (a < t < b):
+            break
+        c = _count_ge(s, m, t)
+        if c == k:
+            return t, EXACT, mx
+        before, above = ca - cb, c > k  # (selects, not branches: the outcome is a coin toss)
+        a, ca = (t, c) if above else (a, ca)
+        b, cb = (b, cb) if above else (t, c)
+        interpolate = 2 * (ca - cb) <= before
+    thr, state = _bisect_keys(s, m, k, a, b)
+    return thr, state, mx
+
+
+@njit(cache=True)
+def keep_top(s, idx, m, lo, contiguous, k, thr, state):
+    """Keep the k largest s[:m] given their threshold (ties to the smaller key); returns (c, contiguous).
+
+    EXACT: the others are set to −inf in place (weight exactly 0) and the row stays as it was
+    (c = m). TIE: the kept entries — every s > thr, then the first (smallest-j) ones equal to it —
+    are compacted into s[:k], idx[:k] ascending (contiguous False) by one branch-free pass.
+    """
+    if state:  # EXACT: no compaction, no gather
+        for t in range(m):
             s[t] = s[t] if s[t] >= thr else -np.inf
         return m, contiguous
+    ties = k
+    for t in range(m):
+        ties -= s[t] > thr
     c = 0
     if contiguous:  # branch-free compaction (the keep pattern is random: branches would mispredict)
         for t in range(m):
@@ -215,31 +287,22 @@ def top_k(s, idx, m, lo, contiguous, k):
     return c, False
 
 
-@njit(cache=True, fastmath=FASTMATH | {"nnan"})
-def row_max(s, c, sign=1):
-    """max s[:c] (sign = −1: −min s[:c]) with eight independent lanes (a plain max reduction does
-    not vectorise)."""
-    f = s.dtype.type(sign)
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = f * s[0]
-    t = 0
-    while t + 8 <= c:
-        a0, a1 = max(a0, f * s[t]), max(a1, f * s[t + 1])
-        a2, a3 = max(a2, f * s[t + 2]), max(a3, f * s[t + 3])
-        a4, a5 = max(a4, f * s[t + 4]), max(a5, f * s[t + 5])
-        a6, a7 = max(a6, f * s[t + 6]), max(a7, f * s[t + 7])
-        t += 8
-    mx = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
-    while t < c:
-        mx = max(mx, f * s[t])
-        t += 1
-    return mx
+@njit(cache=True, fastmath=FASTMATH)
+def row_min_max(s, c):
+    """(min s[:c], max s[:c]) as integer min/max over the floats' order_bits (numba's float max
+    reduction stays scalar; the integer one vectorises)."""
+    lo = hi = order_bits(s[0])
+    for t in range(1, c):
+        b = order_bits(s[t])
+        lo, hi = min(lo, b), max(hi, b)
+    return order_float(lo), order_float(hi)
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def row_weights(s, c, normalise, n):
-    """s[:c] ← exp(s − max) (normalised) or exp(s); returns the row factor 1/Σ or 1/n."""
+    """s[:c] ← exp(s − max s) (normalised) or exp(s); returns the row factor 1/Σ or 1/n."""
     if normalise:
-        mx = row_max(s, c)
+        mx = row_min_max(s, c)[1]
         tot = s.dtype.type(0.0)
         for t in range(c):
             e = fexp(s[t] - mx)
@@ -252,6 +315,27 @@ def row_weights(s, c, normalise, n):
 
 
 @njit(cache=True)
+def row_scores(dims, i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, s, idx, dist):
+    """Scores of query row i into s[:m]; returns m. contiguous: keys lo..lo+m−1, keys outside the
+    radius get −inf; else keys idx[:m] (ascending), those outside the radius are dropped from the list."""
+    if contiguous:
+        scores_range(dims, i, lo, m, qT, kT, score, beta, inv2s2, s)
+        if use_radius:
+            sqdist_range(i, lo, m, xT, dist)
+            mask_radius(s, dist, m, r2)
+        return m
+    if use_radius:  # the list may be a superset of the radius neighbours
+        c = 0
+        for t in range(m):
+            if sqdist_pair(xT, i, idx[t]) <= r2:
+                idx[c] = idx[t]
+                c += 1
+        m = c
+    scores_list(i, idx, m, qT, kT, score, beta, inv2s2, s)
+    return m
+
+
+@njit(cache=True)
 def row(i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, top_k_, normalise,
         s, idx, dist):
     """Scores, support and weights of query row i; returns (c, contiguous, factor).
@@ -259,24 +343,11 @@ def row(i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, t
     contiguous: keys lo..lo+m−1 on entry; else idx[:m] (ascending). On return the weights are
     factor·s[:c] for keys lo + t (contiguous) or idx[t].
     """
-    n = xT.shape[1]
-    if contiguous:
-        scores_range(i, lo, m, qT, kT, score, beta, inv2s2, s)
-        if use_radius:
-            sqdist_range(i, lo, m, xT, dist)
-            mask_radius(s, dist, m, r2)
-    else:
-        if use_radius:  # list mode: drop keys outside the radius (the list may be a superset)
-            c = 0
-            for t in range(m):
-                if sqdist_pair(xT, i, idx[t]) <= r2:
-                    idx[c] = idx[t]
-                    c += 1
-            m = c
-        scores_list(i, idx, m, qT, kT, score, beta, inv2s2, s)
+    m = row_scores((), i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, s, idx, dist)
     if top_k_ > 0 and m > top_k_:
-        m, contiguous = top_k(s, idx, m, lo, contiguous, top_k_)
-    factor = row_weights(s, m, normalise, n)
+        thr, state, _ = top_k_threshold(s, m, top_k_)
+        m, contiguous = keep_top(s, idx, m, lo, contiguous, top_k_, thr, state)
+    factor = row_weights(s, m, normalise, xT.shape[1])
     return m, contiguous, factor
 
 
@@ -316,36 +387,6 @@ def static(code: int) -> tuple:
     return (0,) * (int(code) + 1)
 
 
-@njit(cache=True, fastmath=FASTMATH, inline="always")
-def _dot4(D, t, a0, a1, a2, a3, b0, b1, b2, b3):
-    """Σ_{c<D} a_c·b_c[t] for D ≤ 4 (D constant after inlining: the branches fold away)."""
-    s = a0 * b0[t]
-    if D > 1:
-        s += a1 * b1[t]
-    if D > 2:
-        s += a2 * b2[t]
-    if D > 3:
-        s += a3 * b3[t]
-    return s
-
-
-@njit(cache=True, fastmath=FASTMATH, inline="always")
-def _sqdist4(D, t, a0, a1, a2, a3, b0, b1, b2, b3):
-    """Σ_{c<D} (a_c − b_c[t])² for D ≤ 4."""
-    u = a0 - b0[t]
-    s = u * u
-    if D > 1:
-        u = a1 - b1[t]
-        s += u * u
-    if D > 2:
-        u = a2 - b2[t]
-        s += u * u
-    if D > 3:
-        u = a3 - b3[t]
-        s += u * u
-    return s
-
-
 @njit(cache=True, fastmath=FASTMATH)
 def fused_range(dims, score_s, radius_s, i, lo, m, shift, xT, qT, kT, vT, beta, inv2s2, r2):
     """One pass over keys lo..lo+m−1: (Σ w, Σ w·v_0, …, Σ w·v_3) with w = exp(s_ij − shift) (0 outside
@@ -382,6 +423,36 @@ def fused_range(dims, score_s, radius_s, i, lo, m, shift, xT, qT, kT, vT, beta, 
         w = exp2_sat(y)
         if use_radius:
             w = zero if _sqdist4(D, t, y0, y1, y2, y3, x0, x1, x2, x3) > r2 else w
+        tot += w
+        a0 += w * v0[t]
+        if D > 1:
+            a1 += w * v1[t]
+        if D > 2:
+            a2 += w * v2[t]
+        if D > 3:
+            a3 += w * v3[t]
+    return tot, a0, a1, a2, a3
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def weighted_sum_range(dims, s, lo, m, thr, mx, normalise, vT):
+    """(Σ w, Σ w·v_0, …, Σ w·v_3) over the scores s[:m] of keys lo..lo+m−1 in one pass, with
+    w_t = exp(s_t − mx) (normalised; exp(s_t) for usa) where s_t ≥ thr and s_t > −inf, 0 elsewhere:
+    the top-k mask, the weights and Σ a_ij V x_j of :func:`keep_top`, :func:`row_weights` and
+    :func:`accumulate` without writing the row back (d = len(dims) ≤ 4). The exp is exp2_sat, as
+    in :func:`fused_range`."""
+    D = len(dims)
+    e1, e2, e3 = min(1, D - 1), min(2, D - 1), min(3, D - 1)
+    hi = lo + m
+    v0, v1, v2, v3 = vT[0, lo:hi], vT[e1, lo:hi], vT[e2, lo:hi], vT[e3, lo:hi]
+    zero = mx - mx
+    log2e = s.dtype.type(LOG2E)
+    y_shift = -mx * log2e if normalise else zero
+    floor = max(thr, s.dtype.type(-np.finfo(s.dtype).max))  # −inf entries (radius-masked) never count
+    tot, a0, a1, a2, a3 = zero, zero, zero, zero, zero
+    for t in range(m):
+        w = exp2_sat(s[t] * log2e + y_shift)
+        w = w if s[t] >= floor else zero
         tot += w
         a0 += w * v0[t]
         if D > 1:
