@@ -217,7 +217,8 @@ def _exp2_sat_array(y):
     return out
 
 
-@pytest.mark.parametrize("dtype, rtol, floor, top", [(np.float32, 3e-7, -125, 128), (np.float64, 1e-15, -1021, 1024)])
+@pytest.mark.parametrize("dtype, rtol, floor, top",
+                         [(np.float32, 3e-7, -125, 128), (np.float64, 1e-15, -1021, 1024)])
 def test_saturating_exp2(dtype, rtol, floor, top):
     """2^y to the documented accuracy in its range, 2^floor below it (never 0), +inf from `top` on."""
     y = np.linspace(floor, top - 1, 200_001).astype(dtype)

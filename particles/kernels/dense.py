@@ -28,8 +28,8 @@ from .rows import (
     row_weights,
     scatter_weights,
     scores_range,
-    top_k_threshold,
     sqdist_range,
+    top_k_threshold,
     weighted_sum_range,
 )
 
@@ -53,8 +53,8 @@ def rows_range(dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window
         idx = np.empty(m_max, np.int64)
         for i in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             lo, hi = candidate_range(i, n, window, causal)
-            m = row_scores(dims, i, lo, hi - lo, True, xT, qT, kT, score, beta, inv2s2, r2, use_radius, s, idx,
-                           dist)
+            m = row_scores(dims, i, lo, hi - lo, True, xT, qT, kT, score, beta, inv2s2, r2, use_radius,
+                           s, idx, dist)
             thr, exact, mx = xT.dtype.type(-np.inf), True, xT.dtype.type(0.0)
             if top_k > 0 and m > top_k:
                 thr, exact, mx = top_k_threshold(s, m, top_k)
