@@ -227,6 +227,37 @@ def test_saturating_exp2(dtype, rtol, floor, top):
     np.testing.assert_array_equal(special, [2.0**floor, 2.0**floor, 1.0, 2.0, np.inf, np.inf])
 
 
+def _top_k_rows(rng, m):
+    """Rows that exercise every branch of the threshold search: spread, clustered, tied, masked."""
+    yield rng.random(m)
+    yield np.concatenate([rng.normal(0, 1e-3, m // 2), rng.normal(5, 1e-3, m - m // 2)])  # two clumps
+    yield rng.integers(0, 4, m).astype(float)  # massive ties at and below the k-th place
+    yield np.full(m, 0.25)  # all equal
+    row = rng.random(m)
+    row[rng.random(m) < 0.5] = -np.inf  # radius-masked entries
+    yield row
+    yield np.where(rng.random(m) < 0.9, -np.inf, rng.random(m))  # fewer finite values than k
+    yield np.nextafter(0.5, 1.0) ** np.arange(m)  # neighbours one ulp apart: the floats run out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_k_threshold_is_exact(dtype):
+    """count(≥ thr) = k exactly (EXACT), else thr is the k-th largest value, shared by a tie."""
+    from particles.kernels.rows import top_k_threshold
+
+    rng = np.random.default_rng(5)
+    for m, k in ((128, 32), (37, 5), (600, 599), (64, 1)):
+        for row in _top_k_rows(rng, m):
+            s = row.astype(dtype)
+            thr, exact, mx = top_k_threshold(s.copy(), m, k)
+            kth = np.sort(s)[::-1][k - 1]
+            assert mx == s.max()
+            if exact:
+                assert np.count_nonzero(s >= thr) == k
+            else:
+                assert thr == kth and np.count_nonzero(s >= thr) > k
+
+
 def test_store_streams_the_same_trajectory(tmp_path):
     from particles import simulate
 

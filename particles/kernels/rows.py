@@ -194,9 +194,10 @@ EXACT, TIE = True, False  # count(≥ thr) = k exactly; or thr is a k-th largest
 
 @njit(cache=True)
 def _bisect_keys(s, m, k, a, b):
-    """Bisection on the floats' integer order keys in [a, b), given count(≥ a) ≥ k > count(≥ b):
-    the largest threshold with count ≥ k (exact, at most 32/64 passes). Returns (thr, state)."""
-    lo_key, hi_key = float_key(a), float_key(b) - 1
+    """Bisection on the floats' integer order keys in [a, b], given count(≥ a) ≥ k: the largest
+    threshold with count ≥ k, which is the k-th largest value (exact, at most 32/64 passes).
+    Returns (thr, state)."""
+    lo_key, hi_key = float_key(a), float_key(b)
     while lo_key < hi_key:
         mid = (lo_key >> 1) + (hi_key >> 1) + ((lo_key & 1) | (hi_key & 1))  # ceil, no overflow
         c = _count_ge(s, m, key_float(mid, a))
@@ -215,37 +216,35 @@ def top_k_threshold(s, m, k):
     """(thr, state, max) for the k largest of s[:m], m > k: count(≥ thr) = k (state EXACT), or thr is
     the k-th largest value and more than k values are ≥ it (TIE).
 
-    Each pass is one vectorised count; the search keeps count(≥ a) = ca ≥ k > cb = count(≥ b),
-    starting from [min, max] (min raised to the finite range past radius-masked −inf entries):
-    interpolation on the counts, t = b − (b − a)·(k − cb + ½)/(ca − cb) (exact for evenly spread
-    scores), halving whenever a step did not at least halve the bracket's count; when the floats run
-    out, bisection on their integer order keys.
+    A root search on f(t) = count(s ≥ t) − k − ½, each evaluation one vectorised count, keeping
+    f(a) > 0 > f(b) from [a, b] = [min, max] (min raised to the finite range past radius-masked
+    −inf entries; at the max, f = 1 − k − ½ is a guess: ties at the max are left to the bisection):
+    regula falsi t = b − (b − a)·f(b)/(f(b) − f(a)) with the Illinois rule (an end kept twice in a
+    row has its f halved), which lands on a count of exactly k in ~4 passes for evenly spread
+    scores; when the floats run out, bisection on their integer order keys (exact).
     """
     mn, mx = row_min_max(s, m)
-    n_max = _count_ge(s, m, mx)
-    if n_max >= k:  # ties at the maximum fill the k slots
-        return mx, n_max == k, mx
     big, half = s.dtype.type(np.finfo(s.dtype).max), s.dtype.type(0.5)
-    a, ca, b, cb = mn, m, mx, n_max
+    a, ca, b = mn, m, mx
     if a < -big:
         c = _count_ge(s, m, -big)
         if c >= k:
             a, ca = -big, c
-    interpolate = True
+    fa, fb = s.dtype.type(ca - k) - half, s.dtype.type(1 - k) - half
+    kept = 0  # +1: a was moved last, −1: b was
     for _ in range(VALUE_SEARCHES):
-        if interpolate:
-            t = b - (b - a) * ((s.dtype.type(k - cb) + half) / s.dtype.type(ca - cb))
-        else:
-            t = a + (b - a) * half
+        t = b - (b - a) * (fb / (fb - fa))
         if not (a < t < b):
             break
         c = _count_ge(s, m, t)
         if c == k:
             return t, EXACT, mx
-        before, above = ca - cb, c > k  # (selects, not branches: the outcome is a coin toss)
-        a, ca = (t, c) if above else (a, ca)
-        b, cb = (b, cb) if above else (t, c)
-        interpolate = 2 * (ca - cb) <= before
+        fc, above = s.dtype.type(c - k) - half, c > k  # (selects, not branches: a coin toss)
+        fb = fb * half if above and kept > 0 else fb
+        fa = fa * half if not above and kept < 0 else fa
+        a, fa = (t, fc) if above else (a, fa)
+        b, fb = (b, fb) if above else (t, fc)
+        kept = 1 if above else -1
     thr, state = _bisect_keys(s, m, k, a, b)
     return thr, state, mx
 
