@@ -117,7 +117,12 @@ def simulate(model: str, x0=None, *, n=None, d=None, steps, dt, save_every=1, se
     with tqdm(total=S * steps, disable=not progress, desc=f"simulate {model}", unit="step") as bar:
         for s in range(S):
             step = make_stepper(field, it.geometry, integrator, dt, noise, noise_rngs[s])
-            x = x0[s]
+            x, order = x0[s], None
+            if field.path == "hk1d" and noise == 0:
+                # 1-D HK is permutation-equivariant and keeps the order of opinions: integrate the
+                # sorted opinions (the sweep then needs no gather/scatter) and unsort saved steps
+                order = np.argsort(x[:, 0], kind="stable")
+                x = x[order]
             done = 0
             for slot, target in enumerate(keep):
                 for _ in range(target - done):
@@ -125,15 +130,23 @@ def simulate(model: str, x0=None, *, n=None, d=None, steps, dt, save_every=1, se
                 bar.update(target - done)
                 done = target
                 _check_finite(x, it, target)
-                traj[s, slot] = x
+                saved = x if order is None else _unsort(x, order)
+                traj[s, slot] = saved
                 if return_weights:
-                    weights[s, slot] = field.weights(x)
+                    weights[s, slot] = field.weights(saved)
     traj = traj if store is None else sink.lazy()
     ds = _to_dataset(traj if ensemble else traj[0], weights if (ensemble or weights is None)
                      else weights[0], keep, it, ensemble, dict(
                          dt=dt, steps=steps, save_every=save_every, seed=seed,
                          integrator=integrator, dtype=str(dtype), noise=noise, n=n, d=d))
     return ds if store is None else sink.finish(ds)
+
+
+def _unsort(x, order):
+    """The rows of x (given in the order `order` of the particles) back in particle order."""
+    out = np.empty_like(x)
+    out[order] = x
+    return out
 
 
 def _check_finite(x, it: Interaction, step: int):

@@ -318,6 +318,10 @@ def test_bench_baselines_compute_the_same_step():
             r = it.radius * (1 + 1e-9)
             np.testing.assert_allclose(bench.numpy_hk_sorted(x, r), ours, atol=1e-9)
             np.testing.assert_allclose(bench.numpy_hk_quadratic(x, r), ours, atol=1e-9)
+            xs = bench.state_as_simulated(case, x)  # the sorted state our timed step sees
+            assert np.all(np.diff(xs[:, 0]) >= 0)
+            np.testing.assert_allclose(velocity_field(it, case.n, 1, case.dtype)(xs),
+                                       bench.numpy_hk_sorted(xs, r), atol=1e-9)
     record = bench.run_case(bench.Case("t", "sa", 64, 3, "float32"), repeats=1, budget=0.0)
     assert {"ours_s", "numpy_s", "torch_s", "x_numpy", "x_torch", "pairs_per_s"} <= set(record)
     assert "sa dense fp32" in bench.format_table([record] + [dict(record, case="sa dense fp32")])

@@ -17,7 +17,8 @@ def _matrix(text):
             return np.load(text)
         return np.asarray(json.loads(text), dtype=float)
     except (OSError, json.JSONDecodeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(f"expected JSON nested lists or a readable .npy file: {err}") from err
+        raise argparse.ArgumentTypeError(
+            f"expected JSON nested lists or a readable .npy file: {err}") from err
 
 
 def register(sub):

@@ -1,12 +1,15 @@
 """1-D Hegselmann–Krause: sorted two-pointer sweep with compensated window sums, O(n) per step.
 
 The synchronous HK map preserves the order of opinions (x_i ≤ x_j ⇒ x_i' ≤ x_j', and Euler with
-dt ≤ 1 keeps it), so the permutation sorting x is computed once and reused: each call gathers
-x in that order, checks it is still non-decreasing (re-sorting if not — noise, dt > 1, or a new
-state), and sweeps. For the sorted opinions the neighbourhood {j : (x_j − x_i)² ≤ r2} is an index
-interval [lo, hi] whose ends only move forward, with the same predicate (and the same r2 =
-radius_bound_sq) as every other path. The mean over it is (P[hi+1] − P[lo])/(hi − lo + 1) with prefix
-sums P kept in float64 as an unevaluated sum hi + lo (TwoSum), so window sums keep full relative
+dt ≤ 1 keeps it). particles.simulate therefore integrates 1-D HK in sorted order, and a call on
+sorted opinions sweeps them directly. Otherwise the permutation sorting x is computed once and
+reused: each call gathers x in that order, checks it is still non-decreasing (re-sorting if not —
+noise, dt > 1, or a new state), sweeps, and scatters the result back.
+
+For the sorted opinions the neighbourhood {j : (x_j − x_i)² ≤ r2} is an index interval [lo, hi]
+whose ends only move forward, with the same predicate (and the same r2 = radius_bound_sq) as every
+other path. The mean over it is (P[hi+1] − P[lo])/(hi − lo + 1) with prefix sums P kept in float64
+as an unevaluated sum hi + lo (TwoSum), so window sums keep full relative
 accuracy even for 10⁶ opinions.
 """
 
@@ -16,6 +19,16 @@ import numpy as np
 from numba import njit, prange
 
 CHUNK = 1 << 16  # positions per parallel task in the sweep
+LOOKAHEAD = 4  # keys each end of the neighbour interval tests per position (+inf padding past the end)
+
+
+@njit(cache=True)
+def is_sorted(x):
+    """x[p − 1] ≤ x[p] for every p (NaN-free input)."""
+    bad = 0
+    for p in range(1, x.shape[0]):
+        bad += x[p] < x[p - 1]
+    return bad == 0
 
 
 @njit(cache=True)
@@ -59,9 +72,9 @@ def _first_near(xs, p, r2):
 
 
 @njit(cache=True)
-def _last_near(xs, p, r2):
-    """Largest j ≥ p with (xs[j] − xs[p])² ≤ r2."""
-    a, b = p, xs.shape[0] - 1
+def _last_near(xs, n, p, r2):
+    """Largest j ≥ p, j < n, with (xs[j] − xs[p])² ≤ r2."""
+    a, b = p, n - 1
     while a < b:
         mid = (a + b + 1) // 2
         if _near(xs, p, mid, r2):
@@ -72,41 +85,67 @@ def _last_near(xs, p, r2):
 
 
 @njit(cache=True)
-def prefix_sums(xs, p_hi, p_lo):
-    """P[k] = Σ_{p<k} xs[p] in float64 as the unevaluated sum p_hi[k] + p_lo[k] (TwoSum)."""
+def prefix_sums(xs, n, p_hi, p_lo):
+    """P[k] = Σ_{p<k} xs[p] (k ≤ n) in float64 as the unevaluated sum p_hi[k] + p_lo[k] (TwoSum)."""
     s, c = 0.0, 0.0
     p_hi[0], p_lo[0] = 0.0, 0.0
-    for p in range(xs.shape[0]):
+    for p in range(n):
         s, c = _two_sum_add(s, c, np.float64(xs[p]))
         p_hi[p + 1] = s
         p_lo[p + 1] = c
 
 
-@njit(parallel=True, cache=True)
-def sweep(xs, perm, p_hi, p_lo, r2, out):
-    """out[perm[p]] = mean{xs[j] : (xs[j] − xs[p])² ≤ r2} for sorted xs.
+@njit(cache=True)
+def _advance(xs, p, lo, hi, r2):
+    """The neighbour interval [lo, hi] of position p from that of p − 1: both ends only move forward,
+    by about one per position. Each end counts the keys it passes among the next LOOKAHEAD (the
+    predicate is monotone there, so the count is the step; the +inf padding stops hi at n − 1) and
+    only a longer jump takes the loop, so a step costs one load-compare-add latency, not one per key."""
+    step = 0
+    for ell in range(1, LOOKAHEAD + 1):
+        step += _near(xs, p, hi + ell, r2)
+    hi += step
+    if step == LOOKAHEAD:
+        while _near(xs, p, hi + 1, r2):
+            hi += 1
+    step = 0
+    for ell in range(LOOKAHEAD):
+        step += (lo + ell < p) & (not _near(xs, p, lo + ell, r2))
+    lo += step
+    if step == LOOKAHEAD:
+        while not _near(xs, p, lo, r2):
+            lo += 1
+    return lo, hi
 
-    Each task finds the neighbour interval [lo, hi] of its first position by bisection, then both
-    ends only move forward; the window sum is the difference of the compensated prefix sums.
+
+@njit(cache=True)
+def _window_mean(p_hi, p_lo, lo, hi):
+    """mean of xs[lo..hi] from the compensated prefix sums."""
+    return ((p_hi[hi + 1] - p_hi[lo]) + (p_lo[hi + 1] - p_lo[lo])) / (hi - lo + 1)
+
+
+@njit(parallel=True, cache=True)
+def sweep(xs, n, p_hi, p_lo, r2, out):
+    """out[p] = mean{xs[j] : (xs[j] − xs[p])² ≤ r2} for sorted xs[:n] (xs[n:n + LOOKAHEAD] = +inf).
+
+    Each task finds the neighbour interval [lo, hi] of its first position by bisection, then
+    advances it position by position (:func:`_advance`); the window sum is the difference of the
+    compensated prefix sums.
     """
-    n = xs.shape[0]
     tasks = (n + CHUNK - 1) // CHUNK
     for task in prange(tasks):
         start = task * CHUNK
-        lo, hi = _first_near(xs, start, r2), _last_near(xs, start, r2)
+        lo, hi = _first_near(xs, start, r2), _last_near(xs, n, start, r2)
         for p in range(start, min(n, start + CHUNK)):
-            # the ends typically move by about one per position: two branch-free conditional steps,
-            # then loops that are rarely entered (so the branches predict well)
-            for _ in range(2):
-                nxt = min(hi + 1, n - 1)
-                hi += np.int64(_near(xs, p, nxt, r2)) * (nxt - hi)
-                lo += 1 - np.int64(_near(xs, p, lo, r2))
-            while hi + 1 < n and _near(xs, p, hi + 1, r2):
-                hi += 1
-            while not _near(xs, p, lo, r2):
-                lo += 1
-            total = (p_hi[hi + 1] - p_hi[lo]) + (p_lo[hi + 1] - p_lo[lo])
-            out[perm[p]] = total / (hi - lo + 1)
+            lo, hi = _advance(xs, p, lo, hi, r2)
+            out[p] = _window_mean(p_hi, p_lo, lo, hi)
+
+
+@njit(parallel=True, cache=True)
+def scatter(values, perm, out):
+    """out[perm[p]] = values[p]."""
+    for p in prange(values.shape[0]):
+        out[perm[p]] = values[p]
 
 
 class SortedSweep:
@@ -115,17 +154,32 @@ class SortedSweep:
     def __init__(self):
         self.perm = None
         self.resorts = 0
+        self.xs = self.p_hi = self.p_lo = self.v = None
+
+    def _buffers(self, n, dtype):
+        """Sorted opinions (+inf padded) and prefix sums, kept between calls: fresh multi-MB arrays
+        cost a page fault per 4 KiB on first touch, more than the sweep itself at n = 10⁶."""
+        if self.xs is None or self.xs.shape[0] != n + LOOKAHEAD or self.xs.dtype != dtype:
+            self.xs = np.empty(n + LOOKAHEAD, dtype=dtype)
+            self.xs[n:] = np.inf
+            self.p_hi, self.p_lo, self.v = np.empty(n + 1), np.empty(n + 1), np.empty(n, dtype=dtype)
+        return self.xs, self.p_hi, self.p_lo, self.v
 
     def __call__(self, x: np.ndarray, r2) -> np.ndarray:
         flat = np.ascontiguousarray(x[:, 0])
         n = flat.shape[0]
-        xs = np.empty_like(flat)
+        xs, p_hi, p_lo, v = self._buffers(n, flat.dtype)
+        out = np.empty_like(flat)
+        if is_sorted(flat):  # e.g. simulate keeps 1-D HK in sorted order: no permutation at all
+            xs[:n] = flat
+            prefix_sums(xs, n, p_hi, p_lo)
+            sweep(xs, n, p_hi, p_lo, r2, out)
+            return out[:, None]
         if self.perm is None or self.perm.shape[0] != n or gather_sorted(flat, self.perm, xs) > 0:
             self.perm = np.argsort(flat, kind="stable")
             self.resorts += 1
             gather_sorted(flat, self.perm, xs)
-        p_hi, p_lo = np.empty(n + 1), np.empty(n + 1)
-        prefix_sums(xs, p_hi, p_lo)
-        out = np.empty_like(flat)
-        sweep(xs, self.perm, p_hi, p_lo, r2, out)
+        prefix_sums(xs, n, p_hi, p_lo)
+        sweep(xs, n, p_hi, p_lo, r2, v)
+        scatter(v, self.perm, out)
         return out[:, None]
