@@ -53,7 +53,10 @@ def test_every_path_matches_reference(model, base, restriction, general_qkv, d):
 
 
 def test_automatic_choice():
-    assert choose_path(make_interaction("sa"), 4096, 3) == "fused"
+    assert choose_path(make_interaction("sa"), 4096, 3) == "symmetric"
+    assert choose_path(make_interaction("krause", Q=np.eye(3) * 2, K=np.eye(3) * 2), 4096, 3) == "symmetric"
+    assert choose_path(make_interaction("sa", Q=np.eye(3) * 2), 4096, 3) == "fused"  # Q ≠ K
+    assert choose_path(make_interaction("sa"), 100, 3) == "fused"
     assert choose_path(make_interaction("sa"), 4096, 64) == "blas"
     assert choose_path(make_interaction("krause"), 4096, 64) == "range"
     assert choose_path(make_interaction("sa", causal=True), 4096, 64) == "range"
@@ -90,6 +93,27 @@ def test_fused_falls_back_to_exact_max_when_the_bound_is_loose():
         v = velocity_field(it, n, d, dtype, path="fused")(x.astype(dtype))
         assert np.all(np.isfinite(v))
         np.testing.assert_allclose(v, reference.velocity(x, it), rtol=0, atol=atol)
+
+
+def test_symmetric_kernel_redoes_rows_the_shared_shift_underflows():
+    """Q = K with very unequal ‖q_i‖: one shift |β|·max‖q‖² for every row underflows the rows of
+    short queries in float32; those rows are redone with their exact max. Also several blocks
+    and tasks (n > SYMMETRIC_BLOCK, odd block count)."""
+    from particles.kernels import dense
+
+    n, d = 2 * dense.SYMMETRIC_BLOCK + 37, 3
+    Q = np.diag([1.0, 1.0, 12.0])
+    x = sphere_points(n, d, seed=8)
+    for model, params in (("sa", dict(beta=4.0, Q=Q, K=Q)), ("krause", dict(sigma=0.4, Q=Q, K=Q)),
+                          ("usa", dict(beta=0.05)), ("sa", dict(beta=1.0))):
+        it = make_interaction(model, **params)
+        ref = reference.velocity(x, it)
+        for dtype, atol in ((np.float64, 1e-10), (np.float32, 2e-5)):
+            field = velocity_field(it, n, d, dtype)
+            v = field(x.astype(dtype))
+            assert field.last_path == "symmetric"
+            np.testing.assert_allclose(v, ref, rtol=0, atol=atol * max(1.0, np.abs(ref).max()),
+                                       err_msg=f"{model} {dtype}")
 
 
 def test_top_k_ties_go_to_the_smaller_index():

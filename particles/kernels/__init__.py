@@ -9,6 +9,11 @@ row maths lives once, in :mod:`.rows`. Paths (``VelocityField.path``):
 * ``"neighbours"`` radius, no window, d ≤ 3, n ≥ 2048, and a sampled neighbour fraction ≤ 10 %:
                    cKDTree neighbour lists (CSR) + the row kernel over the lists, decided per call
                    (:mod:`.neighbours`); otherwise the call falls back to "range".
+* ``"symmetric"``  d ≤ 4, no restriction, Q = K, softmax or rbf score, n ≥ SYMMETRIC_MIN_N: the
+                   scores are symmetric, so each exp(s_ij − shift) is computed once for the pair
+                   i < j and used by both rows, with one shift bounding every score
+                   (:func:`.dense.velocity_symmetric`); a row whose sum underflows that shared
+                   bound is redone by the fused kernel with its exact max.
 * ``"fused"``      d ≤ 4 and no top-k (dense, causal or windowed, radius masked): one fused
                    vectorised pass per row (scores, exp, Σ w·v) with a bound of the row max as the
                    shift (:func:`.dense.velocity_fused`) — the dense softmax/RBF fast path.
@@ -32,7 +37,7 @@ import numpy as np
 from ..interaction import Interaction, radius_bound_sq
 from . import blas, dense, hk1d, neighbours, rows
 
-PATHS = ("hk1d", "neighbours", "fused", "blas", "range")
+PATHS = ("hk1d", "neighbours", "symmetric", "fused", "blas", "range")
 
 #: Below this many scored pairs a call runs on one thread: waking the second numba thread costs more
 #: than it saves, and on a busy machine the wait for it can take a whole scheduler tick (4 ms).
@@ -61,10 +66,23 @@ def choose_path(it: Interaction, n: int, d: int) -> str:
         return "hk1d"
     if it.radius is not None and it.window is None and d <= neighbours.MAX_DIM and n >= neighbours.MIN_N:
         return "neighbours"
-    return _dense_path(it, d)
+    return _dense_path(it, d, n)
 
 
-def _dense_path(it: Interaction, d: int) -> str:
+SYMMETRIC_MIN_N = 512
+
+
+def symmetric_scores(it: Interaction, d: int) -> bool:
+    """s_ij = s_ji for every pair: Q = K, a softmax or rbf score and no restriction."""
+    if it.restricted or it.score == "flat" or d > rows.FUSED_MAX_DIM:
+        return False
+    Q, K, _ = it.matrices(d)
+    return (it.Q is None and it.K is None) or np.array_equal(Q, K)
+
+
+def _dense_path(it: Interaction, d: int, n: int = 0) -> str:
+    if n >= SYMMETRIC_MIN_N and symmetric_scores(it, d):
+        return "symmetric"
     if it.top_k is None and d <= rows.FUSED_MAX_DIM:
         return "fused"
     if it.score == "softmax" and not it.restricted:
@@ -83,7 +101,8 @@ class VelocityField:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if (self.path == "hk1d" and choose_path(it, n, d) != "hk1d") or (
                 self.path == "neighbours" and it.radius is None) or (
-                self.path in ("fused", "blas") and _dense_path(it, d) != self.path):
+                self.path in ("fused", "blas") and _dense_path(it, d) != self.path) or (
+                self.path == "symmetric" and not symmetric_scores(it, d)):
             raise ValueError(f"path {self.path!r} does not apply to this interaction (d={d})")
         self.forced = path is not None
         self.Q, self.K, self.V = it.matrices(d, self.dtype)
@@ -92,7 +111,7 @@ class VelocityField:
         self.score = rows.SCORE_CODE[it.score]
         self.beta, self.inv2s2 = t(it.beta), t(1.0 / (2.0 * it.sigma**2))
         self.sweep = hk1d.SortedSweep() if self.path == "hk1d" else None
-        self.dense_path = "range" if self.path == "range" else _dense_path(it, d)
+        self.dense_path = self.path if self.path in ("range", "symmetric") else _dense_path(it, d)
         self.dims = (0,) * d  # compile-time constants of the fused kernel (rows.static)
         self.small_dims = self.dims if d <= rows.FUSED_MAX_DIM else ()
         self.score_s, self.radius_s = rows.static(self.score), rows.static(it.radius is not None)
@@ -130,13 +149,16 @@ class VelocityField:
             self.last_path = "neighbours"
             with threads_for(int(nbrs[0][-1])):
                 neighbours.velocity_lists(*nbrs, xT, qT, kT, vT, *self._row_args(), out)
+        elif self.dense_path == "symmetric":
+            self.last_path = "symmetric"
+            self._symmetric(xT, qT, vT, out)
         elif self.dense_path == "fused":
             self.last_path = "fused"
             qnorm = np.sqrt(np.einsum("dn,dn->n", qT, qT))
             kmax = self.dtype.type(np.sqrt(np.einsum("dn,dn->n", kT, kT).max()))
             with threads_for(n * rows.buffer_len(n, it.window or 0, bool(it.causal))):
-                dense.velocity_fused(self.dims, self.score_s, self.radius_s, xT, qT, kT, vT, self.beta,
-                                     self.inv2s2, self.r2, it.window or 0, bool(it.causal),
+                dense.velocity_fused(self.dims, self.score_s, self.radius_s, np.arange(n), xT, qT, kT, vT,
+                                     self.beta, self.inv2s2, self.r2, it.window or 0, bool(it.causal),
                                      bool(it.normalise), qnorm, kmax, self.tiny, out)
         elif self.dense_path == "blas":
             self.last_path = "blas"
@@ -150,6 +172,29 @@ class VelocityField:
             raise OverflowError(f"usa weights exp(beta⟨Qx_i, Kx_j⟩)/n overflow {self.dtype} "
                                 f"(beta={self.interaction.beta}); lower beta or use model 'sa'")
         return out
+
+    def _symmetric(self, xT, qT, vT, out):
+        """out ← v via velocity_symmetric; rows whose Σ w fell below `tiny` under the shared shift
+        are redone one by one by the fused kernel with their exact row max."""
+        it, n = self.interaction, xT.shape[1]
+        sq = np.einsum("dn,dn->n", qT, qT)
+        shift = abs(it.beta) * sq.max() if it.score == "softmax" else 0.0
+        sums = np.empty((len(self.dims) + 1, n), dtype=self.dtype)
+        with threads_for(n * n // 2):
+            blocks = -(-n // dense.SYMMETRIC_BLOCK)
+            tasks = max(1, min((blocks + 1) // 2, 2 * numba.get_num_threads()))
+            partial = np.empty((tasks, len(self.dims) + 1, n), dtype=self.dtype)
+            dense.velocity_symmetric(self.dims, self.score_s, qT, vT, self.beta, self.inv2s2, shift,
+                                     bool(it.normalise), partial, sums)
+        factor = 1.0 / sums[0] if it.normalise else np.full(n, 1.0 / n, dtype=self.dtype)
+        out[:] = (sums[1:] * factor).T
+        loose = np.flatnonzero(sums[0] < self.tiny) if it.normalise else ()
+        if len(loose):
+            redo = np.empty((len(loose), xT.shape[0]), dtype=self.dtype)
+            qnorm, kmax = np.sqrt(sq), self.dtype.type(np.sqrt(sq.max()))
+            dense.velocity_fused(self.dims, self.score_s, self.radius_s, loose, xT, qT, qT, vT, self.beta,
+                                 self.inv2s2, self.r2, 0, False, True, qnorm, kmax, self.tiny, redo)
+            out[loose] = redo
 
     def weights(self, x: np.ndarray) -> np.ndarray:
         """Dense interaction matrix a_ij (n, n)."""

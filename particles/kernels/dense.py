@@ -1,11 +1,13 @@
 """Range kernel: every query row scans one contiguous key range — dense, causal or windowed.
 
-Two drivers: :func:`velocity_fused` (d ≤ 4, no top-k: one fused pass per row, no scores buffer —
-the fast path for dense softmax/RBF) and :func:`rows_range` (any d, top-k: the buffered row
-of :mod:`.rows`). Dense (no window): keys 0..n−1 (causal: 0..i), O(n²) pairs in total; with a
-window w the range has at most 2w − 1 keys (w if causal), so the cost is O(n·w) — linear in n.
-A radius masks keys in the range; top-k selects inside it. Rows are processed in parallel tasks
-of ROWS_PER_TASK rows with
+Three drivers: :func:`velocity_fused` (d ≤ 4, no top-k: one fused pass per row, no scores buffer),
+:func:`velocity_symmetric` (its variant for symmetric scores, Q = K without restrictions: one exp
+per pair i < j, used by both rows — the fast path for dense softmax/RBF) and :func:`rows_range`
+(any d, top-k: the buffered row of :mod:`.rows`).
+
+Dense (no window): keys 0..n−1 (causal: 0..i), O(n²) pairs in total; with a window w the range has
+at most 2w − 1 keys (w if causal), so the cost is O(n·w) — linear in n. A radius masks keys in the
+range; top-k selects inside it. Rows are processed in parallel tasks of ROWS_PER_TASK rows with
 per-task scratch buffers of the range length (never an n×n array).
 """
 
@@ -14,9 +16,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .fastexp import LOG2E, exp2_sat
 from .rows import (
+    FASTMATH,
     ROWS_PER_TASK,
     SOFTMAX,
+    _dot4,
+    _sqdist4,
     accumulate,
     buffer_len,
     candidate_range,
@@ -83,10 +89,11 @@ def rows_range(dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window
 
 
 @njit(parallel=True, cache=True)
-def velocity_fused(dims, score_s, radius_s, xT, qT, kT, vT, beta, inv2s2, r2, window, causal,
+def velocity_fused(dims, score_s, radius_s, which, xT, qT, kT, vT, beta, inv2s2, r2, window, causal,
                    normalise, qnorm, kmax, tiny, out):
-    """Dense/causal/windowed rows without top-k for d = len(dims) ≤ 4, one fused pass per row
-    (score code = len(score_s) − 1 and use_radius = len(radius_s) − 1 are compile-time, see rows.static).
+    """Rows which[r] (dense, causal or windowed, no top-k; d = len(dims) ≤ 4) into out[r], one fused
+    pass per row (score code = len(score_s) − 1 and use_radius = len(radius_s) − 1 are
+    compile-time, see rows.static).
 
     The shift is an upper bound of the row max instead of the max itself (no extra pass):
     |β|·‖q_i‖·max_j‖k_j‖ for softmax (Cauchy–Schwarz), 0 for rbf and flat. If the bound is so loose
@@ -97,11 +104,13 @@ def velocity_fused(dims, score_s, radius_s, xT, qT, kT, vT, beta, inv2s2, r2, wi
     n = xT.shape[1]
     D, score, use_radius = len(dims), len(score_s) - 1, len(radius_s) - 1
     m_max = buffer_len(n, window, causal)
-    tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    count = which.shape[0]
+    tasks = (count + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(tasks):
         s = np.empty(m_max, xT.dtype)
         dist = np.empty(m_max if use_radius else 1, xT.dtype)
-        for i in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
+        for r in range(task * ROWS_PER_TASK, min(count, (task + 1) * ROWS_PER_TASK)):
+            i = which[r]
             lo, hi = candidate_range(i, n, window, causal)
             shift = xT.dtype.type(0.0) if score != SOFTMAX or not normalise else abs(beta) * qnorm[i] * kmax
             tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT, kT,
@@ -115,11 +124,116 @@ def velocity_fused(dims, score_s, radius_s, xT, qT, kT, vT, beta, inv2s2, r2, wi
                 tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT,
                                                   kT, vT, beta, inv2s2, r2)
             f = 1.0 / tot if normalise else 1.0 / n
-            out[i, 0] = a0 * f
+            out[r, 0] = a0 * f
             if D > 1:
-                out[i, 1] = a1 * f
+                out[r, 1] = a1 * f
             if D > 2:
-                out[i, 2] = a2 * f
+                out[r, 2] = a2 * f
             if D > 3:
-                out[i, 3] = a3 * f
+                out[r, 3] = a3 * f
     return out
+
+
+SYMMETRIC_BLOCK = 512  # keys per column block of the symmetric kernel (its column sums stay in L1)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _symmetric_block(dims, score_s, qT, vT, b, g, y_shift, j0, j1, col, acc):
+    """All pairs i < j with j in the column block [j0, j1): w_ij = 2^(y_ij) computed once, added to
+    row i (Σ_j w, Σ_j w·v_j, into acc) and to column j (Σ_i w, Σ_i w·v_i, into col[:, j − j0])."""
+    D, score = len(dims), len(score_s) - 1
+    e1, e2 = min(1, D - 1), min(2, D - 1)
+    e3 = min(3, D - 1)
+    zero = b - b
+    for i in range(j1 - 1):
+        lo = max(j0, i + 1)
+        m = j1 - lo
+        k0, k1, k2, k3 = qT[0, lo:j1], qT[e1, lo:j1], qT[e2, lo:j1], qT[e3, lo:j1]
+        v0, v1, v2, v3 = vT[0, lo:j1], vT[e1, lo:j1], vT[e2, lo:j1], vT[e3, lo:j1]
+        c0, c1, c2, c3, c4 = (col[0, lo - j0:j1 - j0], col[1, lo - j0:j1 - j0], col[1 + e1, lo - j0:j1 - j0],
+                              col[1 + e2, lo - j0:j1 - j0], col[1 + e3, lo - j0:j1 - j0])
+        q0, q1, q2, q3 = qT[0, i], qT[e1, i], qT[e2, i], qT[e3, i]
+        bq0, bq1, bq2, bq3 = b * q0, b * q1, b * q2, b * q3
+        u0, u1, u2, u3 = vT[0, i], vT[e1, i], vT[e2, i], vT[e3, i]
+        tot, a0, a1, a2, a3 = zero, zero, zero, zero, zero
+        for t in range(m):
+            if score == SOFTMAX:
+                y = _dot4(D, t, bq0, bq1, bq2, bq3, k0, k1, k2, k3) + y_shift
+            else:
+                y = g * _sqdist4(D, t, q0, q1, q2, q3, k0, k1, k2, k3) + y_shift
+            w = exp2_sat(y)
+            tot += w
+            c0[t] += w
+            a0 += w * v0[t]
+            c1[t] += w * u0
+            if D > 1:
+                a1 += w * v1[t]
+                c2[t] += w * u1
+            if D > 2:
+                a2 += w * v2[t]
+                c3[t] += w * u2
+            if D > 3:
+                a3 += w * v3[t]
+                c4[t] += w * u3
+        acc[0, i] += tot
+        acc[1, i] += a0
+        if D > 1:
+            acc[2, i] += a1
+        if D > 2:
+            acc[3, i] += a2
+        if D > 3:
+            acc[4, i] += a3
+
+
+@njit(cache=True)
+def _symmetric_column(dims, score_s, qT, vT, b, g, y_shift, blk, col, acc):
+    """Column block blk: its pairs with every earlier row, column sums added into acc at the end."""
+    n = qT.shape[1]
+    j0, j1 = blk * SYMMETRIC_BLOCK, min(n, (blk + 1) * SYMMETRIC_BLOCK)
+    col[:, :] = 0.0
+    _symmetric_block(dims, score_s, qT, vT, b, g, y_shift, j0, j1, col, acc)
+    for c in range(col.shape[0]):
+        for j in range(j0, j1):
+            acc[c, j] += col[c, j - j0]
+
+
+@njit(parallel=True, cache=True)
+def velocity_symmetric(dims, score_s, qT, vT, beta, inv2s2, shift, normalise, partial, sums):
+    """Dense rows with symmetric scores (Q = K, no restriction), d = len(dims) ≤ 4: each w_ij =
+    exp(s_ij − shift) is computed once for i < j and used for both rows; shift is one bound of
+    every score (|β|·max‖q‖² for softmax, 0 for rbf and usa). Returns sums (D + 1, n) ← (Σ_j w_ij,
+    Σ_j w_ij v_j) per row (diagonal included); the caller normalises and checks for underflow.
+
+    Column blocks of SYMMETRIC_BLOCK keys, paired first with last so that every pair of blocks
+    holds the same share of the triangle, are dealt round-robin to T = partial.shape[0] tasks; each
+    task adds into its own partial (T, D + 1, n), reduced at the end.
+    """
+    D, score = len(dims), len(score_s) - 1
+    n = qT.shape[1]
+    t = qT.dtype.type
+    b, g = t(beta) * t(LOG2E), -t(inv2s2) * t(LOG2E)
+    y_shift = -t(shift) * t(LOG2E) if normalise else t(0.0)
+    blocks = (n + SYMMETRIC_BLOCK - 1) // SYMMETRIC_BLOCK
+    pairs = (blocks + 1) // 2
+    T = partial.shape[0]
+    for task in prange(T):
+        acc = partial[task]
+        acc[:, :] = 0.0
+        col = np.empty((D + 1, SYMMETRIC_BLOCK), qT.dtype)
+        for pair in range(task, pairs, T):
+            _symmetric_column(dims, score_s, qT, vT, b, g, y_shift, pair, col, acc)
+            if blocks - 1 - pair != pair:
+                _symmetric_column(dims, score_s, qT, vT, b, g, y_shift, blocks - 1 - pair, col, acc)
+    for i in prange(n):  # the diagonal w_ii, then the tasks' partial sums
+        y = y_shift
+        if score == SOFTMAX:
+            for c in range(D):
+                y += b * qT[c, i] * qT[c, i]
+        w = exp2_sat(y)
+        sums[0, i] = w
+        for c in range(D):
+            sums[1 + c, i] = w * vT[c, i]
+        for task in range(T):
+            for c in range(D + 1):
+                sums[c, i] += partial[task, c, i]
+    return sums
