@@ -40,7 +40,7 @@ from .rows import (
 )
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def rows_range(dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, causal, top_k, normalise,
                dense_weights, out):
     """All rows with the buffered row kernel (arrays component-major (d, n)).
@@ -48,6 +48,10 @@ def rows_range(dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window
     dense_weights False: out (n, d) ← v_i = Σ_{j∈N(i)} a_ij V x_j; for d = len(dims) ≤ 4 (dims = ()
     otherwise) a row without a top-k tie finishes in one pass (:func:`.rows.weighted_sum_range`).
     True: out (n, n) ← a_ij, zero outside N(i) — for inspection and sink metrics, not for stepping.
+
+    row_scores and weighted_sum_range are inlined (numba inline="always"; this function has their
+    fastmath flags so their loops still vectorise): for short windowed rows the calls cost as much
+    as the work.
     """
     n = xT.shape[1]
     D = len(dims)

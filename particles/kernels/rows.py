@@ -313,7 +313,7 @@ def row_weights(s, c, normalise, n):
     return 1.0 / n
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def row_scores(dims, i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, s, idx, dist):
     """Scores of query row i into s[:m]; returns m. contiguous: keys lo..lo+m−1, keys outside the
     radius get −inf; else keys idx[:m] (ascending), those outside the radius are dropped from the list."""
@@ -433,7 +433,7 @@ def fused_range(dims, score_s, radius_s, i, lo, m, shift, xT, qT, kT, vT, beta, 
     return tot, a0, a1, a2, a3
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def weighted_sum_range(dims, s, lo, m, thr, mx, normalise, vT):
     """(Σ w, Σ w·v_0, …, Σ w·v_3) over the scores s[:m] of keys lo..lo+m−1 in one pass, with
     w_t = exp(s_t − mx) (normalised; exp(s_t) for usa) where s_t ≥ thr and s_t > −inf, 0 elsewhere:
