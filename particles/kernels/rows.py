@@ -29,7 +29,7 @@ VALUE_SEARCHES = 12  # top-k: value-space passes before the exact integer-key bi
 ROWS_PER_TASK = 128  # rows per parallel task (per-task scratch buffers are allocated once)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def candidate_range(i, n, window, causal):
     """[lo, hi) of keys j allowed by the window (|i − j| < w, or 0 ≤ i − j < w if causal) and causality."""
     lo, hi = 0, n
@@ -80,7 +80,7 @@ def _sqdist4(D, t, a0, a1, a2, a3, b0, b1, b2, b3):
     return s
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def scores_range(dims, i, lo, m, qT, kT, score, beta, inv2s2, s):
     """s[t] = s_{i, lo+t} for t < m (slices keep the indices provably ≥ 0, so the loops vectorise).
     d = len(dims) ≤ 4: one pass over the keys; dims = (): one pass per component (any d)."""
