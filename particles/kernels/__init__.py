@@ -43,6 +43,7 @@ PATHS = ("hk1d", "neighbours", "symmetric", "fused", "blas", "range")
 #: than it saves, and on a busy machine the wait for it can take a whole scheduler tick (4 ms).
 SERIAL_WORK = 1 << 21
 HK1D_WORK_PER_OPINION = 16  # the sweep's cost per opinion, in the same units
+RANGE_TOP_K_COST = 4  # a scored pair of the range kernel with top-k, in the same units
 
 
 @contextmanager
@@ -166,7 +167,8 @@ class VelocityField:
                 blas.velocity_blas(qT.T, kT.T, vT.T, self.beta, bool(it.normalise), out)
         else:
             self.last_path = "range"
-            with threads_for(n * rows.buffer_len(n, it.window or 0, bool(it.causal))):
+            pairs = n * rows.buffer_len(n, it.window or 0, bool(it.causal))
+            with threads_for(pairs * (RANGE_TOP_K_COST if it.top_k else 1)):
                 dense.rows_range(self.small_dims, xT, qT, kT, vT, *self._row_args(), False, out)
         if not self.interaction.normalise and not np.all(np.isfinite(out)):
             raise OverflowError(f"usa weights exp(beta⟨Qx_i, Kx_j⟩)/n overflow {self.dtype} "
