@@ -63,13 +63,11 @@ def rows_range(dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window
         idx = np.empty(m_max, np.int64)
         for i in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             lo, hi = candidate_range(i, n, window, causal)
-            m = row_scores(dims, i, lo, hi - lo, True, xT, qT, kT, score, beta, inv2s2, r2, use_radius,
-                           s, idx, dist)
-            thr, exact, mx = xT.dtype.type(-np.inf), True, xT.dtype.type(0.0)
+            m, mn, mx = row_scores(dims, i, lo, hi - lo, True, xT, qT, kT, score, beta, inv2s2, r2,
+                                   use_radius, s, idx, dist)
+            thr, exact = xT.dtype.type(-np.inf), True
             if top_k > 0 and m > top_k:
-                thr, exact, mx = top_k_threshold(s, m, top_k)
-            elif normalise:
-                mx = row_min_max(s, m)[1]
+                thr, exact = top_k_threshold(s, m, top_k, mn, mx)
             if D > 0 and exact and not dense_weights:
                 tot, a0, a1, a2, a3 = weighted_sum_range(dims, s, lo, m, thr, mx, normalise, vT)
                 f = 1.0 / tot if normalise else 1.0 / n
@@ -120,11 +118,11 @@ def velocity_fused(dims, score_s, radius_s, which, xT, qT, kT, vT, beta, inv2s2,
             tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT, kT,
                                               vT, beta, inv2s2, r2)
             if normalise and tot < tiny:  # loose bound: redo with the exact row max
-                scores_range(dims, i, lo, hi - lo, qT, kT, score, beta, inv2s2, s)
+                shift = scores_range(dims, i, lo, hi - lo, qT, kT, score, beta, inv2s2, s)[1]
                 if use_radius:
                     sqdist_range(i, lo, hi - lo, xT, dist)
                     mask_radius(s, dist, hi - lo, r2)
-                shift = row_min_max(s, hi - lo)[1]
+                    shift = row_min_max(s, hi - lo)[1]
                 tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT,
                                                   kT, vT, beta, inv2s2, r2)
             f = 1.0 / tot if normalise else 1.0 / n

@@ -22,10 +22,6 @@ from numba.core.extending import intrinsic, overload, register_jitable
 
 LOG2E = 1.4426950408889634
 _LN2_POW = tuple(math.log(2.0) ** k / math.factorial(k) for k in range(13))  # Taylor coefficients of 2^f
-# 2^f on |f| ≤ 1/2 for float32: the degree-5 Chebyshev interpolant (relative error 1.0e-7, below the
-# degree-6 Taylor polynomial's 1.2e-7 with one multiply-add less), as monomial coefficients
-_EXP2_32 = tuple(float(c) for c in np.polynomial.Chebyshev.interpolate(
-    np.exp2, 5, domain=[-0.5, 0.5]).convert(kind=np.polynomial.Polynomial).coef)
 
 
 def _bitcast(mapping, doc):
@@ -169,12 +165,13 @@ def _exp2_sat32(y):
     yc = min(max(y, np.float32(-125.0)), np.float32(128.0))
     k = np.rint(yc)
     f = yc - k  # exact, |f| ≤ 1/2
-    p = np.float32(_EXP2_32[5])
-    p = p * f + np.float32(_EXP2_32[4])
-    p = p * f + np.float32(_EXP2_32[3])
-    p = p * f + np.float32(_EXP2_32[2])
-    p = p * f + np.float32(_EXP2_32[1])
-    p = p * f + np.float32(_EXP2_32[0])
+    p = np.float32(_LN2_POW[6])
+    p = p * f + np.float32(_LN2_POW[5])
+    p = p * f + np.float32(_LN2_POW[4])
+    p = p * f + np.float32(_LN2_POW[3])
+    p = p * f + np.float32(_LN2_POW[2])
+    p = p * f + np.float32(_LN2_POW[1])
+    p = p * f + np.float32(1.0)
     # p·2^k by adding k to p's exponent field (an integer add instead of a float multiply)
     return _bits_to_float(np.int32(_float_to_bits(p) + (np.int32(k) << 23)))
 
@@ -205,9 +202,9 @@ def exp2_sat(y):  # pragma: no cover - replaced by the numba overload below insi
 
     Cheaper than fexp (no range reduction by ln 2, no selects, 2^k added into the exponent field of
     the polynomial): for loops that fold log2(e) into their inputs and can afford a tiny normal in
-    place of 0 for underflowing terms (≤ 2^-125 of any term ≥ 1). y = k + f, k = rint(y), 2^f on
-    |f| ≤ 1/2 from the degree-5 Chebyshev interpolant (float32, ≤ 1.0e-7) or the degree-12 Taylor
-    polynomial (float64, truncation ≤ 1.7e-16).
+    place of 0 for underflowing terms (≤ 2^-125 of any term ≥ 1). y = k + f, k = rint(y), 2^f from
+    its Taylor polynomial on |f| ≤ 1/2: degree 6 (float32, truncation ≤ 1.2e-7) or 12 (float64,
+    ≤ 1.7e-16).
     """
     lo = -125.0 if np.asarray(y).dtype == np.float32 else -1021.0
     return np.exp2(np.maximum(y, lo))

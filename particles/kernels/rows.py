@@ -82,26 +82,35 @@ def _sqdist4(D, t, a0, a1, a2, a3, b0, b1, b2, b3):
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def scores_range(dims, i, lo, m, qT, kT, score, beta, inv2s2, s):
-    """s[t] = s_{i, lo+t} for t < m (slices keep the indices provably ≥ 0, so the loops vectorise).
-    d = len(dims) ≤ 4: one pass over the keys; dims = (): one pass per component (any d)."""
+    """s[t] = s_{i, lo+t} for t < m (slices keep the indices provably ≥ 0, so the loops vectorise);
+    returns (min, max) of s[:m] (m ≥ 1). d = len(dims) ≤ 4: one pass over the keys, the min and max
+    kept on the way; dims = (): one pass per component (any d), then row_min_max."""
     d, D = qT.shape[0], len(dims)
     if score == FLAT:
         for t in range(m):
             s[t] = 0.0
-        return
+        return s[0], s[0]
     k0 = kT[0, lo:lo + m]
     if D > 0:
         e1, e2, e3 = min(1, D - 1), min(2, D - 1), min(3, D - 1)
         k1, k2, k3 = kT[e1, lo:lo + m], kT[e2, lo:lo + m], kT[e3, lo:lo + m]
         q0, q1, q2, q3 = qT[0, i], qT[e1, i], qT[e2, i], qT[e3, i]
+        inf = s.dtype.type(np.inf)
+        bits_lo, bits_hi = order_bits(inf), order_bits(-inf)
         if score == SOFTMAX:
             q0, q1, q2, q3 = q0 * beta, q1 * beta, q2 * beta, q3 * beta
             for t in range(m):
-                s[t] = _dot4(D, t, q0, q1, q2, q3, k0, k1, k2, k3)
+                v = _dot4(D, t, q0, q1, q2, q3, k0, k1, k2, k3)
+                s[t] = v
+                b = order_bits(v)
+                bits_lo, bits_hi = min(bits_lo, b), max(bits_hi, b)
         else:
             for t in range(m):
-                s[t] = _sqdist4(D, t, q0, q1, q2, q3, k0, k1, k2, k3) * -inv2s2
-        return
+                v = _sqdist4(D, t, q0, q1, q2, q3, k0, k1, k2, k3) * -inv2s2
+                s[t] = v
+                b = order_bits(v)
+                bits_lo, bits_hi = min(bits_lo, b), max(bits_hi, b)
+        return order_float(bits_lo), order_float(bits_hi)
     if score == SOFTMAX:
         q0 = qT[0, i] * beta
         for t in range(m):
@@ -111,7 +120,7 @@ def scores_range(dims, i, lo, m, qT, kT, score, beta, inv2s2, s):
             ka = kT[a, lo:lo + m]
             for t in range(m):
                 s[t] += qa * ka[t]
-        return
+        return row_min_max(s, m)
     q0 = qT[0, i]
     for t in range(m):
         u = q0 - k0[t]
@@ -124,6 +133,7 @@ def scores_range(dims, i, lo, m, qT, kT, score, beta, inv2s2, s):
             s[t] += u * u
     for t in range(m):
         s[t] *= -inv2s2
+    return row_min_max(s, m)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -212,9 +222,9 @@ def _bisect_keys(s, m, k, a, b):
 
 
 @njit(cache=True)
-def top_k_threshold(s, m, k):
-    """(thr, state, max) for the k largest of s[:m], m > k: count(≥ thr) = k (state EXACT), or thr is
-    the k-th largest value and more than k values are ≥ it (TIE).
+def top_k_threshold(s, m, k, mn, mx):
+    """(thr, state) for the k largest of s[:m], m > k, given mn, mx = min, max s[:m]: count(≥ thr) = k
+    (state EXACT), or thr is the k-th largest value and more than k values are ≥ it (TIE).
 
     A root search on f(t) = count(s ≥ t) − k − ½, each evaluation one vectorised count, keeping
     f(a) > 0 > f(b) from [a, b] = [min, max] (min raised to the finite range past radius-masked
@@ -223,7 +233,6 @@ def top_k_threshold(s, m, k):
     row has its f halved), which lands on a count of exactly k in ~4 passes for evenly spread
     scores; when the floats run out, bisection on their integer order keys (exact).
     """
-    mn, mx = row_min_max(s, m)
     big, half = s.dtype.type(np.finfo(s.dtype).max), s.dtype.type(0.5)
     a, ca, b = mn, m, mx
     if a < -big:
@@ -238,15 +247,14 @@ def top_k_threshold(s, m, k):
             break
         c = _count_ge(s, m, t)
         if c == k:
-            return t, EXACT, mx
+            return t, EXACT
         fc, above = s.dtype.type(c - k) - half, c > k  # (selects, not branches: a coin toss)
         fb = fb * half if above and kept > 0 else fb
         fa = fa * half if not above and kept < 0 else fa
         a, fa = (t, fc) if above else (a, fa)
         b, fb = (b, fb) if above else (t, fc)
         kept = 1 if above else -1
-    thr, state = _bisect_keys(s, m, k, a, b)
-    return thr, state, mx
+    return _bisect_keys(s, m, k, a, b)
 
 
 @njit(cache=True)
@@ -315,14 +323,15 @@ def row_weights(s, c, normalise, n):
 
 @njit(cache=True, inline="always")
 def row_scores(dims, i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, s, idx, dist):
-    """Scores of query row i into s[:m]; returns m. contiguous: keys lo..lo+m−1, keys outside the
-    radius get −inf; else keys idx[:m] (ascending), those outside the radius are dropped from the list."""
+    """Scores of query row i into s[:m]; returns (m, min, max). contiguous: keys lo..lo+m−1, keys
+    outside the radius get −inf; else keys idx[:m] (ascending), those outside the radius are dropped."""
     if contiguous:
-        scores_range(dims, i, lo, m, qT, kT, score, beta, inv2s2, s)
+        mn, mx = scores_range(dims, i, lo, m, qT, kT, score, beta, inv2s2, s)
         if use_radius:
             sqdist_range(i, lo, m, xT, dist)
             mask_radius(s, dist, m, r2)
-        return m
+            mn, mx = row_min_max(s, m)
+        return m, mn, mx
     if use_radius:  # the list may be a superset of the radius neighbours
         c = 0
         for t in range(m):
@@ -331,7 +340,8 @@ def row_scores(dims, i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, 
                 c += 1
         m = c
     scores_list(i, idx, m, qT, kT, score, beta, inv2s2, s)
-    return m
+    mn, mx = row_min_max(s, m)
+    return m, mn, mx
 
 
 @njit(cache=True)
@@ -342,9 +352,10 @@ def row(i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, t
     contiguous: keys lo..lo+m−1 on entry; else idx[:m] (ascending). On return the weights are
     factor·s[:c] for keys lo + t (contiguous) or idx[t].
     """
-    m = row_scores((), i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, s, idx, dist)
+    m, mn, mx = row_scores((), i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, s, idx,
+                           dist)
     if top_k_ > 0 and m > top_k_:
-        thr, state, _ = top_k_threshold(s, m, top_k_)
+        thr, state = top_k_threshold(s, m, top_k_, mn, mx)
         m, contiguous = keep_top(s, idx, m, lo, contiguous, top_k_, thr, state)
     factor = row_weights(s, m, normalise, xT.shape[1])
     return m, contiguous, factor
