@@ -348,6 +348,10 @@ def test_bench_baselines_compute_the_same_step():
     record = bench.run_case(bench.Case("t", "sa", 64, 3, "float32"), repeats=1, budget=0.0)
     assert {"ours_s", "numpy_s", "torch_s", "x_numpy", "x_torch", "pairs_per_s"} <= set(record)
     assert "sa dense fp32" in bench.format_table([record] + [dict(record, case="sa dense fp32")])
+    merged = bench.keep_best(bench.keep_best(None, dict(record, ours_s=2.0, numpy_s=5.0)),
+                             dict(record, ours_s=1.0, numpy_s=6.0))  # two rounds: each time's best
+    assert merged["ours_s"] == 1.0 and merged["numpy_s"] == 5.0 and len(merged["rounds"]) == 2
+    assert merged["pairs_per_s"] == record["pairs"] / 1.0
 
 
 @pytest.mark.slow
