@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install figures test bench lint
+.PHONY: install figures test bench lint clean-numba-cache
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench: install            ## speed ratios against numpy and torch + the slow tes
 
 lint: install
 	$(BIN)/ruff check particles analysis tests
+
+clean-numba-cache:        ## after editing a kernel: numba's cache does not notice changes in the functions a cached function calls
+	find particles analysis tests -name '*.nbi' -delete -o -name '*.nbc' -delete
 
 # >>> browser-deps (issue 8: tests/test_jupyterlab_browser.py; owned by the notebooks developer) >>>
 # Debian's chromium (apt) and the `playwright` Python package (into the venv), each only when missing.
