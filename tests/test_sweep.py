@@ -112,17 +112,27 @@ def test_sync_equals_direct_simulate_and_metric_calls(reference):
     assert ds["final_clusters"].attrs["eps"] == 0.05
 
 
+def assert_same_across_processes(ds, ref):
+    """Identical structure, coordinates and attributes; values equal to the last bits. Kernels that
+    numba compiled in a process and kernels loaded from its on-disk cache can differ in the last
+    bit (parallel numba code), so results computed in other processes are equal to 1e-12, not
+    bit for bit."""
+    xr.testing.assert_identical(ds.copy(data={k: np.zeros_like(v) for k, v in ds.data_vars.items()}),
+                                ref.copy(data={k: np.zeros_like(v) for k, v in ref.data_vars.items()}))
+    xr.testing.assert_allclose(ds, ref, rtol=0, atol=1e-12)
+
+
 def test_localcluster_equals_sync_and_store_round_trips(cluster, reference, tmp_path):
     store = tmp_path / "r.zarr"
     ds = sweep(**SPEC, scheduler=cluster, store=store, progress=False)
-    xr.testing.assert_identical(ds, reference)
-    xr.testing.assert_identical(open_sweep(store), reference)
+    assert_same_across_processes(ds, reference)
+    xr.testing.assert_identical(open_sweep(store), ds)
     written = xr.open_zarr(store, group="result", consolidated=False).load()
-    xr.testing.assert_equal(written, reference)
+    xr.testing.assert_equal(written, ds)
     assert len(_points(store)) == 8 and not any((store / ".tmp").iterdir())
     # a rerun computes nothing and returns the same Dataset
     ds2 = sweep(**SPEC, scheduler=cluster.scheduler.address, store=store, progress=False)
-    xr.testing.assert_identical(ds2, reference)
+    xr.testing.assert_identical(ds2, ds)
 
 
 def test_scheduler_none_starts_and_closes_a_local_cluster():
@@ -136,7 +146,7 @@ def test_scheduler_none_starts_and_closes_a_local_cluster():
     kw = dict(model="hk", axes={"radius": [0.1, 0.3]}, metrics=["final_clusters"], steps=5, dt=1.0,
               n=20, d=1, progress=False)
     ds = sweep(**kw, scheduler=None, workers=1)
-    xr.testing.assert_identical(ds, sweep(**kw, scheduler="sync"))
+    assert_same_across_processes(ds, sweep(**kw, scheduler="sync"))
     assert children() <= before
 
 
@@ -254,8 +264,9 @@ def test_kill_and_resume_cli(cluster, slow_reference, tmp_path, capsys):
     assert _points(store) == {p.key for p in make_plan(**SLOW).points()}
     # the points finished before the kill were kept, not recomputed or rewritten
     assert {key: (store / "points" / key).stat().st_ino for key in finished} == inodes
-    xr.testing.assert_identical(open_sweep(store), slow_reference)
-    xr.testing.assert_equal(xr.open_zarr(store, group="result", consolidated=False).load(), slow_reference)
+    assert_same_across_processes(open_sweep(store), slow_reference)
+    xr.testing.assert_equal(xr.open_zarr(store, group="result", consolidated=False).load(),
+                            open_sweep(store))
 
 
 def test_worker_killed_mid_sweep_loses_and_duplicates_nothing(cluster, slow_reference, tmp_path, monkeypatch):
@@ -288,7 +299,7 @@ def test_worker_killed_mid_sweep_loses_and_duplicates_nothing(cluster, slow_refe
     killer.join()
     assert killed, "no worker was killed"
     assert killed["tasks"] >= 1 and killed["done"] < 16
-    xr.testing.assert_identical(ds, slow_reference)
+    assert_same_across_processes(ds, slow_reference)
     assert sorted(writes) == sorted(p.key for p in make_plan(**SLOW).points())  # each point once
     assert len(_points(store)) == 16
 

@@ -40,54 +40,63 @@ from .rows import (
 )
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(parallel=True, cache=True)
 def rows_range(dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, causal, top_k, normalise,
                dense_weights, out):
-    """All rows with the buffered row kernel (arrays component-major (d, n)).
+    """All rows with the buffered row kernel (arrays component-major (d, n)); tasks of
+    ROWS_PER_TASK rows run in parallel (:func:`range_task`).
 
     dense_weights False: out (n, d) ← v_i = Σ_{j∈N(i)} a_ij V x_j; for d = len(dims) ≤ 4 (dims = ()
     otherwise) a row without a top-k tie finishes in one pass (:func:`.rows.weighted_sum_range`).
     True: out (n, n) ← a_ij, zero outside N(i) — for inspection and sink metrics, not for stepping.
-
-    row_scores and weighted_sum_range are inlined (numba inline="always"; this function has their
-    fastmath flags so their loops still vectorise): for short windowed rows the calls cost as much
-    as the work.
     """
     n = xT.shape[1]
-    D = len(dims)
     m_max = buffer_len(n, window, causal)
     tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(tasks):
         s = np.empty(m_max, xT.dtype)
         dist = np.empty(m_max if use_radius else 1, xT.dtype)
         idx = np.empty(m_max, np.int64)
-        for i in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
-            lo, hi = candidate_range(i, n, window, causal)
-            m, mn, mx = row_scores(dims, i, lo, hi - lo, True, xT, qT, kT, score, beta, inv2s2, r2,
-                                   use_radius, s, idx, dist)
-            thr, exact = xT.dtype.type(-np.inf), True
-            if top_k > 0 and m > top_k:
-                thr, exact = top_k_threshold(s, m, top_k, mn, mx)
-            if D > 0 and exact and not dense_weights:
-                tot, a0, a1, a2, a3 = weighted_sum_range(dims, s, lo, m, thr, mx, normalise, vT)
-                f = 1.0 / tot if normalise else 1.0 / n
-                out[i, 0] = a0 * f
-                if D > 1:
-                    out[i, 1] = a1 * f
-                if D > 2:
-                    out[i, 2] = a2 * f
-                if D > 3:
-                    out[i, 3] = a3 * f
-                continue
-            c, contiguous = m, True
-            if top_k > 0 and m > top_k:
-                c, contiguous = keep_top(s, idx, m, lo, True, top_k, thr, exact)
-            factor = row_weights(s, c, normalise, n)
-            if dense_weights:
-                scatter_weights(i, lo, c, contiguous, factor, s, idx, out)
-            else:
-                accumulate(i, lo, c, contiguous, factor, s, idx, vT, out)
+        range_task(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK), dims, xT, qT, kT, vT, score,
+                   beta, inv2s2, r2, use_radius, window, causal, top_k, normalise, dense_weights, s, idx,
+                   dist, out)
     return out
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def range_task(first, last, dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, causal,
+               top_k, normalise, dense_weights, s, idx, dist, out):
+    """Rows first..last−1 of :func:`rows_range`. row_scores and weighted_sum_range are inlined
+    (numba inline="always", under this function's fastmath flags): for short windowed rows the
+    calls cost as much as the work."""
+    n = xT.shape[1]
+    D = len(dims)
+    for i in range(first, last):
+        lo, hi = candidate_range(i, n, window, causal)
+        m, mn, mx = row_scores(dims, i, lo, hi - lo, True, xT, qT, kT, score, beta, inv2s2, r2,
+                               use_radius, s, idx, dist)
+        thr, exact = xT.dtype.type(-np.inf), True
+        if top_k > 0 and m > top_k:
+            thr, exact = top_k_threshold(s, m, top_k, mn, mx)
+        if D > 0 and exact and not dense_weights:
+            tot, a0, a1, a2, a3 = weighted_sum_range(dims, s, lo, m, thr, mx, normalise, vT)
+            f = 1.0 / tot if normalise else 1.0 / n
+            out[i, 0] = a0 * f
+            if D > 1:
+                out[i, 1] = a1 * f
+            if D > 2:
+                out[i, 2] = a2 * f
+            if D > 3:
+                out[i, 3] = a3 * f
+            continue
+        c, contiguous = m, True
+        if top_k > 0 and m > top_k:
+            c, contiguous = keep_top(s, idx, m, lo, True, top_k, thr, exact)
+        factor = row_weights(s, c, normalise, n)
+        if dense_weights:
+            scatter_weights(i, lo, c, contiguous, factor, s, idx, out)
+        else:
+            accumulate(i, lo, c, contiguous, factor, s, idx, vT, out)
 
 
 @njit(parallel=True, cache=True)
@@ -95,51 +104,67 @@ def velocity_fused(dims, score_s, radius_s, which, xT, qT, kT, vT, beta, inv2s2,
                    normalise, qnorm, kmax, tiny, out):
     """Rows which[r] (dense, causal or windowed, no top-k; d = len(dims) ≤ 4) into out[r], one fused
     pass per row (score code = len(score_s) − 1 and use_radius = len(radius_s) − 1 are
-    compile-time, see rows.static).
+    compile-time, see rows.static); tasks of ROWS_PER_TASK rows run in parallel (:func:`fused_task`).
+    """
+    n = xT.shape[1]
+    m_max = buffer_len(n, window, causal)
+    count = which.shape[0]
+    tasks = (count + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(tasks):
+        s = np.empty(m_max, xT.dtype)
+        dist = np.empty(m_max if len(radius_s) > 1 else 1, xT.dtype)
+        fused_task(task * ROWS_PER_TASK, min(count, (task + 1) * ROWS_PER_TASK), dims, score_s, radius_s,
+                   which, xT, qT, kT, vT, beta, inv2s2, r2, window, causal, normalise, qnorm, kmax, tiny,
+                   s, dist, out)
+    return out
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def fused_task(first, last, dims, score_s, radius_s, which, xT, qT, kT, vT, beta, inv2s2, r2, window,
+               causal, normalise, qnorm, kmax, tiny, s, dist, out):
+    """Rows which[first:last] of :func:`velocity_fused`.
 
     The shift is an upper bound of the row max instead of the max itself (no extra pass):
     |β|·‖q_i‖·max_j‖k_j‖ for softmax (Cauchy–Schwarz), 0 for rbf and flat. If the bound is so loose
     that Σ exp(s − shift) < tiny (= n²·e^{lo+40}, lo the log of the smallest normal float, i.e. the
     bound exceeds the max by more than ≈ 40 − 2 ln n below underflow), the row is redone with the
     exact row max, so no weight that matters can underflow. usa rows use no shift (exp(s)/n).
+
+    (The parallel drivers carry no fastmath flags and call task functions like this one: numba
+    code compiled with parallel=True and fastmath gave results that differed in the last bit
+    between a fresh compile and a load from the on-disk cache. The fused and range drivers still
+    show such last-bit differences, see benchmarks/README.md.)
     """
     n = xT.shape[1]
     D, score, use_radius = len(dims), len(score_s) - 1, len(radius_s) - 1
-    m_max = buffer_len(n, window, causal)
-    count = which.shape[0]
-    tasks = (count + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(tasks):
-        s = np.empty(m_max, xT.dtype)
-        dist = np.empty(m_max if use_radius else 1, xT.dtype)
-        for r in range(task * ROWS_PER_TASK, min(count, (task + 1) * ROWS_PER_TASK)):
-            i = which[r]
-            lo, hi = candidate_range(i, n, window, causal)
-            shift = xT.dtype.type(0.0) if score != SOFTMAX or not normalise else abs(beta) * qnorm[i] * kmax
-            tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT, kT,
-                                              vT, beta, inv2s2, r2)
-            if normalise and tot < tiny:  # loose bound: redo with the exact row max
-                shift = scores_range(dims, i, lo, hi - lo, qT, kT, score, beta, inv2s2, s)[1]
-                if use_radius:
-                    sqdist_range(i, lo, hi - lo, xT, dist)
-                    mask_radius(s, dist, hi - lo, r2)
-                    shift = row_min_max(s, hi - lo)[1]
-                tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT,
-                                                  kT, vT, beta, inv2s2, r2)
-            f = 1.0 / tot if normalise else 1.0 / n
-            out[r, 0] = a0 * f
-            if D > 1:
-                out[r, 1] = a1 * f
-            if D > 2:
-                out[r, 2] = a2 * f
-            if D > 3:
-                out[r, 3] = a3 * f
-    return out
+    for r in range(first, last):
+        i = which[r]
+        lo, hi = candidate_range(i, n, window, causal)
+        shift = xT.dtype.type(0.0) if score != SOFTMAX or not normalise else abs(beta) * qnorm[i] * kmax
+        tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT, kT,
+                                          vT, beta, inv2s2, r2)
+        if normalise and tot < tiny:  # loose bound: redo with the exact row max
+            shift = scores_range(dims, i, lo, hi - lo, qT, kT, score, beta, inv2s2, s)[1]
+            if use_radius:
+                sqdist_range(i, lo, hi - lo, xT, dist)
+                mask_radius(s, dist, hi - lo, r2)
+                shift = row_min_max(s, hi - lo)[1]
+            tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT,
+                                              kT, vT, beta, inv2s2, r2)
+        f = 1.0 / tot if normalise else 1.0 / n
+        out[r, 0] = a0 * f
+        if D > 1:
+            out[r, 1] = a1 * f
+        if D > 2:
+            out[r, 2] = a2 * f
+        if D > 3:
+            out[r, 3] = a3 * f
 
 
 SYMMETRIC_BLOCK = 512  # keys per column block of the symmetric kernel (its column sums stay in L1)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _symmetric_block(dims, score_s, qT, vT, b, g, y_shift, j0, j1, col, acc):
     """All pairs i < j with j in the column block [j0, j1): w_ij = 2^(y_ij) computed once, added to
     row i (Σ_j w, Σ_j w·v_j, into acc) and to column j (Σ_i w, Σ_i w·v_i, into col[:, j − j0])."""
@@ -187,7 +212,7 @@ def _symmetric_block(dims, score_s, qT, vT, b, g, y_shift, j0, j1, col, acc):
             acc[4, i] += a3
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _symmetric_column(dims, score_s, qT, vT, b, g, y_shift, blk, col, acc):
     """Column block blk: its pairs with every earlier row, column sums added into acc at the end."""
     n = qT.shape[1]

@@ -344,7 +344,7 @@ def row_scores(dims, i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, 
     return m, mn, mx
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def row(i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, top_k_, normalise,
         s, idx, dist):
     """Scores, support and weights of query row i; returns (c, contiguous, factor).
@@ -397,7 +397,7 @@ def static(code: int) -> tuple:
     return (0,) * (int(code) + 1)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def fused_range(dims, score_s, radius_s, i, lo, m, shift, xT, qT, kT, vT, beta, inv2s2, r2):
     """One pass over keys lo..lo+m−1: (Σ w, Σ w·v_0, …, Σ w·v_3) with w = exp(s_ij − shift) (0 outside
     the radius). d = len(dims) ≤ 4, the score code and use_radius are compile-time constants
