@@ -265,6 +265,21 @@ def _top_k_rows(rng, m):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_count_matches_numpy(dtype):
+    """_count_ge (popcounted 512-bit blocks, then a tail) = numpy's count over s[:m] only, for
+    every m around the block length, thresholds at, between and beyond the values, ±inf and NaN."""
+    from particles.kernels.rows import _count_ge
+
+    rng = np.random.default_rng(11)
+    s = rng.integers(-3, 4, 50).astype(dtype)  # ties everywhere
+    s[[3, 20]] = [np.inf, -np.inf]
+    s[7] = np.nan  # never ≥ anything
+    for m in range(len(s) + 1):
+        for thr in (-np.inf, -3.0, -0.5, 0.0, 2.0, 3.5, np.inf, np.nan):
+            assert _count_ge(s, m, dtype(thr)) == np.count_nonzero(s[:m] >= dtype(thr)), (m, thr)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_top_k_threshold_is_exact(dtype):
     """count(≥ thr) = k exactly (EXACT), else thr is the k-th largest value, shared by a tie."""
     from particles.kernels.rows import top_k_threshold

@@ -10,6 +10,10 @@ Accuracy (measured inside fastmath loops): relative error ≤ 5e-7 (float32) and
 on the normal range. Below the normal range the result is 0 (flush to zero, −inf included);
 above x = 88 (float32) or 709 (float64) it is +inf (so usa overflow is still detected, slightly
 before the true overflow).
+
+The same module holds the other bit-level helpers of the kernels: float ↔ order-preserving integer
+bits (vectorised min/max, exact top-k bisection) and :func:`count_ge_block` (a count as compare mask
++ popcount).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.core.extending import intrinsic, overload, register_jitable
 
@@ -109,6 +114,37 @@ def _key_float_overload(k, like):
     if like == types.float64:
         return lambda k, like: order_float(np.int64(k))
     return None
+
+
+@intrinsic
+def count_ge_block(typingctx, s, start, thr):
+    """#{l < 512 / bits : s[start + l] ≥ thr} for one 512-bit block (16 float32 or 8 float64) of a
+    C-contiguous 1-D array, unchecked (start + block ≤ len(s) is the caller's promise). One vector
+    compare whose lane mask is reinterpreted as an integer and popcounted: no horizontal vector sum,
+    which is what a plain counting loop waits on."""
+    if not (isinstance(s, types.Array) and s.ndim == 1 and s.layout == "C"
+            and s.dtype in (types.float32, types.float64) and isinstance(start, types.Integer)
+            and isinstance(thr, types.Float)):
+        return None
+    lanes = 512 // s.dtype.bitwidth
+
+    def codegen(context, builder, signature, args):
+        array_t, start_t, thr_t = signature.args
+        array, first, threshold = args
+        value_t = context.get_value_type(array_t.dtype)
+        vector_t = ir.VectorType(value_t, lanes)
+        data = context.make_array(array_t)(context, builder, array).data
+        first = context.cast(builder, first, start_t, types.intp)
+        pointer = builder.bitcast(builder.gep(data, [first]), vector_t.as_pointer())
+        block = builder.load(pointer, align=array_t.dtype.bitwidth // 8)
+        threshold = context.cast(builder, threshold, thr_t, array_t.dtype)
+        splat = builder.insert_element(ir.Constant(vector_t, ir.Undefined), threshold, ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(splat, ir.Constant(vector_t, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+        mask = builder.bitcast(builder.fcmp_ordered(">=", block, splat), ir.IntType(lanes))
+        return builder.zext(builder.ctpop(mask), ir.IntType(64))
+
+    return types.int64(s, start, thr), codegen
 
 
 @register_jitable

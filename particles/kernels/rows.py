@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .fastexp import LOG2E, exp2_sat, fexp, float_key, key_float, order_bits, order_float
+from .fastexp import LOG2E, count_ge_block, exp2_sat, fexp, float_key, key_float, order_bits, order_float
 
 SOFTMAX, RBF, FLAT = 0, 1, 2
 SCORE_CODE = {"softmax": SOFTMAX, "rbf": RBF, "flat": FLAT}
@@ -189,12 +189,17 @@ def mask_radius(s, dist, m, r2):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _count_ge(s, m, thr):
-    """#{t < m : s[t] ≥ thr}. The count is narrowed to int32 at every step: numba would widen it to
-    int64 lanes (half as many per vector), and the top-k search waits on each count in turn."""
-    c = np.int32(0)
-    for t in range(m):
-        c = np.int32(c + np.int32(s[t] >= thr))
-    return np.int64(c)
+    """#{t < m : s[t] ≥ thr}: whole 512-bit blocks by :func:`fastexp.count_ge_block` (compare mask +
+    popcount; the top-k search waits on each count in turn, and a vector horizontal sum at the end
+    of a counting loop made each count ~1.2× slower), then the tail one value at a time."""
+    block = 64 // s.itemsize
+    full = m - m % block
+    c = 0
+    for t in range(0, full, block):
+        c += count_ge_block(s, t, thr)
+    for t in range(full, m):
+        c += s[t] >= thr
+    return c
 
 
 # --- top-k ----------------------------------------------------------------------------------------
