@@ -138,8 +138,8 @@ def count_ge_block(typingctx, s, start, thr):
         pointer = builder.bitcast(builder.gep(data, [first]), vector_t.as_pointer())
         block = builder.load(pointer, align=array_t.dtype.bitwidth // 8)
         threshold = context.cast(builder, threshold, thr_t, array_t.dtype)
-        splat = builder.insert_element(ir.Constant(vector_t, ir.Undefined), threshold, ir.Constant(ir.IntType(32), 0))
-        splat = builder.shuffle_vector(splat, ir.Constant(vector_t, ir.Undefined),
+        undefined, lane0 = ir.Constant(vector_t, ir.Undefined), ir.Constant(ir.IntType(32), 0)
+        splat = builder.shuffle_vector(builder.insert_element(undefined, threshold, lane0), undefined,
                                        ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
         mask = builder.bitcast(builder.fcmp_ordered(">=", block, splat), ir.IntType(lanes))
         return builder.zext(builder.ctpop(mask), ir.IntType(64))

@@ -402,6 +402,15 @@ def static(code: int) -> tuple:
     return (0,) * (int(code) + 1)
 
 
+@njit(cache=True, inline="always")
+def _add_weighted4(D, t, w, v0, v1, v2, v3, tot, a0, a1, a2, a3):
+    """(Σw, Σw·v_0, …, Σw·v_3) with the weight w of key t added; the first D ≤ 4 components count."""
+    a1 = a1 + w * v1[t] if D > 1 else a1
+    a2 = a2 + w * v2[t] if D > 2 else a2
+    a3 = a3 + w * v3[t] if D > 3 else a3
+    return tot + w, a0 + w * v0[t], a1, a2, a3
+
+
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def fused_range(dims, score_s, radius_s, i, lo, m, shift, xT, qT, kT, vT, beta, inv2s2, r2):
     """One pass over keys lo..lo+m−1: (Σ w, Σ w·v_0, …, Σ w·v_3) with w = exp(s_ij − shift) (0 outside
@@ -438,14 +447,7 @@ def fused_range(dims, score_s, radius_s, i, lo, m, shift, xT, qT, kT, vT, beta, 
         w = exp2_sat(y)
         if use_radius:
             w = zero if _sqdist4(D, t, y0, y1, y2, y3, x0, x1, x2, x3) > r2 else w
-        tot += w
-        a0 += w * v0[t]
-        if D > 1:
-            a1 += w * v1[t]
-        if D > 2:
-            a2 += w * v2[t]
-        if D > 3:
-            a3 += w * v3[t]
+        tot, a0, a1, a2, a3 = _add_weighted4(D, t, w, v0, v1, v2, v3, tot, a0, a1, a2, a3)
     return tot, a0, a1, a2, a3
 
 
@@ -468,12 +470,5 @@ def weighted_sum_range(dims, s, lo, m, thr, mx, normalise, vT):
     for t in range(m):
         w = exp2_sat(s[t] * log2e + y_shift)
         w = w if s[t] >= floor else zero
-        tot += w
-        a0 += w * v0[t]
-        if D > 1:
-            a1 += w * v1[t]
-        if D > 2:
-            a2 += w * v2[t]
-        if D > 3:
-            a3 += w * v3[t]
+        tot, a0, a1, a2, a3 = _add_weighted4(D, t, w, v0, v1, v2, v3, tot, a0, a1, a2, a3)
     return tot, a0, a1, a2, a3
