@@ -35,6 +35,7 @@ from .rows import (
     scatter_weights,
     scores_range,
     sqdist_range,
+    store_row,
     top_k_threshold,
     weighted_sum_range,
 )
@@ -80,14 +81,7 @@ def range_task(first, last, dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_r
             thr, exact = top_k_threshold(s, m, top_k, mn, mx)
         if D > 0 and exact and not dense_weights:
             tot, a0, a1, a2, a3 = weighted_sum_range(dims, s, lo, m, thr, mx, normalise, vT)
-            f = 1.0 / tot if normalise else 1.0 / n
-            out[i, 0] = a0 * f
-            if D > 1:
-                out[i, 1] = a1 * f
-            if D > 2:
-                out[i, 2] = a2 * f
-            if D > 3:
-                out[i, 3] = a3 * f
+            store_row(out, i, D, 1.0 / tot if normalise else 1.0 / n, a0, a1, a2, a3)
             continue
         c, contiguous = m, True
         if top_k > 0 and m > top_k:
@@ -151,14 +145,7 @@ def fused_task(first, last, dims, score_s, radius_s, which, xT, qT, kT, vT, beta
                 shift = row_min_max(s, hi - lo)[1]
             tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT,
                                               kT, vT, beta, inv2s2, r2)
-        f = 1.0 / tot if normalise else 1.0 / n
-        out[r, 0] = a0 * f
-        if D > 1:
-            out[r, 1] = a1 * f
-        if D > 2:
-            out[r, 2] = a2 * f
-        if D > 3:
-            out[r, 3] = a3 * f
+        store_row(out, r, D, 1.0 / tot if normalise else 1.0 / n, a0, a1, a2, a3)
 
 
 SYMMETRIC_BLOCK = 512  # keys per column block of the symmetric kernel (its column sums stay in L1)

@@ -411,6 +411,18 @@ def _add_weighted4(D, t, w, v0, v1, v2, v3, tot, a0, a1, a2, a3):
     return tot + w, a0 + w * v0[t], a1, a2, a3
 
 
+@njit(cache=True, inline="always")
+def store_row(out, r, D, f, a0, a1, a2, a3):
+    """out[r, c] = f·a_c for the first D ≤ 4 components (f = 1/Σw, or 1/n for usa)."""
+    out[r, 0] = a0 * f
+    if D > 1:
+        out[r, 1] = a1 * f
+    if D > 2:
+        out[r, 2] = a2 * f
+    if D > 3:
+        out[r, 3] = a3 * f
+
+
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def fused_range(dims, score_s, radius_s, i, lo, m, shift, xT, qT, kT, vT, beta, inv2s2, r2):
     """One pass over keys lo..lo+m−1: (Σ w, Σ w·v_0, …, Σ w·v_3) with w = exp(s_ij − shift) (0 outside
