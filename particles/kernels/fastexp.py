@@ -116,6 +116,9 @@ def _key_float_overload(k, like):
     return None
 
 
+BLOCK_BYTES = 64  # one 512-bit vector: the block of count_ge_block
+
+
 @intrinsic
 def count_ge_block(typingctx, s, start, thr):
     """#{l < 512 / bits : s[start + l] ≥ thr} for one 512-bit block (16 float32 or 8 float64) of a
@@ -126,7 +129,7 @@ def count_ge_block(typingctx, s, start, thr):
             and s.dtype in (types.float32, types.float64) and isinstance(start, types.Integer)
             and isinstance(thr, types.Float)):
         return None
-    lanes = 512 // s.dtype.bitwidth
+    lanes = BLOCK_BYTES * 8 // s.dtype.bitwidth
 
     def codegen(context, builder, signature, args):
         array_t, start_t, thr_t = signature.args

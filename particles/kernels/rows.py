@@ -20,7 +20,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .fastexp import LOG2E, count_ge_block, exp2_sat, fexp, float_key, key_float, order_bits, order_float
+from .fastexp import (
+    BLOCK_BYTES,
+    LOG2E,
+    count_ge_block,
+    exp2_sat,
+    fexp,
+    float_key,
+    key_float,
+    order_bits,
+    order_float,
+)
 
 SOFTMAX, RBF, FLAT = 0, 1, 2
 SCORE_CODE = {"softmax": SOFTMAX, "rbf": RBF, "flat": FLAT}
@@ -192,7 +202,7 @@ def _count_ge(s, m, thr):
     """#{t < m : s[t] ≥ thr}: whole 512-bit blocks by :func:`fastexp.count_ge_block` (compare mask +
     popcount; the top-k search waits on each count in turn, and a vector horizontal sum at the end
     of a counting loop made each count ~1.2× slower), then the tail one value at a time."""
-    block = 64 // s.itemsize
+    block = BLOCK_BYTES // s.itemsize
     full = m - m % block
     c = 0
     for t in range(0, full, block):
