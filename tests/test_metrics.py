@@ -245,3 +245,149 @@ def test_numpy_and_xarray_layouts_are_labelled():
 def test_bad_inputs_raise_value_error_naming_the_parameter(call, param):
     with pytest.raises(ValueError, match=rf"^{param}\b"):
         call()
+
+
+# --- dims read by name (issue 14 item 4) ------------------------------------------------------------
+
+
+def merging_trajectory(seed=0):
+    """(time, particle, component) DataArray whose cluster count falls 8 → 4 → 2 → 1."""
+    traj = [blobs(k, n_per=8 // k, d=8, seed=seed + k) for k in (8, 4, 2, 1)]
+    return xr.DataArray(np.stack(traj), dims=("time", "particle", "component"),
+                        coords={"time": [0.0, 1.0, 2.0, 3.0]})
+
+
+def assert_same(got, expected):
+    """Equal values (to round-off) and equal dims, whatever the order of the dims."""
+    if not isinstance(expected, xr.DataArray):
+        assert not isinstance(got, xr.DataArray) and got == pytest.approx(expected, rel=1e-12)
+        return
+    xr.testing.assert_allclose(got.transpose(*expected.dims), expected, rtol=1e-12)
+
+
+POINT_METRICS = {
+    "count_clusters": lambda x: analysis.count_clusters(x, eps=0.05),
+    "count_clusters_gram": lambda x: analysis.count_clusters(x, eps=0.05, method="gram"),
+    "cluster_labels": lambda x: analysis.cluster_labels(x, eps=0.05),
+    "cluster_sizes": lambda x: analysis.cluster_sizes(x, eps=0.05),
+    "effective_rank": analysis.effective_rank,
+    "rank_collapse": analysis.rank_collapse,
+    "mean_cosine": analysis.mean_cosine,
+    "dirichlet_energy": analysis.dirichlet_energy,
+    "interaction_energy": lambda x: analysis.interaction_energy(x, 2.0),
+    "normalised_energy": lambda x: analysis.normalised_energy(x, 2.0),
+    "massive_activations": analysis.massive_activations,
+}
+
+ATTENTION_METRICS = {
+    "first_token_mass": analysis.first_token_mass,
+    "sink_scores": lambda a: analysis.sink_scores(a, 1),
+    "sink_rate": lambda a: analysis.sink_rate(a, eps=0.2),
+    "attention_entropy": analysis.attention_entropy,
+    "spectral_summary": lambda a: analysis.spectral_summary(a).to_array("quantity"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POINT_METRICS))
+def test_point_metrics_read_item_axes_by_name(name):
+    f, x = POINT_METRICS[name], merging_trajectory()
+    expected = f(x)
+    for order in [("time", "component", "particle"), ("component", "particle", "time"),
+                  ("particle", "time", "component")]:
+        assert_same(f(x.transpose(*order)), expected)
+    if name == "count_clusters":
+        assert expected.values.tolist() == [8, 4, 2, 1]
+    token = x.rename(particle="token", time="layer")
+    np.testing.assert_allclose(f(token.transpose("component", "layer", "token")).values, expected.values)
+
+
+def test_transposed_count_clusters_of_the_issue():
+    """count_clusters(ds.x.transpose("time", "component", "particle")) returned 3 at every step."""
+    x = merging_trajectory()
+    assert analysis.count_clusters(x.transpose("time", "component", "particle"), eps=0.05).values.tolist() == [8, 4, 2, 1]
+    assert analysis.mean_cosine(x.transpose("time", "component", "particle")).values == pytest.approx(
+        analysis.mean_cosine(x.values).values)
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_METRICS))
+def test_attention_metrics_read_query_and_key_by_name(name):
+    f = ATTENTION_METRICS[name]
+    a = RNG.random((3, 2, 6, 6))
+    a[..., 1] += 2.0 * np.arange(6)  # key 1 gets more mass on later queries
+    a /= a.sum(-1, keepdims=True)
+    qk = xr.DataArray(a, dims=("layer", "head", "query", "key"))
+    expected = f(qk)
+    for order in [("layer", "head", "key", "query"), ("key", "layer", "query", "head")]:
+        assert_same(f(qk.transpose(*order)), expected)
+    kq = xr.DataArray(np.swapaxes(a, -1, -2), dims=("layer", "head", "key", "query"))  # (key, query) storage
+    assert_same(f(kq), expected)
+
+
+def test_key_query_attention_is_not_read_as_query_key():
+    a = np.zeros((5, 5))
+    a[:, 0] = 1.0  # every query attends to key 0: a full first-token sink
+    kq = xr.DataArray(a.T, dims=("key", "query"))
+    assert analysis.first_token_mass(kq) == 1.0
+    assert analysis.sink_rate(kq) == 1.0
+    assert analysis.first_token_mass(xr.DataArray(a.T, dims=("query", "key"))) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    "call, param, listed",
+    [
+        (lambda: analysis.count_clusters(xr.DataArray(np.zeros((2, 4, 3)), dims=("time", "a", "b")), eps=0.1),
+         "x", "particle"),
+        (lambda: analysis.mean_cosine(xr.DataArray(np.zeros((4, 3)))), "x", "component"),
+        (lambda: analysis.effective_rank(xr.DataArray(np.zeros((2, 4, 3)), dims=("time", "particle", "dim"))),
+         "x", "component"),
+        (lambda: analysis.rank_collapse(xr.DataArray(np.zeros((4, 4, 3)), dims=("particle", "token", "component"))),
+         "x", "several"),
+        (lambda: analysis.first_token_mass(xr.DataArray(np.zeros((2, 4, 4)), dims=("layer", "q", "k"))),
+         "attention", "query"),
+        (lambda: analysis.spectral_summary(xr.DataArray(np.eye(3), dims=("query", "keys"))), "A", "key"),
+    ],
+)
+def test_unidentifiable_layouts_are_refused(call, param, listed):
+    with pytest.raises(ValueError, match=rf"^{param}\b.*{listed}"):
+        call()
+
+
+# --- non-finite input (issue 14 item 5) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", sorted(POINT_METRICS))
+def test_non_finite_configurations_are_refused(name, bad):
+    x = merging_trajectory().values
+    x[2, 3, 1] = bad
+    with pytest.raises(ValueError, match=r"^(x|h)\b.*(NaN|inf)"):
+        POINT_METRICS[name](x)
+
+
+def test_gram_count_of_a_nan_configuration_is_an_error():
+    """count_clusters(x_with_nan, method="gram") returned 23."""
+    x = blobs(3, n_per=10)
+    x[4] = np.nan
+    with pytest.raises(ValueError, match=r"^x: contains 3 NaN"):
+        analysis.count_clusters(x, eps=0.1, method="gram")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("name", sorted(ATTENTION_METRICS))
+def test_non_finite_attention_is_refused(name, bad):
+    a = np.full((2, 5, 5), 0.2)
+    a[1, 2, 3] = bad
+    with pytest.raises(ValueError, match=r"^(attention|A)\b.*(NaN|inf)"):
+        ATTENTION_METRICS[name](a)
+
+
+def test_an_all_nan_attention_layer_is_missing_not_an_error():
+    """The extraction's last layer has no attention (all NaN): its metrics are NaN."""
+    a = np.full((3, 4, 4), 0.25)
+    a[0, :, 0] = 1.0
+    a[0, :, 1:] = 0.0
+    a[2] = np.nan
+    ftm = analysis.first_token_mass(xr.DataArray(a, dims=("layer", "query", "key")))
+    assert ftm.values[:2].tolist() == [1.0, 0.25] and np.isnan(ftm.values[2])
+    ent = analysis.attention_entropy(a)
+    assert ent.values[1] == pytest.approx(1.0) and np.isnan(ent.values[2])
