@@ -225,3 +225,75 @@ def test_all_shipped_checkpoints_load(path):
         task.setup()
         key = {"digits-vit": "test_accuracy", "text-lm": "test_bits_per_char"}[model.card["task"]]
         assert task.evaluate(model)[key] == pytest.approx(model.card["metrics"][key], rel=1e-4)
+
+
+@pytest.mark.parametrize("task", ["digits-vit", "text-bos"])
+def test_ablation_cells_build_the_attention_they_claim(task):
+    """Each cell of the 2 × 2 × 2 ablation: the score its name says, the locality support (patch grid /
+    causal window) or none, and top-k or not; everything else identical."""
+    from particles.nn.train import build_model
+
+    t = TASKS[task]()
+    over = dict(d_model=16, n_heads=2, n_layers=2)
+    names = [n for n in t.attentions if n.split("+")[0] in ("dot", "rbf")]
+    assert len(names) == 8
+    local = "grid" if task == "digits-vit" else "window"
+    x = torch.rand(3, 8, 8) * 16 if task == "digits-vit" else torch.randint(97, (3, 64))
+    for name in names:
+        torch.manual_seed(0)
+        model = build_model(t.config(name, **over)).eval()
+        parts = set(name.split("+"))
+        for layer, block in enumerate(model.blocks):
+            attn = block.attn
+            assert isinstance(attn, KrauseAttention if "rbf" in parts else SoftmaxAttention), name
+            h = block.norm1(model.embed(x))
+            _, a = attn(h, return_attention=True)
+            T = a.shape[-1]
+            causal = torch.tril(torch.ones(T, T, dtype=torch.bool)) if task == "text-bos" else None
+            if local in parts:
+                if task == "digits-vit":
+                    assert torch.equal(attn.support(T), grid_mask(4, 4))
+                else:
+                    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+                    assert torch.equal(attn.support(T), (i - j >= 0) & (i - j < t.window))
+            else:
+                assert attn.support(T) is None if causal is None else torch.equal(attn.support(T), causal)
+            allowed = attn.support(T) if attn.support(T) is not None else torch.ones(T, T, dtype=torch.bool)
+            assert (a[..., ~allowed] == 0).all(), name
+            nonzero = (a > 0).sum(-1)
+            if "topk" in parts:
+                k = attn.top_k
+                assert k == (t.attentions[name]["top_k"][layer] if task == "digits-vit" else t.top_k)
+                assert (nonzero == torch.minimum(allowed.sum(-1), torch.tensor(k))).all(), name
+            else:
+                assert attn.top_k is None and (nonzero == allowed.sum(-1)).all(), name
+    assert t.attentions["rbf+" + local + "+topk"] == t.attentions["krause"]
+    assert t.attentions["dot"] == t.attentions["softmax"]
+
+
+def test_train_steps_lr_probe_and_loss_curve():
+    calls = []
+
+    def probe(model):
+        calls.append(model.training)
+        return {"n": len(calls)}
+
+    over = dict(d_model=8, n_heads=2, n_layers=1)
+    _, card = train(
+        "text-bos",
+        "dot",
+        steps=7,
+        lr=5e-4,
+        probe=probe,
+        probe_every=3,
+        log_every=2,
+        overrides=over,
+        progress=False,
+    )
+    assert card["steps"] == 7 and card["lr"] == 5e-4
+    assert [p["step"] for p in card["probes"]] == [0, 3, 6, 7] and not any(calls)
+    assert card["train_loss_steps"] == [2, 4, 6] and len(card["train_loss_curve"]) == 3
+    with pytest.raises(ValueError, match="steps"):
+        train("text-bos", "dot", steps=0, progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        train("text-bos", "dot", steps=1, lr=-1.0, progress=False)

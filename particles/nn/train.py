@@ -1,6 +1,10 @@
-"""Training tasks: digits-vit, digits-ar, text-lm, recall (and the digits-vit ablation variants).
+"""Training tasks: digits-vit, digits-ar, text-lm, text-bos, recall, and the ablation cells.
 
-``train(task, attention, epochs=None, seed=0)`` → (model, card). Everything is seeded (model init,
+``train(task, attention, epochs=None, seed=0)`` → (model, card). ``attention`` is a name from the
+task's ``attentions`` (including the 2 × 2 × 2 ablation cells of :func:`ablation_cells`, e.g.
+"dot+grid", "rbf+window+topk") or an attention spec dict; ``steps=`` fixes the number of optimiser
+steps instead of ``epochs``; ``probe=fn`` is called on the model every ``probe_every`` steps (and at
+steps 0 and the end) and its dicts are kept in the card's ``probes``. Everything is seeded (model init,
 batch order, synthetic data), single-process, ``torch.set_num_threads(1)`` by default (on a
 shared 2-core machine two OpenMP threads were ~10× slower than one, from spin-waiting); the same
 seed and thread count give the same weights. Optimiser: AdamW, linear warm-up (5 %) then cosine
@@ -39,12 +43,47 @@ VIT_ATTENTIONS = {
 ABLATIONS = ("rbf", "dot-local", "dot-topk", "krause", "softmax")
 
 
+def ablation_cells(
+    *, locality: dict, top_k, sigma: float, sigma_per_head: bool, causal: bool = False
+) -> dict:
+    """The 2 × 2 × 2 ablation: score {dot, rbf} × locality {none, `locality`} × top-k {off, `top_k`}.
+
+    Names: score, then "+grid"/"+window" and "+topk" for the components switched on ("dot" is plain
+    softmax attention, "rbf+grid+topk" / "rbf+window+topk" the full Krause attention of the task).
+    ``locality`` is ``{"grid": [h, w]}`` (ViT) or ``{"window": w}`` (causal); every other setting is
+    identical across cells, so each cell differs from its neighbours in one component only.
+    """
+    where = "grid" if "grid" in locality else "window"
+    cells = {}
+    for score in ("dot", "rbf"):
+        for local in (False, True):
+            for topk in (False, True):
+                spec = dict(kind="softmax" if score == "dot" else "krause")
+                if causal:
+                    spec["causal"] = True
+                if local:
+                    spec.update(locality)
+                if topk:
+                    spec["top_k"] = top_k
+                if score == "rbf":
+                    spec.update(sigma=sigma, sigma_per_head=sigma_per_head)
+                cells["+".join([score] + [where] * local + ["topk"] * topk)] = spec
+    return cells
+
+
+VIT_CELLS = ablation_cells(locality=dict(grid=VIT_GRID), top_k=VIT_TOPK, sigma=2.5, sigma_per_head=False)
+VIT_ATTENTIONS.update(VIT_CELLS)
+
+
 def causal_attentions(window: int, top_k: int, sigma: float = 2.5) -> dict:
     krause = dict(causal=True, window=window, top_k=top_k, sigma=sigma, sigma_per_head=True)
     return {
         "krause": dict(kind="krause", **krause),
         "softmax": dict(kind="softmax", causal=True),
         "hybrid": dict(kind="hybrid", softmax=dict(causal=True), krause=krause),
+        **ablation_cells(
+            locality=dict(window=window), top_k=top_k, sigma=sigma, sigma_per_head=True, causal=True
+        ),
     }
 
 
@@ -64,12 +103,19 @@ class Task:
     model_defaults: dict = {}
     attentions: dict = {}
 
-    def config(self, attention: str, **overrides) -> dict:
-        if attention not in self.attentions:
+    def config(self, attention, **overrides) -> dict:
+        """Model config: the task's defaults with ``attention`` (a name or a spec dict) and overrides."""
+        if isinstance(attention, dict):
+            if "kind" not in attention:
+                raise ValueError(f"attention: a spec dict needs a 'kind', got {attention!r}")
+            spec = dict(attention)
+        elif attention in self.attentions:
+            spec = self.attentions[attention]
+        else:
             raise ValueError(
                 f"attention for {self.name} must be one of {tuple(self.attentions)}, got {attention!r}"
             )
-        return dict(self.model_defaults, attention=self.attentions[attention], **overrides)
+        return dict(self.model_defaults, attention=spec, **overrides)
 
     def setup(self, subset: int | None = None):
         pass
@@ -217,6 +263,60 @@ class TextLM(Task):
         }
 
 
+class TextBOS(Task):
+    """Character LM with a BOS token at the start of every window (the attention-sink testbed).
+
+    Each training example is a random window of ``seq_len`` characters of the training split; the
+    model reads [BOS, c_0, …, c_{T−2}] and predicts c_0 … c_{T−1}, so BOS is always token 0 and
+    carries no information about the window — the setting in which Gu et al. (2024) see a
+    first-token sink emerge with training. Held out: non-overlapping windows of the test split.
+    """
+
+    name, batch_size, lr = "text-bos", 32, 2e-3
+    window, top_k = 16, 8
+    model_defaults = dict(
+        model="causal_lm",
+        vocab_size=len(data.CHARS),
+        seq_len=64,
+        bos=len(data.CHARS),
+        d_model=64,
+        n_heads=4,
+        n_layers=4,
+        mlp_ratio=2,
+    )
+    attentions = causal_attentions(window=window, top_k=top_k)
+    steps, epochs = 100, 25  # 2500 steps by default
+
+    def setup(self, subset=None):
+        self.train_ids, self.test_ids = data.text_split()
+        if subset:
+            self.train_ids = self.train_ids[:subset]
+        self.T = self.model_defaults["seq_len"]
+
+    def steps_per_epoch(self):
+        return self.steps
+
+    def batches(self, g):
+        for _ in range(self.steps):
+            start = torch.randint(len(self.train_ids) - self.T, (self.batch_size,), generator=g)
+            yield torch.stack([self.train_ids[s : s + self.T] for s in start.tolist()])
+
+    def held_out(self, n: int | None = None) -> torch.Tensor:
+        """The first ``n`` (default all) non-overlapping test windows (n, seq_len)."""
+        m = len(self.test_ids) // self.T
+        n = m if n is None else min(n, m)
+        return self.test_ids[: n * self.T].reshape(n, self.T)
+
+    def loss(self, model, x):
+        return F.cross_entropy(model(x).reshape(-1, model.vocab_size), x.reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(self, model):
+        x = self.held_out()
+        total = sum(self.loss(model, c).item() * len(c) for c in x.split(128))
+        return {"test_bits_per_char": total / len(x) / LN2, "n_test_chars": x.numel()}
+
+
 class Recall(Task):
     """Multi-query associative recall (:func:`data.recall_batch`), loss on every determined value."""
 
@@ -264,8 +364,14 @@ class Recall(Task):
         by_bin = {k: correct[(dist >= lo) & (dist <= hi)].mean().item() for k, (lo, hi) in bins.items()}
         n_bin = {k: int(((dist >= lo) & (dist <= hi)).sum()) for k, (lo, hi) in bins.items()}
         by_dist = {int(d): correct[dist == d].mean().item() for d in dist.unique()}
+        wm = model.blocks[0].attn.window if hasattr(model.blocks[0].attn, "window") else None
+        inside = dist <= wm if wm is not None else torch.ones_like(dist, dtype=torch.bool)
         return {
             "test_accuracy": correct.mean().item(),
+            "model_window": wm,
+            "accuracy_inside_window": correct[inside].mean().item() if inside.any() else float("nan"),
+            "accuracy_outside_window": correct[~inside].mean().item() if (~inside).any() else float("nan"),
+            "queries_inside_window": int(inside.sum()),
             "accuracy_by_distance_bin": by_bin,
             "queries_by_distance_bin": n_bin,
             "accuracy_by_distance": by_dist,
@@ -275,7 +381,7 @@ class Recall(Task):
         }
 
 
-TASKS = {t.name: t for t in (DigitsViT, DigitsAR, TextLM, Recall)}
+TASKS = {t.name: t for t in (DigitsViT, DigitsAR, TextLM, TextBOS, Recall)}
 
 
 # --- building and training ---------------------------------------------------------------------
@@ -292,31 +398,54 @@ def build_model(config: dict) -> torch.nn.Module:
 
 def train(
     task: str,
-    attention: str = "krause",
+    attention="krause",
     *,
     epochs: int | None = None,
+    steps: int | None = None,
     seed: int = 0,
     subset: int | None = None,
     overrides: dict | None = None,
+    lr: float | None = None,
+    probe=None,
+    probe_every: int = 100,
+    log_every: int = 50,
     progress: bool = True,
     threads: int = 1,
 ):
-    """Train `attention` on `task`; returns (model in eval mode, card dict without sha256)."""
+    """Train `attention` (a name of the task's ``attentions`` or a spec dict) on `task`.
+
+    ``epochs`` (default: the task's) or ``steps`` (total optimiser steps; the schedule spans them)
+    set the budget; ``lr`` overrides the task's peak learning rate. ``probe(model) -> dict`` is
+    evaluated (in eval mode, no grad) at step 0, every ``probe_every`` steps and at the end; the
+    card keeps them as ``probes`` = [{"step": s, **probe(model)}, …] and the mean training loss of
+    every ``log_every`` steps as ``train_loss_curve`` (with ``train_loss_steps``).
+    Returns (model in eval mode, card dict without sha256).
+    """
     if task not in TASKS:
         raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    for name, v in (("probe_every", probe_every), ("log_every", log_every)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     torch.set_num_threads(threads)
     t = TASKS[task]()
     t.setup(subset)
     config = t.config(attention, **(overrides or {}))
-    epochs = epochs or t.epochs
+    label = attention if isinstance(attention, str) else "custom"
+    lr = t.lr if lr is None else float(lr)
+    per_epoch = t.steps_per_epoch()
+    total = int(steps) if steps is not None else (epochs or t.epochs) * per_epoch
+    epochs = math.ceil(total / per_epoch)
     torch.manual_seed(seed)
     model = build_model(config)
     model.config = config
     g = torch.Generator().manual_seed(seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    total = epochs * t.steps_per_epoch()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=t.weight_decay)
     warm = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -326,39 +455,64 @@ def train(
     )
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=f"{task}/{attention}", disable=not progress, leave=False)
-    history, t0 = [], time.perf_counter()
+    probes = []
+
+    def run_probe(step):
+        if probe is None:
+            return
+        model.eval()
+        with torch.no_grad():
+            probes.append(dict(step=step, **probe(model)))
+        model.train()
+
+    bar = tqdm(total=total, desc=f"{task}/{label}", disable=not progress, leave=False)
+    history, curve, curve_steps, window = [], [], [], []
+    t0, step = time.perf_counter(), 0
+    run_probe(0)
     for _ in range(epochs):
         model.train()
         losses = []
         for batch in t.batches(g):
+            if step == total:
+                break
             loss = t.loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            step += 1
             losses.append(loss.item())
+            window.append(losses[-1])
+            if len(window) == log_every:
+                curve.append(sum(window) / log_every)
+                curve_steps.append(step)
+                window = []
+            if step % probe_every == 0 and step < total:
+                run_probe(step)
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         history.append(sum(losses) / len(losses))
     bar.close()
     train_time = time.perf_counter() - t0
+    run_probe(total)
     model.eval()
     t1 = time.perf_counter()
     metrics = t.evaluate(model)
     card = dict(
         task=task,
-        attention=attention,
+        attention=label,
         seed=seed,
         epochs=epochs,
         steps=total,
         batch_size=t.batch_size,
-        lr=t.lr,
+        lr=lr,
         subset=subset,
         config=config,
         metrics=metrics,
         train_loss_by_epoch=history,
+        train_loss_curve=curve,
+        train_loss_steps=curve_steps,
         train_time_s=round(train_time, 2),
         eval_time_s=round(time.perf_counter() - t1, 2),
         n_params=sum(p.numel() for p in model.parameters()),
@@ -372,4 +526,6 @@ def train(
             python=platform.python_version(),
         ),
     )
+    if probes:
+        card["probes"] = probes
     return model, card

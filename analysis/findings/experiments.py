@@ -1,0 +1,117 @@
+"""The experiment plans behind benchmarks/bridge.md (run with ``python -m analysis.findings.experiments``).
+
+In priority order (one background process runs them in this order, resuming finished runs):
+
+a. ``vit-ablation``: digits-vit, the 2 × 2 × 2 cells (score dot/RBF × patch-grid locality × top-k),
+   3 seeds, 40 epochs (1680 steps), measured on 256 held-out test images.
+b. ``sink``: text-bos (character LM, BOS at every window start), plain softmax ("dot") and the full
+   Krause attention ("rbf+window+topk": window 16, top-k 8, σ per head init 2.5), 3 seeds each,
+   2500 steps, α₀ per layer on 64 fixed held-out windows every 100 steps; measured on 256 windows.
+c. ``causal-ablation``: the other six cells of the same 2 × 2 × 2 on text-bos, same budget (so b ∪ c
+   is the full causal ablation).
+d. ``recall``: one-factor-at-a-time around a base Krause config (window 16, top-k 8, σ init 2.5,
+   lr 3e-3): top-k none / 16, window 64 (= the whole sequence), σ init 1 / 5, lr 1e-3; plus
+   softmax at the base lr; 3 seeds; 3000 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .runs import Run, run_plan
+
+SEEDS = (0, 1, 2)
+VIT_CELLS = ("dot", "dot+topk", "dot+grid", "dot+grid+topk", "rbf", "rbf+topk", "rbf+grid", "rbf+grid+topk")
+CAUSAL_CELLS = tuple(c.replace("grid", "window") for c in VIT_CELLS)
+SINK_CELLS = ("dot", "rbf+window+topk")
+VIT_TRAIN = dict(epochs=40)
+TEXT_TRAIN = dict(steps=2500, probe_every=100)
+RECALL_STEPS = 3000
+RECALL_BASE = dict(window=16, top_k=8, sigma=2.5, lr=3e-3)
+RECALL_VARIANTS = {
+    "base": {},
+    "topk-none": dict(top_k=None),
+    "topk-16": dict(top_k=16),
+    "window-64": dict(window=64),
+    "sigma-1": dict(sigma=1.0),
+    "sigma-5": dict(sigma=5.0),
+    "lr-1e-3": dict(lr=1e-3),
+}
+
+
+def recall_spec(window, top_k, sigma) -> dict:
+    spec = dict(kind="krause", causal=True, window=window, sigma=sigma, sigma_per_head=True)
+    if top_k is not None:
+        spec["top_k"] = top_k
+    return spec
+
+
+def vit_ablation(seeds=SEEDS):
+    return [
+        Run("vit-ablation", cell, s, "digits-vit", cell, dict(VIT_TRAIN)) for s in seeds for cell in VIT_CELLS
+    ]
+
+
+def sink(seeds=SEEDS):
+    return [
+        Run("causal-ablation", cell, s, "text-bos", cell, dict(TEXT_TRAIN), probe="first_token")
+        for s in seeds
+        for cell in SINK_CELLS
+    ]
+
+
+def causal_ablation(seeds=SEEDS):
+    return [
+        Run("causal-ablation", cell, s, "text-bos", cell, dict(TEXT_TRAIN), probe="first_token")
+        for s in seeds
+        for cell in CAUSAL_CELLS
+        if cell not in SINK_CELLS
+    ]
+
+
+def recall(seeds=SEEDS, steps=RECALL_STEPS):
+    runs = []
+    for s in seeds:
+        for name, change in RECALL_VARIANTS.items():
+            cfg = dict(RECALL_BASE, **change)
+            spec = recall_spec(cfg["window"], cfg["top_k"], cfg["sigma"])
+            runs.append(Run("recall", name, s, "recall", spec, dict(steps=steps, lr=cfg["lr"]), n_measure=0))
+        runs.append(
+            Run(
+                "recall",
+                "softmax",
+                s,
+                "recall",
+                dict(kind="softmax", causal=True),
+                dict(steps=steps, lr=RECALL_BASE["lr"]),
+                n_measure=0,
+            )
+        )
+    return runs
+
+
+PLANS = {"a": vit_ablation, "b": sink, "c": causal_ablation, "d": recall}
+
+
+def full_plan(parts="abcd"):
+    return [run for p in parts for run in PLANS[p]()]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("root", help="run store directory")
+    ap.add_argument("--parts", default="abcd", help="which plans, in order (default abcd)")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    run_plan(full_plan(args.parts), args.root, log=lambda m: print(m, flush=True))
+    print("all done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
