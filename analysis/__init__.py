@@ -1,4 +1,4 @@
-"""Metrics on particle trajectories, model hidden states and attention (design.md §4).
+"""Metrics on particle trajectories, model hidden states and attention (docs/metrics.md).
 
 Every metric accepts one item — a configuration (n, d) or an attention matrix (query, key) — or a
 stack of them with leading axes ("time" or "layer", optional "sample", "head", …) as a numpy array,

@@ -1,4 +1,4 @@
-"""Plain numpy reference of the interaction kernel (design.md §1), dense n×n, for tests only.
+"""Plain numpy reference of the interaction kernel (docs/maths.md), dense n×n, for tests only.
 
 Every fast path (numba rows, neighbour lists, sorted 1-D HK sweep, torch attention) is checked
 against these few lines. Top-k ties are broken towards the smaller key index j.

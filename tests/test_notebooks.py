@@ -3,7 +3,8 @@
 Parameters are injected papermill-style: the cell tagged ``parameters`` keeps its defaults and a
 new cell right after it (tagged ``injected-parameters``) overrides them with the tiny values below.
 The notebooks run in the ``python3`` kernel, which jupyter_client starts with this interpreter
-(the virtual environment's), with ``notebooks/`` as working directory. Any error fails the test.
+(the virtual environment's), in an empty temporary working directory (a notebook must not depend on
+being started from ``notebooks/``). Any error fails the test.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def test_notebook_runs(name, tmp_path):
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     inject(nb, {k: v for k, v in params.items() if f"{k} =" in source})
     client = NotebookClient(nb, timeout=180, kernel_name="python3", allow_errors=False,
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+                            resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError on the first failing cell
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
@@ -104,8 +105,10 @@ def test_notebook_runs(name, tmp_path):
         texts = json.dumps([o for c in nb.cells for o in c.get("outputs", [])])
         assert "application/vnd.jupyter.widget-view+json" in texts  # the panel was displayed
         assert "wrote" in texts or "skipped" in texts  # the animation cell ran
-    if name.startswith("03_") and params["hf_model_dir"]:
+    if name.startswith("03_"):  # the shipped checkpoints were found from the temporary directory
         texts = json.dumps([o for c in nb.cells for o in c.get("outputs", [])])
+        assert "; models: " in texts and "models: none" not in texts and "task: None" not in texts
+    if name.startswith("03_") and params["hf_model_dir"]:
         assert "GPT2Model" in texts  # the optional Hugging Face comparison ran
 
 

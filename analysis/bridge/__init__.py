@@ -1,4 +1,4 @@
-"""The bridge between trained transformers and particle dynamics (issue 7, design.md §2).
+"""The bridge between trained transformers and particle dynamics (issue 7, docs/bridge.md).
 
     from analysis.bridge import extract, compare, simulate_like, fit_preset
     ds = extract(model, inputs)                 # "x" (sample, layer, token, component), "attention"

@@ -1,4 +1,4 @@
-"""Shared pieces of the extractors: in-hook attention reductions and the Dataset layout (design.md §2).
+"""Shared pieces of the extractors: in-hook attention reductions and the Dataset layout (docs/contract.md).
 
 Layout of an extracted Dataset (``S`` samples, ``L`` attention layers, ``T`` tokens, ``D`` width):
 

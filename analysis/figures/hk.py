@@ -1,4 +1,4 @@
-"""Hegselmann–Krause opinion dynamics: the 2R conjecture (design.md §3)."""
+"""Hegselmann–Krause opinion dynamics: the 2R conjecture (docs/maths.md)."""
 
 from __future__ import annotations
 

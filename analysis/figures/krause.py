@@ -1,5 +1,5 @@
 """Krause attention dynamics: the σ × top-k × window phase diagram and the causal attention sink
-(design.md §3; Liu, Yue, Welling, Song 2026; Karagodin, Polyanskiy, Rigollet 2024)."""
+(Liu, Yue, Welling, Song 2026; Karagodin, Polyanskiy, Rigollet 2024)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Softmax self-attention (SA) on the sphere: collapse, metastability, energy staircase, and SA vs
-Krause (Geshkovski, Letrouit, Polyanskiy, Rigollet, arXiv 2312.10794; design.md §3)."""
+Krause (Geshkovski, Letrouit, Polyanskiy, Rigollet, arXiv 2312.10794)."""
 
 from __future__ import annotations
 
