@@ -110,3 +110,77 @@ def test_factorial_effects_recover_known_contrasts():
     assert got["A×B"]["ci"] == pytest.approx(2.7764451051977987 * 2.0)
     with pytest.raises(ValueError, match="cells"):
         stats.effects({(False, False): [1.0]}, ("A", "B"))
+
+
+# --- trained vs simulated: distances and time steps ----------------------------------------------
+def _circle(n, shift=0.0):
+    phi = 2 * np.pi * np.arange(n) / n + shift
+    return np.c_[np.cos(phi), np.sin(phi)]
+
+
+@pytest.mark.parametrize("theta", [0.05, 0.2])
+def test_sphere_wasserstein_rotation_on_the_circle(theta):
+    """n equally spaced points and the same cloud rotated by θ ≤ π/n: every point's nearest target is
+    its own rotation, so W₁ = θ (geodesic) and 2 sin(θ/2) (chordal), whatever the radius of the input."""
+    from analysis.bridge.distance import sphere_wasserstein
+
+    a, b = 3.0 * _circle(12), _circle(12, theta)
+    assert sphere_wasserstein(a, b) == pytest.approx(theta, abs=1e-9)
+    assert sphere_wasserstein(a, b, cost="chordal") == pytest.approx(2 * np.sin(theta / 2), abs=1e-9)
+    assert sphere_wasserstein(a, a) == pytest.approx(0.0, abs=1e-12)
+    # two antipodal-free clusters: half the mass at angle 0, half at π/2 vs all at 0 → W₁ = π/4
+    c = np.r_[np.tile([[1.0, 0.0]], (5, 1)), np.tile([[0.0, 1.0]], (5, 1))]
+    assert sphere_wasserstein(c, np.tile([[1.0, 0.0]], (4, 1))) == pytest.approx(np.pi / 4)
+    with pytest.raises(ValueError, match="cost"):
+        sphere_wasserstein(a, b, cost="l2")
+
+
+def test_layer_distances_frozen_baseline_and_mask():
+    import xarray as xr
+
+    from analysis.bridge.distance import layer_distances
+
+    theta = 0.1
+    x = np.stack([_circle(8, layer * theta) for layer in range(3)])[None]  # (1, 3, 8, 2): rotates θ per layer
+    target = xr.Dataset({"x": (("sample", "layer", "token", "component"), x)})
+    still = xr.Dataset({"x": (target["x"].dims, np.broadcast_to(x[:, :1], x.shape).copy())})
+    d = layer_distances(target, {"still": still, "same": target})
+    np.testing.assert_allclose(d["distance"].sel(series="frozen").values, [0, theta, 2 * theta], atol=1e-9)
+    np.testing.assert_allclose(d["distance"].sel(series="still").values, d["distance"].sel(series="frozen"))
+    np.testing.assert_allclose(d["distance"].sel(series="same").values, 0.0, atol=1e-9)
+    masked = target.assign_coords(token_mask=(("sample", "token"), np.r_[[True] * 4, [False] * 4][None]))
+    other = target.copy()
+    other["x"] = other["x"].copy()
+    other["x"].values[:, :, 4:] = -other["x"].values[:, :, 4:]  # only padding differs
+    np.testing.assert_allclose(
+        layer_distances(masked, {"o": other})["distance"].sel(series="o"), 0, atol=1e-9
+    )
+
+
+def test_matched_dt_reproduces_the_first_block_angle():
+    from analysis.bridge import extract
+    from analysis.bridge.simulated import matched_dt, mean_angle, simulate_like
+    from particles.nn.train import TASKS, build_model
+
+    torch.manual_seed(0)
+    model = build_model(TASKS["digits-vit"]().config("rbf+grid+topk", d_model=16, n_layers=2)).eval()
+    ds = extract(model, torch.rand(6, 8, 8) * 16)
+    dt, theta = matched_dt(model, ds, steps_per_layer=2)
+    sim = simulate_like(model, ds, mode="own", dt=dt, steps_per_layer=2, attention=False)
+    assert theta == pytest.approx(mean_angle(ds["x"].values[:, 0], ds["x"].values[:, 1]))
+    assert mean_angle(sim["x"].values[:, 0], sim["x"].values[:, 1]) == pytest.approx(theta, rel=1e-2)
+
+
+def test_compare_table_shows_simulation_time_not_layer():
+    """A simulation compared with an extraction: rows aligned by saved step, the time in its own column
+    (issue: simulation time was printed as "layer")."""
+    from analysis.bridge import compare, format_table
+    from particles import simulate
+
+    sim = simulate("sa", n=6, d=3, steps=4, dt=0.25, save_every=2, beta=1.0, return_weights=True)
+    ext = sim.rename(time="layer", particle="token").assign_coords(layer=np.arange(3))
+    cmp = compare({"sim": sim, "ext": ext})
+    np.testing.assert_allclose(cmp["time"].sel(model="sim").values, [0.0, 0.5, 1.0])
+    assert np.isnan(cmp["time"].sel(model="ext").values).all()
+    rows = [line.split() for line in format_table(cmp).splitlines() if line.startswith("sim ")]
+    assert [(r[1], r[2]) for r in rows if r[1].isdigit()] == [("0", "0"), ("1", "0.5"), ("2", "1")]

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .compare import compare, fit_preset, format_table, restrictions, simulate_like
 from .data import save, task_inputs
+from .fitting import fit_preset
+from .layer_metrics import compare, format_table
+from .simulated import restrictions, simulate_like
 
 ATTENTIONS = ("softmax", "krause", "hybrid")
 COLORS = {"softmax": "C0", "krause": "C3", "hybrid": "C2"}
