@@ -360,7 +360,7 @@ def plot_scaling(ds, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    fig, ax = plt.subplots(figsize=(10.0, 5.0))
     colours = {"dense": "C0", "window": "C1", "HK": "C2"}
     for name in ds.series.values:
         t = ds.seconds_per_step.sel(series=name)
@@ -377,7 +377,7 @@ def plot_scaling(ds, path):
                  f"{ds.attrs.get('cores', '?')} cores)\nwindowed top-k log-log slope {slope:.2f}",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7.5, loc="upper left")
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # off the data
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     fig.savefig(os.path.splitext(path)[0] + ".pdf")
