@@ -1,6 +1,6 @@
 """Cluster counts, labels and sizes per configuration, and the time to reach k clusters.
 
-Two counts (design.md §4):
+Two counts (docs/metrics.md):
 
 * ``"graph"``: connected components of the ε-graph ‖x_i − x_j‖ ≤ ε (Euclidean distance, ε in the
   units of x). Found with a k-d tree over grid cells, so the cost grows with the number of occupied
@@ -69,45 +69,69 @@ def _gram_count(x: np.ndarray, eps: float) -> int:
     return int(np.sum(lam > lam.max() * len(x) * np.finfo(float).eps))
 
 
-@per_item(POINTS)
-def count_clusters(x, eps, method="graph"):
-    """Number of clusters: ε-graph components (method="graph") or Gram rank (method="gram")."""
-    eps = check_positive("eps", eps)
+def _cluster_args(shape, arguments):
+    arguments["eps"] = check_positive("eps", arguments["eps"])
+    if arguments.get("method", "graph") not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {arguments['method']!r}")
+
+
+@per_item(POINTS, dtype=int, check=_cluster_args)
+def count_clusters(x, eps, method="graph", *, sphere=None):
+    """Number of clusters of each configuration.
+
+    * ``method="graph"``: connected components of the graph with edges ‖x_i − x_j‖ ≤ ε;
+    * ``method="gram"``: rank of B_ij = 1[⟨u_i, u_j⟩ > 1 − ε], u_i = x_i/‖x_i‖ (Geshkovski,
+      Letrouit, Polyanskiy, Rigollet 2023, arXiv 2312.10794).
+
+    ``sphere`` (default: True for extracted trajectories, whose item axis is "token"; False otherwise)
+    first divides each token by its norm, so ε is a distance on the unit sphere and a positive
+    rescaling of any token changes nothing. Padding tokens (``token_mask``) are left out; a
+    configuration without tokens has 0 clusters.
+    """
+    if len(x) == 0:
+        return 0
     if method == "graph":
         return int(_graph_labels(x, eps).max()) + 1
-    if method == "gram":
-        return _gram_count(x, eps)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return _gram_count(x, eps)
 
 
-@per_item(POINTS, item_dims=(0,))
-def cluster_labels(x, eps):
+def _eps_only(shape, arguments):
+    arguments["eps"] = check_positive("eps", arguments["eps"])
+
+
+@per_item(POINTS, item_dims=(0,), dtype=int, check=_eps_only)
+def cluster_labels(x, eps, *, sphere=None):
     """Component label of each particle in the ε-graph ‖x_i − x_j‖ ≤ ε, numbered 0, 1, … by first
-    appearance in particle order."""
-    return _graph_labels(x, check_positive("eps", eps))
+    appearance in particle order; −1 for padding tokens. ``sphere`` as in ``count_clusters``."""
+    return _graph_labels(x, eps) if len(x) else np.zeros(0, int)
 
 
-@per_item(POINTS, item_dims=("cluster",))
-def _sizes(x, eps):
-    return -np.sort(-np.bincount(_graph_labels(x, check_positive("eps", eps)), minlength=len(x)))
+@per_item(POINTS, item_dims=(0,), dtype=int, fill=0, packed=True, check=_eps_only)
+def _sizes(x, eps, *, sphere=None):
+    return -np.sort(-np.bincount(_graph_labels(x, eps), minlength=len(x))) if len(x) else np.zeros(0, int)
 
 
-def cluster_sizes(x, eps):
+def cluster_sizes(x, eps, *, sphere=None, token_mask=None):
     """Sizes m_a of the ε-graph components, largest first, along a "cluster" axis padded with 0 up
-    to the largest count over the leading axes (a single configuration gives a 1-D DataArray)."""
-    sizes = _sizes(x, eps).rename("cluster_sizes")
-    return sizes.isel(cluster=slice(0, int((sizes > 0).sum("cluster").max())))
+    to the largest count over the leading axes (a single configuration gives a 1-D DataArray).
+    ``sphere`` and ``token_mask`` as in ``count_clusters``. Finding the largest count computes the
+    sizes (a lazy input is evaluated)."""
+    sizes = _sizes(x, eps, sphere=sphere, token_mask=token_mask)
+    item = sizes.dims[-1]
+    sizes = sizes.drop_vars([c for c in sizes.coords if item in sizes[c].dims]).rename({item: "cluster"})
+    return sizes.isel(cluster=slice(0, int((sizes > 0).sum("cluster").max()))).rename("cluster_sizes")
 
 
-def time_to_clusters(x, k, eps, method="graph"):
-    """First coordinate of the "time" (else "layer") axis at which count_clusters ≤ k; NaN if never.
+def time_to_clusters(x, k, eps, method="graph", *, sphere=None, token_mask=None):
+    """First coordinate t of the "time" (else "layer") axis with count_clusters(x(t)) ≤ k; NaN if never.
 
     Uses the axis' coordinate values (e.g. time = step · dt) or, without a coordinate, the index;
     returns a float, or a DataArray over the other leading axes (e.g. "sample").
+    ``sphere`` and ``token_mask`` as in ``count_clusters``.
     """
-    if isinstance(k, bool) or not float(k).is_integer() or k < 1:
+    if isinstance(k, (bool, str)) or not float(k).is_integer() or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    counts = count_clusters(x, eps, method=method)
+    counts = count_clusters(x, eps, method=method, sphere=sphere, token_mask=token_mask)
     axis = next((d for d in ("time", "layer") if isinstance(counts, xr.DataArray) and d in counts.dims), None)
     if axis is None:
         raise ValueError("x: needs a trajectory with a 'time' or 'layer' axis")
@@ -115,6 +139,6 @@ def time_to_clusters(x, k, eps, method="graph"):
     return first.item() if first.ndim == 0 else first.rename("time_to_clusters")
 
 
-def time_to_consensus(x, eps, method="graph"):
+def time_to_consensus(x, eps, method="graph", *, sphere=None, token_mask=None):
     """time_to_clusters(x, 1, eps, method): first time/layer with a single cluster; NaN if never."""
-    return time_to_clusters(x, 1, eps, method=method)
+    return time_to_clusters(x, 1, eps, method=method, sphere=sphere, token_mask=token_mask)

@@ -19,11 +19,14 @@ from analysis._layout import ATTENTION, check_positive, per_item
 QUANTITIES = ("blocks", "unit_eigenvalues", "spectral_gap")
 
 
-@per_item(ATTENTION, item_dims=("quantity",))
+def _tol(shape, arguments):
+    arguments["tol"] = check_positive("tol", arguments["tol"])
+    if shape[0] != shape[1]:
+        raise ValueError(f"A: expected square (query, key) matrices, got {tuple(shape)}")
+
+
+@per_item(ATTENTION, item_dims=(("quantity", len(QUANTITIES)),), check=_tol)
 def _summary(A, tol):
-    tol = check_positive("tol", tol)
-    if A.shape[0] != A.shape[1]:
-        raise ValueError(f"A: expected square (query, key) matrices, got {A.shape}")
     blocks = connected_components(csr_matrix(np.abs(A) + np.abs(A.T) > tol), directed=False)[0]
     lam = np.linalg.eigvals(A)
     moduli = np.sort(np.abs(lam))[::-1]
@@ -31,14 +34,17 @@ def _summary(A, tol):
     return blocks, np.sum(np.abs(lam - 1.0) < tol), gap
 
 
-def spectral_summary(A, tol=1e-6) -> xr.Dataset:
+def spectral_summary(A, tol=1e-6, *, token_mask=None) -> xr.Dataset:
     """Dataset over the leading axes of A with
 
     * ``blocks``: weakly connected components of the support graph |A_ij| + |A_ji| > tol;
     * ``unit_eigenvalues``: number of eigenvalues λ of A with |λ − 1| < tol;
     * ``spectral_gap``: 1 − |λ₂|, λ₂ the eigenvalue of second-largest modulus (NaN for 1×1).
 
-    Dense eigenvalues: O(n³) per matrix. A single matrix gives a Dataset of 0-d variables.
+    Padding rows and keys (``token_mask``) are dropped first. Dense eigenvalues: O(n³) per matrix.
+    A single matrix gives a Dataset of 0-d variables; a missing (all-NaN) matrix gives counts -1
+    and a NaN gap.
     """
-    out = _summary(A, tol).assign_coords(quantity=list(QUANTITIES)).to_dataset("quantity")
-    return out.assign(blocks=out.blocks.astype(int), unit_eigenvalues=out.unit_eigenvalues.astype(int))
+    out = _summary(A, tol, token_mask=token_mask).assign_coords(quantity=list(QUANTITIES)).to_dataset("quantity")
+    return out.assign(blocks=out.blocks.fillna(-1).astype(int),
+                      unit_eigenvalues=out.unit_eigenvalues.fillna(-1).astype(int))

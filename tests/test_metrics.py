@@ -1,4 +1,6 @@
-"""Metric values on constructed inputs with known answers (design.md §4, issue 5 item 3)."""
+"""Metric values on constructed inputs with known answers (docs/metrics.md, issue 5 item 3)."""
+
+import functools
 
 import numpy as np
 import pytest
@@ -260,7 +262,8 @@ def merging_trajectory(seed=0):
 def assert_same(got, expected):
     """Equal values (to round-off) and equal dims, whatever the order of the dims."""
     if not isinstance(expected, xr.DataArray):
-        assert not isinstance(got, xr.DataArray) and got == pytest.approx(expected, rel=1e-12)
+        assert isinstance(got, (int, float)) or got.ndim == 0
+        assert float(got) == pytest.approx(expected, rel=1e-12) or np.isnan(expected) and np.isnan(got)
         return
     xr.testing.assert_allclose(got.transpose(*expected.dims), expected, rtol=1e-12)
 
@@ -281,10 +284,10 @@ POINT_METRICS = {
 
 ATTENTION_METRICS = {
     "first_token_mass": analysis.first_token_mass,
-    "sink_scores": lambda a: analysis.sink_scores(a, 1),
-    "sink_rate": lambda a: analysis.sink_rate(a, eps=0.2),
+    "sink_scores": lambda a, **kw: analysis.sink_scores(a, 1, **kw),
+    "sink_rate": lambda a, **kw: analysis.sink_rate(a, eps=0.2, **kw),
     "attention_entropy": analysis.attention_entropy,
-    "spectral_summary": lambda a: analysis.spectral_summary(a).to_array("quantity"),
+    "spectral_summary": lambda a, **kw: analysis.spectral_summary(a, **kw).to_array("quantity"),
 }
 
 
@@ -324,10 +327,10 @@ def test_attention_metrics_read_query_and_key_by_name(name):
 
 
 def test_key_query_attention_is_not_read_as_query_key():
-    a = np.zeros((5, 5))
-    a[:, 0] = 1.0  # every query attends to key 0: a full first-token sink
+    a = np.full((5, 5), 0.1)
+    a[:, 0] = 0.6  # every query puts 0.6 on key 0: a first-token sink
     kq = xr.DataArray(a.T, dims=("key", "query"))
-    assert analysis.first_token_mass(kq) == 1.0
+    assert analysis.first_token_mass(kq) == pytest.approx(0.6)
     assert analysis.sink_rate(kq) == 1.0
     assert analysis.first_token_mass(xr.DataArray(a.T, dims=("query", "key"))) == pytest.approx(0.2)
 
@@ -391,3 +394,251 @@ def test_an_all_nan_attention_layer_is_missing_not_an_error():
     assert ftm.values[:2].tolist() == [1.0, 0.25] and np.isnan(ftm.values[2])
     ent = analysis.attention_entropy(a)
     assert ent.values[1] == pytest.approx(1.0) and np.isnan(ent.values[2])
+
+
+# --- lazy, chunked input (issue 17 item 5) ------------------------------------------------------------
+
+
+def _no_compute(dsk, keys, **kwargs):
+    raise AssertionError("the metric computed its dask input")
+
+
+def test_metrics_of_a_lazily_opened_zarr_trajectory_stay_lazy(tmp_path):
+    dask = pytest.importorskip("dask")
+    x = merging_trajectory().expand_dims(sample=[0, 1]).copy()
+    x[1] = x[1].values[:, RNG.permutation(8)]
+    a = RNG.random((2, 4, 8, 8))
+    a /= a.sum(-1, keepdims=True)
+    ds = xr.Dataset({"x": x, "attention": (("sample", "time", "query", "key"), a)})
+    ds.chunk({"sample": 1, "time": 2, "particle": 4}).to_zarr(tmp_path / "t.zarr", consolidated=False)
+    lazy = xr.open_zarr(tmp_path / "t.zarr", consolidated=False)
+    assert lazy.x.chunks == ((1, 1), (2, 2), (4, 4), (8,))  # the item axis is split on disk
+    calls = {
+        "count_clusters": lambda d: analysis.count_clusters(d, eps=0.05),
+        "gram": lambda d: analysis.count_clusters(d.x, eps=0.05, method="gram"),
+        "labels": lambda d: analysis.cluster_labels(d, eps=0.05),
+        "effective_rank": analysis.effective_rank,
+        "mean_cosine": lambda d: analysis.mean_cosine(d.x.transpose("component", "sample", "time", "particle")),
+        "first_token_mass": analysis.first_token_mass,
+        "sink_excess": lambda d: analysis.sink_excess(d, k=1),
+        "sink_rate": lambda d: analysis.sink_rate(d, eps=0.1, relative=True),
+        "entropy": lambda d: analysis.attention_entropy(d, queries=[0, 3]),
+        "spectral": lambda d: analysis.spectral_summary(d.attention).spectral_gap,
+    }
+    for name, f in calls.items():
+        with dask.config.set(scheduler=_no_compute):
+            out = f(lazy)
+        assert isinstance(out.data, dask.array.Array), name
+        eager = f(ds)
+        assert_same(out.compute().transpose(*eager.dims), eager)
+    assert analysis.count_clusters(lazy, eps=0.05).values.tolist() == [[8, 4, 2, 1]] * 2
+
+
+def test_non_finite_lazy_input_fails_on_compute_naming_the_argument(tmp_path):
+    pytest.importorskip("dask")
+    x = merging_trajectory()
+    x[1, 2, 0] = np.nan
+    lazy = x.chunk({"time": 1})
+    out = analysis.effective_rank(lazy)
+    with pytest.raises(ValueError, match=r"^x: contains 1 NaN"):
+        out.compute()
+
+
+# --- token mask (padding is never a particle) ---------------------------------------------------------
+
+
+def padded_extraction(left=False):
+    """(sample=2, layer=3, token=6, component=5) hidden states and (…, head=2, query, key) attention;
+    sample 1 has 2 padding tokens (at the end, or at the start with ``left``) filled with junk."""
+    x = RNG.normal(size=(2, 3, 6, 5))
+    mask = np.ones((2, 6), bool)
+    pad = [0, 1] if left else [4, 5]
+    mask[1, pad] = False
+    x[1, :, pad] = 1e3 * RNG.normal(size=(2, 3, 5))  # junk tokens far from everything
+    a = RNG.random((2, 3, 2, 6, 6)) * (RNG.random((2, 3, 2, 6, 6)) > 0.3)
+    a[..., 2 if left else 0] += 1.0  # the first real key: a sink
+    a[1, ..., pad] = 0.0  # padding keys get no weight ...
+    a /= a.sum(-1, keepdims=True)
+    a[1, :, :, pad, :] = 1 / 6  # ... but padding rows hold junk
+    ds = xr.Dataset({"x": (("sample", "layer", "token", "component"), x),
+                     "attention": (("sample", "layer", "head", "query", "key"), a)},
+                    coords={"token_mask": (("sample", "token"), mask), "layer": [0, 1, 2]})
+    real = [i for i in range(6) if i not in pad]
+    return ds, real
+
+
+MASKED_POINT_METRICS = {k: v for k, v in POINT_METRICS.items() if k not in ("cluster_labels", "cluster_sizes")}
+MASKED_POINT_METRICS["count_clusters"] = lambda x: analysis.count_clusters(x, eps=0.3)
+MASKED_ATTENTION_METRICS = dict(ATTENTION_METRICS, sink_excess=lambda a, **kw: analysis.sink_excess(a, 1, **kw),
+                                rel_rate=lambda a, **kw: analysis.sink_rate(a, eps=0.2, relative=True, **kw),
+                                cls=lambda a, **kw: analysis.sink_excess(a, queries=0, **kw))
+
+
+@pytest.mark.parametrize("left", [False, True])
+@pytest.mark.parametrize("name", sorted(MASKED_POINT_METRICS))
+def test_point_metrics_leave_padding_out(name, left):
+    f = MASKED_POINT_METRICS[name]
+    ds, real = padded_extraction(left)
+    truncated = f(ds.x.isel(sample=1, token=real).drop_vars("token_mask"))
+    for given in (ds, ds.x):  # the Dataset, or its x carrying the mask as a coordinate
+        got = f(given)
+        assert_same(got.sel(sample=1, drop=True), truncated)
+        assert_same(got.sel(sample=0, drop=True), f(ds.x.isel(sample=0).drop_vars("token_mask")))
+    stored_as_int8 = ds.assign_coords(token_mask=ds.token_mask.astype(np.int8))
+    assert_same(f(stored_as_int8).sel(sample=1, drop=True), truncated)
+
+
+def test_token_mask_keyword_and_labels_of_padding():
+    ds, real = padded_extraction()
+    bare = ds.x.drop_vars("token_mask")
+    xr.testing.assert_identical(analysis.effective_rank(bare, token_mask=ds.token_mask), analysis.effective_rank(ds))
+    np.testing.assert_array_equal(analysis.effective_rank(bare, token_mask=ds.token_mask.values),
+                                  analysis.effective_rank(ds))
+    labels = analysis.cluster_labels(ds, eps=0.3)
+    assert (labels.sel(sample=1).values[:, 4:] == -1).all() and (labels.values[0] >= 0).all()
+    sizes = analysis.cluster_sizes(ds, eps=0.3)
+    assert sizes.sum("cluster").values.tolist() == [[6] * 3, [4] * 3]
+    with pytest.raises(ValueError, match=r"^token_mask\b"):
+        analysis.effective_rank(bare, token_mask=np.ones(5, bool))
+
+
+@pytest.mark.parametrize("name, left", [(name, left) for name in sorted(MASKED_ATTENTION_METRICS)
+                                        for left in (False, True) if not (name == "cls" and left)])
+def test_attention_metrics_leave_padding_out(name, left):
+    """(queries= counts stored positions, so CLS with left padding: test_queries_count_stored_positions.)"""
+    f = MASKED_ATTENTION_METRICS[name]
+    ds, real = padded_extraction(left)
+    a = ds.attention
+    truncated = f(a.isel(sample=1, query=real, key=real))
+    got = f(ds)
+    assert_same(got.sel(sample=1, drop=True) if "sample" in got.dims else got, truncated)
+    assert_same(f(a, token_mask=ds.token_mask), got)
+    assert_same(got.sel(sample=0, drop=True), f(a.isel(sample=0)))
+
+
+def test_queries_count_stored_positions():
+    """With left padding the CLS row of sample 1 is stored at position 2; key k counts real tokens."""
+    ds, real = padded_extraction(left=True)
+    a = ds.attention
+    truncated = analysis.sink_excess(a.isel(sample=1, query=real, key=real), queries=0)
+    assert_same(analysis.sink_excess(a.isel(sample=1), queries=2, token_mask=ds.token_mask[1]), truncated)
+    per_sample = xr.DataArray(np.eye(6, dtype=bool)[[0, 2]], dims=("sample", "query"))
+    assert_same(analysis.sink_excess(ds, queries=per_sample).sel(sample=1, drop=True), truncated)
+    assert np.isnan(analysis.sink_excess(ds, queries=0).sel(sample=1)).all()  # row 0 is padding there
+
+
+# --- sphere by default for extracted trajectories --------------------------------------------------
+
+SCALE_FREE = {k: v for k, v in POINT_METRICS.items() if k != "massive_activations"}
+
+
+@pytest.mark.parametrize("name", sorted(SCALE_FREE))
+def test_rescaling_extracted_tokens_changes_no_cluster_or_collapse_metric(name):
+    f = SCALE_FREE[name]
+    x = merging_trajectory().rename(time="layer", particle="token")
+    x = x + 0.002 * xr.DataArray(RNG.normal(size=x.shape), dims=x.dims)
+    factor = xr.DataArray(RNG.uniform(0.1, 10.0, size=x.shape[:2]), dims=("layer", "token"))
+    assert_same(f(x * factor), f(x))
+    if name == "count_clusters":
+        assert f(x * factor).values.tolist() == [8, 4, 2, 1]
+
+
+def test_sphere_opt_out_and_simulated_trajectories_unchanged():
+    x = merging_trajectory()
+    scaled = x * xr.DataArray(RNG.uniform(0.1, 10.0, size=x.shape[:2]), dims=("time", "particle"))
+    for f in (analysis.effective_rank, analysis.rank_collapse, analysis.dirichlet_energy):
+        xr.testing.assert_identical(f(scaled), f(scaled, sphere=False))  # simulated: raw by default
+        assert not np.allclose(f(scaled).values, f(scaled, sphere=True).values)
+        np.testing.assert_allclose(f(x, sphere=True).values, f(x).values, rtol=1e-12, atol=1e-15)
+        extracted = scaled.rename(particle="token")
+        np.testing.assert_array_equal(f(extracted, sphere=False).values, f(scaled).values)
+    with pytest.raises(TypeError, match=r"^sphere\b"):
+        analysis.effective_rank(x, sphere="yes")
+
+
+# --- fair sink metrics -------------------------------------------------------------------------------
+
+
+def uniform_over(support):
+    return support / support.sum(-1, keepdims=True)
+
+
+def test_sink_excess_is_zero_for_uniform_attention_over_any_support():
+    n = 9
+    causal = np.tril(np.ones((n, n)))
+    window = (np.abs(np.subtract.outer(np.arange(n), np.arange(n))) < 3).astype(float)
+    sparse = (RNG.random((n, n)) < 0.4) | np.eye(n, dtype=bool)
+    for support in (np.ones((n, n)), causal, window, sparse.astype(float)):
+        for k in (0, 1, 4):
+            assert analysis.sink_excess(uniform_over(support), k) == pytest.approx(0.0, abs=1e-15)
+            assert analysis.sink_rate(uniform_over(support), eps=1e-9, k=k, relative=True) == 0.0
+
+
+def test_sink_excess_of_a_full_sink_and_head_average():
+    n, delta = 8, 1e-6
+    one_hot = np.eye(n)[[0] * n]
+    assert analysis.sink_excess(one_hot) == 0.0  # the support is key 0 alone: nothing to exceed
+    full = np.full((n, n), delta)
+    full[:, 0] = 1 - (n - 1) * delta  # a softmax sink: every key visible, almost all mass on key 0
+    assert analysis.sink_excess(full) == pytest.approx(1 - (n - 1) * delta - 1 / n)
+    causal = np.tril(np.ones((n, n)))
+    # a causal full sink is all of row i's mass on key 0: the support is only key 0, b_0 = 1, excess 0;
+    # half the mass on key 0, the rest uniform over the causal window:
+    half = 0.5 * uniform_over(causal)
+    half[:, 0] += 0.5
+    base = np.mean(1 / np.arange(1, n + 1))
+    assert analysis.sink_scores(half) == pytest.approx(0.5 + 0.5 * base)
+    assert analysis.sink_excess(half) == pytest.approx(0.5 - 0.5 * base)
+    heads = xr.DataArray(np.stack([np.stack([full, uniform_over(np.ones((n, n)))])] * 3),
+                         dims=("layer", "head", "query", "key"))
+    out = analysis.sink_excess(heads)
+    excess = (1 - (n - 1) * delta - 1 / n) / 2
+    assert out.dims == ("layer",) and out.values == pytest.approx([excess] * 3)
+    assert analysis.sink_excess(heads, over=("layer", "head")) == pytest.approx(excess)
+    assert analysis.sink_excess(heads, over=()).dims == ("layer", "head")
+
+
+def test_relative_sink_rate_threshold_is_the_normalised_excess():
+    """α_k > b_k + ε(1 − b_k): the same ε on a 6-key and a 17-key support."""
+    def one_row_sink(n_keys, alpha, n=20):
+        a = np.zeros((n, n))
+        a[:, :n_keys] = (1 - alpha) / (n_keys - 1)
+        a[:, 0] = alpha
+        return a
+
+    for n_keys in (6, 17):
+        b = 1 / n_keys
+        threshold = b + 0.3 * (1 - b)
+        assert analysis.sink_rate(one_row_sink(n_keys, threshold + 1e-9), eps=0.3, relative=True) == 1.0
+        assert analysis.sink_rate(one_row_sink(n_keys, threshold - 1e-9), eps=0.3, relative=True) == 0.0
+    # α_0 = 0.33 on 17 keys: a sink for Gu et al.'s fixed ε = 0.3, not relative to uniform (0.341)
+    assert analysis.sink_rate(one_row_sink(17, 0.33)) == 1.0
+    assert analysis.sink_rate(one_row_sink(17, 0.33), relative=True) == 0.0
+    # uniform over 6 keys: α_0 = 1/6 > ε = 0.1 is a "sink" in absolute terms only
+    assert analysis.sink_rate(one_row_sink(6, 1 / 6), eps=0.1) == 1.0
+    assert analysis.sink_rate(one_row_sink(6, 1 / 6), eps=0.1, relative=True) == 0.0
+    single = np.eye(5)[[0] * 5]  # one visible key: b_0 = 1, never a sink
+    assert analysis.sink_rate(single, eps=1e-6, relative=True) == 0.0 and analysis.sink_rate(single) == 1.0
+    with pytest.raises(TypeError, match=r"^relative\b"):
+        analysis.sink_rate(single, relative="yes")
+
+
+def test_queries_restrict_sink_metrics_to_the_rows_that_reach_the_output():
+    n = 6
+    a = uniform_over(np.ones((n, n)))
+    a[0] = 0.5 / (n - 1)
+    a[0, 0] = 0.5
+    expected = 0.5 - 1 / n  # only the CLS row (0) has a sink; the patch rows are uniform
+    assert analysis.sink_excess(a) == pytest.approx(expected / n)
+    for sel in (0, [0], slice(0, 1), np.arange(n) == 0, -n):
+        assert analysis.sink_excess(a, queries=sel) == pytest.approx(expected)
+        assert analysis.first_token_mass(a, queries=sel) == pytest.approx(0.5)
+    assert analysis.sink_excess(a, queries=slice(1, None)) == pytest.approx(0.0, abs=1e-15)
+    assert analysis.attention_entropy(a, queries=slice(1, None)) == pytest.approx(1.0)
+    per_sample = xr.DataArray(np.stack([np.arange(n) == 0, np.arange(n) > 0]), dims=("sample", "query"))
+    out = analysis.sink_excess(xr.DataArray(np.stack([a, a]), dims=("sample", "query", "key")),
+                               queries=per_sample)
+    assert out.values == pytest.approx([expected, 0.0])
+    for bad in (n, [0, n], np.ones(n - 1, bool), "cls", 1.5):
+        with pytest.raises(ValueError, match=r"^queries\b"):
+            analysis.sink_excess(a, queries=bad)
