@@ -12,27 +12,31 @@ import xarray as xr
 from .data import save, task_inputs
 from .fitting import fit_preset
 from .layer_metrics import compare, format_table
-from .simulated import restrictions, simulate_like
+from .simulated import matched_dt, restrictions, simulate_like
 
 ATTENTIONS = ("softmax", "krause", "hybrid")
-COLORS = {"softmax": "C0", "krause": "C3", "hybrid": "C2"}
 STYLES = {
-    "trained": dict(ls="-", marker="o", lw=2.0),
-    "own": dict(ls="--", marker="s", lw=1.4, ms=4),
-    "own residual": dict(ls=(0, (6, 2, 1, 2)), marker="D", lw=1.4, ms=4),
-    "SA fit": dict(ls=":", marker="^", lw=1.2, ms=4),
-    "Krause fit": dict(ls="-.", marker="v", lw=1.2, ms=4),
-    "uniform": dict(ls=(0, (1, 1)), lw=2.5, alpha=0.3),
-    "softmax branch": dict(ls="-", marker="x", lw=0.8, ms=5, alpha=0.7),
-    "krause branch": dict(ls="-", marker="+", lw=0.8, ms=7, alpha=0.7),
+    "trained": dict(ls="-", marker="o", lw=2.2, color="k"),
+    "own residual": dict(ls="-", marker="D", lw=1.4, ms=4, color="C2"),
+    "own sphere": dict(ls="--", marker="s", lw=1.4, ms=4, color="C1"),
+    "own sphere matched": dict(ls="-.", marker="s", lw=1.4, ms=4, color="C4"),
+    "SA fit": dict(ls=":", marker="^", lw=1.4, ms=5, color="C0"),
+    "Krause fit": dict(ls=":", marker="v", lw=1.4, ms=5, color="C3"),
 }
+LABELS = {
+    "trained": "trained model",
+    "own residual": "own attention, residual (model minus MLPs)",
+    "own sphere": "own attention on the sphere, dt = 1 per layer",
+    "own sphere matched": "own attention on the sphere, dt matched to block 1",
+    "SA fit": "SA(β) preset, Q = K = V = I, β fitted",
+    "Krause fit": "Krause(σ) preset, σ fitted",
+}
+#: (variable, y label); the first-token row plots first_token_mass − first_token_uniform
 PANELS = (
-    ("clusters", "clusters (ε-graph on the sphere)"),
-    ("effective_rank", "effective rank"),
-    ("mean_cosine", "mean pairwise cosine"),
-    ("first_token_mass", "first-token attention mass"),
-    ("sink_rate", "sink rate (heads with α₀ > ε)"),
-    ("attention_entropy", "attention entropy (normalised)"),
+    ("clusters", "clusters (ε-graph, unit sphere)"),
+    ("effective_rank", "effective rank (unit sphere)"),
+    ("first_token_excess", "first-token mass − uniform"),
+    ("attention_entropy", "attention entropy / log(#keys)"),
 )
 
 
@@ -69,9 +73,13 @@ def make_compare(
     ``out/compare_<task>.png``, ``.pdf`` and ``.nc`` and returns the plotted Dataset (model, layer)
     — one "model" entry per series: "<attention> trained", "<attention> own-attn sphere" (the model's
     attention sub-layers as velocity on the unit sphere, one unit of time per layer),
+    "<attention> own-attn sphere-matched" (the same with dt matched to the first block's mean angular
+    step, :func:`~analysis.bridge.simulated.matched_dt`),
     "<attention> own-attn residual" (x ← x + attn(norm1(x)): the model without its MLPs),
     "<attention> SA fit", "<attention> Krause fit" — with the fitted values in attrs and the printed
-    table in ``attrs["table"]``. quick: 8 inputs, coarse fit grids, one Euler step per layer.
+    table in ``attrs["table"]``. Inputs: 256 held-out images (digits-vit) or 64 sequences.
+    quick: 8 inputs, coarse fit grids, one Euler step per layer. Figure: one column per attention
+    kind, one row per metric that has data; fits at the edge of their grid drawn hollow and named.
     """
     import matplotlib.pyplot as plt
 
@@ -84,15 +92,20 @@ def make_compare(
         raise FileNotFoundError(
             f"no checkpoints for task {task!r} under {checkpoints}/ (train them first: ksync train)"
         )
-    n = n_samples or (8 if quick else (32 if task == "digits-vit" else 16))
+    n = n_samples or (8 if quick else (256 if task == "digits-vit" else 64))
     spl = 1 if quick else 4
     inputs, labels = task_inputs(task, n)
-    series, fits = {}, {}
+    series, fits, matched_dts = {}, {}, {}
     for att, path in paths.items():
         model = load_checkpoint(path)
         ds = extract(model, inputs, labels=labels)
         series[f"{att} trained"] = ds
         series[f"{att} own-attn sphere"] = simulate_like(model, ds, mode="own", steps_per_layer=spl)
+        dt, _ = matched_dt(model, ds, steps_per_layer=spl)
+        matched_dts[att] = dt
+        series[f"{att} own-attn sphere-matched"] = simulate_like(
+            model, ds, mode="own", dt=dt, steps_per_layer=spl
+        )
         series[f"{att} own-attn residual"] = simulate_like(model, ds, mode="own", geometry="residual")
         restrict = restrictions(model)
         for preset, label in (("sa", "SA fit"), ("krause", "Krause fit")):
@@ -127,61 +140,10 @@ def make_compare(
     for k, f in fits.items():
         cmp.attrs[f"fit {k}"] = f"{f['param']}={f['value']:.6g} residual={f['residual']:.6g}"
 
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7.2), constrained_layout=True)
-    layers = cmp["layer"].values
-    for ax, (var, title) in zip(axes.ravel(), PANELS):
-        for name in cmp["model"].values:
-            att, kind = str(name).split(" ", 1)
-            kind = {"own-attn sphere": "own", "own-attn residual": "own residual"}.get(kind, kind)
-            y = cmp[var].sel(model=name).values if var in cmp else np.full(len(layers), np.nan)
-            if np.all(np.isnan(y)):
-                continue
-            ax.plot(layers, y, color=COLORS[att], **STYLES[kind], alpha=1.0 if kind == "trained" else 0.75)
-            if var == "first_token_mass" and kind == "trained" and "first_token_uniform" in cmp:
-                base = cmp["first_token_uniform"].sel(model=name).values
-                ax.plot(layers, base, color=COLORS[att], **STYLES["uniform"])
-            branch_var = f"branch_{var}"
-            if kind == "trained" and att == "hybrid" and branch_var in cmp and "branch" in cmp.dims:
-                for b in cmp["branch"].values:
-                    yb = cmp[branch_var].sel(model=name, branch=b).values
-                    if not np.all(np.isnan(yb)):
-                        ax.plot(layers, yb, color=COLORS[att], **STYLES[f"{b} branch"])
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("layer")
-        ax.set_xticks(layers)
-        ax.grid(alpha=0.3)
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=COLORS[a], lw=2, label=a) for a in paths]
-    handles += [
-        Line2D([], [], color="0.3", **STYLES["trained"], label="trained model"),
-        Line2D([], [], color="0.3", **STYLES["own"], label="own attention on the sphere"),
-        Line2D(
-            [], [], color="0.3", **STYLES["own residual"], label="own attention, residual (model minus MLPs)"
-        ),
-        Line2D([], [], color="0.3", **STYLES["SA fit"], label="SA(β) preset, β fitted"),
-        Line2D([], [], color="0.3", **STYLES["Krause fit"], label="Krause(σ) preset, σ fitted"),
-        Line2D([], [], color="0.3", **STYLES["uniform"], label="uniform over visible keys (trained)"),
-    ]
-    if "hybrid" in paths:
-        handles += [
-            Line2D([], [], color=COLORS["hybrid"], **STYLES[f"{b} branch"], label=f"hybrid: {b} branch")
-            for b in ("softmax", "krause")
-        ]
-    fig.legend(handles=handles, loc="outside lower center", ncol=5, fontsize=8, frameon=False)
-    fitted = "\n".join(
-        f"{att}: "
-        + ", ".join(
-            f"{k.split(' ', 1)[1]} {'β' if f['param'] == 'beta' else 'σ'} = {f['value']:.2g}"
-            f" (residual {f['residual']:.2f})"
-            for k, f in fits.items()
-            if k.split()[0] == att
-        )
-        for att in paths
-    )
-    fig.suptitle(
-        f"{task}: trained models vs particle dynamics ({n} held-out inputs, ε = {eps})\n{fitted}", fontsize=10
-    )
+    cmp.attrs["matched_dt"] = json.dumps(matched_dts)
+    if "first_token_uniform" in cmp:
+        cmp["first_token_excess"] = cmp["first_token_mass"] - cmp["first_token_uniform"]
+    fig = _plot(cmp, list(paths), fits, matched_dts, task, n, eps)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -190,3 +152,68 @@ def make_compare(
         save(cmp, out / f"compare_{task}.nc")
     plt.close(fig)
     return cmp
+
+
+def _kind(name: str) -> tuple[str, str]:
+    att, kind = str(name).split(" ", 1)
+    kind = {
+        "own-attn sphere": "own sphere",
+        "own-attn sphere-matched": "own sphere matched",
+        "own-attn residual": "own residual",
+    }.get(kind, kind)
+    return att, kind
+
+
+def _fit_label(kind, fit) -> str:
+    sym = "β" if fit["param"] == "beta" else "σ"
+    edge = ", grid edge" if fit["at_boundary"] else ""
+    return f"{kind}: {sym} = {fit['value']:.2g} (residual {fit['residual']:.2f}{edge})"
+
+
+def _plot(cmp, attentions, fits, matched_dts, task, n, eps):
+    """One column per trained attention kind, one row per metric with data; ≤ 6 curves per panel."""
+    import matplotlib.pyplot as plt
+
+    rows = [(v, label) for v, label in PANELS if v in cmp and np.isfinite(cmp[v].values).any()]
+    fig, axes = plt.subplots(
+        len(rows), len(attentions), figsize=(4.6 * len(attentions), 2.6 * len(rows) + 1.6), squeeze=False
+    )
+    layers = cmp["layer"].values
+    for c, att in enumerate(attentions):
+        for r, (var, ylabel) in enumerate(rows):
+            ax = axes[r, c]
+            drawn = 0
+            for name in cmp["model"].values:
+                a, kind = _kind(name)
+                if a != att:
+                    continue
+                y = cmp[var].sel(model=name).values
+                if np.all(np.isnan(y)):
+                    continue
+                style = dict(STYLES[kind])
+                if kind in ("SA fit", "Krause fit") and fits[f"{att} {kind}"]["at_boundary"]:
+                    style["mfc"] = "none"  # hollow markers: the fit sits at the edge of its grid
+                ax.plot(layers, y, **style)
+                drawn += 1
+            if var == "first_token_excess":
+                ax.axhline(0, color="0.5", lw=0.8)
+            if not drawn:
+                ax.text(0.5, 0.5, "no attention here", transform=ax.transAxes, ha="center", color="0.5")
+            ax.set_xticks(layers)
+            ax.set_xlabel("layer")
+            ax.set_ylabel(ylabel, fontsize=9)
+            ax.grid(alpha=0.3)
+        notes = [_fit_label(k.split(" ", 1)[1], f) for k, f in fits.items() if k.split()[0] == att]
+        notes.append(f"matched dt = {matched_dts[att]:.2g}")
+        axes[0, c].set_title(f"{att}\n" + "\n".join(notes), fontsize=8)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], **STYLES[k], label=LABELS[k]) for k in STYLES]
+    handles.append(
+        Line2D([], [], color="0.3", marker="^", mfc="none", ls=":", label="hollow: fit at its grid edge")
+    )
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(f"{task}: trained models vs particle dynamics ({n} held-out inputs, ε = {eps})", fontsize=11)
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, 0.75 / height, 1, 1 - 0.35 / height))
+    return fig
