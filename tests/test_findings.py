@@ -184,3 +184,25 @@ def test_compare_table_shows_simulation_time_not_layer():
     assert np.isnan(cmp["time"].sel(model="ext").values).all()
     rows = [line.split() for line in format_table(cmp).splitlines() if line.startswith("sim ")]
     assert [(r[1], r[2]) for r in rows if r[1].isdigit()] == [("0", "0"), ("1", "0.5"), ("2", "1")]
+
+
+def test_rows_that_reach_the_output():
+    """The ViT's last block: only the CLS row reaches the logits (uniform patch rows change them by
+    exactly 0); an earlier block's patch rows do reach them. measure() marks the same rows."""
+    from analysis.findings.measure import measure, reaching_rows, uniform_rows_effect
+    from particles.nn.train import TASKS, build_model
+
+    torch.manual_seed(0)
+    model = build_model(TASKS["digits-vit"]().config("dot+grid", d_model=16, n_layers=2)).eval()
+    x = torch.rand(5, 8, 8) * 16
+    patches = list(range(1, 17))
+    assert uniform_rows_effect(model, x, 1, patches) == 0.0
+    assert uniform_rows_effect(model, x, 1, [0]) > 1e-4
+    assert uniform_rows_effect(model, x, 0, patches) > 1e-4
+    keep = reaching_rows(model, 2, 17)
+    assert keep[0].all() and keep[1, 0] and not keep[1, 1:].any()
+    m = measure(model, x, eps=(0.5,))
+    assert m["key_mass"].shape == (2, 4, 17)
+    np.testing.assert_allclose(m["key_mass"].sum("key"), 1.0, atol=1e-6)  # each row sums to 1
+    np.testing.assert_allclose(m["key_mass"].isel(key=0), m["a0"].mean("query"), atol=1e-12)
+    assert (m["support_size"].isel(attn_layer=0, query=slice(1, None)) <= 6).all()  # grid: ≤ 4 + self + CLS

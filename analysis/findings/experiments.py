@@ -9,6 +9,8 @@ b. ``sink``: text-bos (character LM, BOS at every window start), plain softmax (
    2500 steps, α₀ per layer on 64 fixed held-out windows every 100 steps; measured on 256 windows.
 c. ``causal-ablation``: the other six cells of the same 2 × 2 × 2 on text-bos, same budget (so b ∪ c
    is the full causal ablation).
+e. trained vs simulated (:mod:`analysis.findings.distances`) for every finished ablation run, on 128
+   held-out inputs, written as ``distances.nc`` beside the run (after a for the ViT, after c for the LM).
 d. ``recall``: one-factor-at-a-time around a base Krause config (window 16, top-k 8, σ init 2.5,
    lr 3e-3): top-k none / 16, window 64 (= the whole sequence), σ init 1 / 5, lr 1e-3; plus
    softmax at the base lr; 3 seeds; 3000 steps.
@@ -20,7 +22,7 @@ import argparse
 import os
 import sys
 
-from .runs import Run, run_plan
+from .runs import Run, measure_missing, run_plan
 
 SEEDS = (0, 1, 2)
 VIT_CELLS = ("dot", "dot+topk", "dot+grid", "dot+grid+topk", "rbf", "rbf+topk", "rbf+grid", "rbf+grid+topk")
@@ -93,22 +95,55 @@ def recall(seeds=SEEDS, steps=RECALL_STEPS):
 
 
 PLANS = {"a": vit_ablation, "b": sink, "c": causal_ablation, "d": recall}
+N_DISTANCES = 128
 
 
 def full_plan(parts="abcd"):
-    return [run for p in parts for run in PLANS[p]()]
+    return [run for p in parts if p in PLANS for run in PLANS[p]()]
+
+
+def distances_missing(runs, root, *, n: int = N_DISTANCES, log=print) -> int:
+    """``distances.nc`` (trained vs simulated) for every finished run of ``runs`` that lacks it."""
+    from particles.nn import load_checkpoint
+
+    from .distances import run_distances
+    from .runs import held_out, is_done
+
+    count = 0
+    for run in runs:
+        d = run.path(root)
+        if not is_done(run, root) or (d / "distances.nc").exists():
+            continue
+        ds = run_distances(load_checkpoint(d / "model"), held_out(run.task, n))
+        ds.attrs.update(experiment=run.experiment, variant=run.variant, seed=run.seed)
+        tmp = d / f".distances.nc.tmp-{os.getpid()}"
+        ds.to_netcdf(tmp)
+        os.replace(tmp, d / "distances.nc")
+        count += 1
+        log(f"distances {run.experiment}/{run.run_id}: matched dt {float(ds.matched_dt):.3g}")
+    return count
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", help="run store directory")
-    ap.add_argument("--parts", default="abcd", help="which plans, in order (default abcd)")
+    ap.add_argument("--parts", default="aebced", help="stages in order (default aebced; e = distances)")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-    run_plan(full_plan(args.parts), args.root, log=lambda m: print(m, flush=True))
+    plan = full_plan(args.parts)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    measure_missing(plan, args.root, log=log)  # runs whose measurement failed earlier
+    done = []
+    for part in args.parts:
+        if part == "e":  # trained vs simulated for the ablation runs trained so far
+            distances_missing([r for r in done if r.experiment != "recall"], args.root, log=log)
+            continue
+        runs = PLANS[part]()
+        run_plan(runs, args.root, log=log)
+        done += runs
     print("all done", flush=True)
     return 0
 

@@ -10,7 +10,8 @@ For S held-out inputs, layers ℓ = 0..L (layer 0 = embeddings, layer ℓ = resi
 * attention, per (layer, head, query), averaged over the inputs: ``a0`` = a_i0 (the first-token
   weight), ``a0_uniform`` = 1[0 ∈ N(i)]/|N(i)| (what uniform weights over the visible keys N(i)
   would give it; N(i) = the locality support, then top-k), ``entropy`` = H(a_i·)/log|N(i)| (rows with
-  |N(i)| ≥ 2); ``reaches_output`` (layer, query) marks the rows whose output reaches the model's
+  |N(i)| ≥ 2); ``key_mass`` (layer, head, key) = mean_i a_ik for every key (is there a sink on
+  some other token?); ``reaches_output`` (layer, query) marks the rows whose output reaches the model's
   prediction (the ViT's last block: only the CLS row; a causal LM: every row).
 
 From these, :func:`summarise` gives per-layer α₀ = mean_i a_i0 and its excess over uniform, over all
@@ -47,6 +48,7 @@ def _attention_sums(blocks, a: np.ndarray, entropy: bool = True) -> dict:
     vis0 = loc0[None, :, None, :] & np.where(topk[None, :, None, None], a[..., 0] > 0, True)
     out = {"a0": a[..., 0].sum(0), "a0_uniform": (vis0 / m[None, :, None, :]).sum(0)}
     if entropy:
+        out["key_mass"] = a.mean(-2).sum(0)  # (L, H, key): mean_i a_ik, every key, not only the first
         h = -(a * np.log(np.where(a > 0, a, 1.0))).sum(-1)
         ent = np.where(m[None, :, None, :] >= 2, h / np.log(np.maximum(m, 2))[None, :, None, :], np.nan)
         out["entropy"] = np.nansum(ent, 0)
@@ -111,6 +113,7 @@ def measure(model, inputs, *, batch: int = 64, eps=EPS) -> xr.Dataset:
                 ("attn_layer", "head", "query"),
                 np.where(m[:, None, :] >= 2, sums["entropy"] / S, np.nan),
             ),
+            "key_mass": (("attn_layer", "head", "key"), sums["key_mass"] / S),
             "reaches_output": (("attn_layer", "query"), reaching_rows(model, L, T)),
             "support_size": (("attn_layer", "query"), m),
         },
@@ -120,6 +123,7 @@ def measure(model, inputs, *, batch: int = 64, eps=EPS) -> xr.Dataset:
             "attn_layer": np.arange(L),
             "head": np.arange(H),
             "query": np.arange(T),
+            "key": np.arange(T),
         },
     )
     out.attrs.update(n_inputs=S, n_tokens=T, n_layers=L)
@@ -187,3 +191,27 @@ def measure_attention_only(model, inputs) -> xr.Dataset:
     sums = _attention_sums(blocks, a, entropy=False)
     dims = ("attn_layer", "head", "query")
     return xr.Dataset({k: (dims, v / a.shape[0]) for k, v in sums.items()})
+
+
+@torch.no_grad()
+def uniform_rows_effect(model, inputs, block: int, rows) -> float:
+    """max |Δ output| when the attention rows ``rows`` of ``blocks[block]`` are replaced by uniform
+    weights over their support (every head): 0 means those rows do not reach the prediction."""
+    attn = model.blocks[block].attn
+    base = model(inputs)
+    original = attn.weights
+
+    def uniform(s, mask):
+        a = original(s, mask)
+        flat = (a > 0).to(a.dtype)
+        u = flat / flat.sum(-1, keepdim=True)
+        a = a.clone()
+        a[..., rows, :] = u[..., rows, :]
+        return a
+
+    attn.weights = uniform
+    try:
+        changed = model(inputs)
+    finally:
+        del attn.weights  # back to the class method
+    return float((changed - base).abs().max())

@@ -34,20 +34,22 @@ def mean_ci(values, axis: int = 0, level: float = 0.95):
 
 
 def _contrast(cells: dict, coef: dict, level: float):
-    est, var, dof_num, dof_den = 0.0, 0.0, 0.0, 0.0
+    """Σ c x̄ with its t-interval half-width and Welch–Satterthwaite dof (NaN with < 2 runs in a cell)."""
+    est, var, dof_den, short = 0.0, 0.0, 0.0, False
     for key, c in coef.items():
         x = np.asarray(cells[key], dtype=float)
         x = x[np.isfinite(x)]
         n = len(x)
+        est += c * (x.mean() if n else np.nan)
         if n < 2:
-            return est + c * (x.mean() if n else np.nan), np.nan, n
-        s2 = x.var(ddof=1)
-        est += c * x.mean()
-        term = c * c * s2 / n
+            short = True
+            continue
+        term = c * c * x.var(ddof=1) / n
         var += term
-        dof_num += term
         dof_den += term * term / (n - 1)
-    dof = dof_num**2 / dof_den if dof_den > 0 else np.inf
+    if short:
+        return est, np.nan, np.nan
+    dof = var**2 / dof_den if dof_den > 0 else np.inf
     half = stats.t.ppf(0.5 + level / 2, dof) * np.sqrt(var) if var > 0 else 0.0
     return est, half, dof
 

@@ -1,0 +1,374 @@
+"""Figures of the controlled experiments, rebuilt in seconds from the per-run data files in
+``benchmarks/findings/`` (written by ``python -m analysis.findings.collect``):
+
+* ``ablation_bridge`` — the 2 × 2 × 2 ablation (score dot/RBF × locality × top-k) through the bridge:
+  per-layer clusters, effective rank, first-token excess and attention entropy, mean and 95 %
+  t-interval over training seeds, for digits-vit and the BOS character LM (text-bos).
+* ``sink_training`` — first-token weight α₀ per layer during training, text-bos, every cell.
+* ``recall_sweep`` — the recall sweep: accuracy inside / outside the window and training loss.
+* ``trained_vs_simulated`` — per-layer Wasserstein distance between the model's token cloud and its
+  simulated counterparts, with the frozen "tokens never move" baseline.
+
+A figure is registered only when its data file exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from analysis.figures._registry import register
+
+DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "findings"
+SCORE_COLOR = {"dot": "C0", "rbf": "C3"}
+TASK_LABEL = {"digits-vit": "digits-vit", "text-bos": "text-bos (char LM, BOS)"}
+
+
+def _load(name: str) -> xr.Dataset:
+    path = DATA / f"{name}.nc"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: run the experiments (python -m analysis.findings.experiments ROOT) "
+            f"and python -m analysis.findings.collect ROOT {DATA}"
+        )
+    with xr.open_dataset(path) as ds:
+        return ds.load()
+
+
+def _cells(topk: bool, local: str):
+    """The four cells of the score × locality square at one top-k level, with their line style."""
+    suffix = "+topk" if topk else ""
+    return [
+        (f"dot{suffix}", "dot", "--", "dot"),
+        (f"dot+{local}{suffix}", "dot", "-", f"dot + {local}"),
+        (f"rbf{suffix}", "rbf", "--", "RBF"),
+        (f"rbf+{local}{suffix}", "rbf", "-", f"RBF + {local}"),
+    ]
+
+
+#: (variable, y label, x axis) of the ablation figure's rows
+ROWS = (
+    ("clusters", "clusters (ε = 0.5, unit sphere)", "layer"),
+    ("effective_rank", "effective rank (unit sphere)", "layer"),
+    ("alpha0_excess_out", "α₀ − uniform, output rows", "attn_layer"),
+    ("entropy_out", "attention entropy / log|N(i)|, output rows", "attn_layer"),
+)
+
+
+def _ci_over_seeds(da):
+    from analysis.findings.collect import curves
+
+    return curves(da)
+
+
+def _combine(parts) -> xr.Dataset:
+    """The plotted pieces in one Dataset (outer join over their labels)."""
+    return xr.merge(parts, join="outer", compat="no_conflicts") if parts else xr.Dataset()
+
+
+def _tag(ci: xr.Dataset, **labels) -> xr.Dataset:
+    """``ci`` without its scalar coordinates, with new length-1 axes ``labels`` (for the .nc)."""
+    ci = ci.drop_vars([c for c in ci.coords if c not in ci.dims])
+    return ci.expand_dims({k: [v] for k, v in labels.items()})
+
+
+def make_ablation_bridge(quick=False, out=None, progress=True) -> xr.Dataset:
+    """Ablation through the bridge: which component (score, locality, top-k) moves each per-layer curve."""
+    import matplotlib.pyplot as plt
+
+    from analysis.figures._common import save
+
+    data = {
+        task: _load(name) for task, name in (("digits-vit", "vit-ablation"), ("text-bos", "causal-ablation"))
+    }
+    fig, axes = plt.subplots(len(ROWS), 4, figsize=(15, 12.5), squeeze=False)
+    plotted = []
+    for c, (task, topk) in enumerate([(t, k) for t in data for k in (False, True)]):
+        ds = data[task]
+        local = "grid" if task == "digits-vit" else "window"
+        for r, (var, ylabel, xdim) in enumerate(ROWS):
+            ax = axes[r, c]
+            for name, score, ls, label in _cells(topk, local):
+                if name not in ds["variant"].values:
+                    continue
+                da = ds[var].sel(variant=name)
+                if var in ("clusters",):
+                    da = da.sel(eps=0.5)
+                ci = _ci_over_seeds(da)
+                x = ci[xdim].values + (1 if xdim == "attn_layer" else 0)
+                ax.plot(x, ci["mean"], color=SCORE_COLOR[score], ls=ls, marker="o", ms=3, label=label)
+                ax.fill_between(
+                    x,
+                    ci["mean"] - ci["ci"],
+                    ci["mean"] + ci["ci"],
+                    color=SCORE_COLOR[score],
+                    alpha=0.15,
+                    lw=0,
+                )
+                plotted.append(
+                    ci.rename({xdim: "depth"})
+                    .assign_coords(depth=x)
+                    .expand_dims(task=[task], variant=[name], metric=[var])
+                )
+            if var.startswith("alpha0"):
+                ax.axhline(0, color="0.5", lw=0.8)
+            ax.set_xlabel("layer (after block ℓ)" if xdim == "layer" else "block")
+            ax.set_ylabel(ylabel, fontsize=9)
+            ax.grid(alpha=0.3)
+            if r == 0:
+                n = int(ds.sizes["seed"])
+                ax.set_title(
+                    f"{TASK_LABEL[task]}, top-k {'on' if topk else 'off'} (n = {n} seeds)", fontsize=10
+                )
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color=SCORE_COLOR[sc], ls=ls, marker="o", ms=3, label=lab)
+        for sc, ls, lab in (
+            ("dot", "--", "dot"),
+            ("dot", "-", "dot + locality"),
+            ("rbf", "--", "RBF"),
+            ("rbf", "-", "RBF + locality"),
+        )
+    ]
+    axes[1, 0].legend(handles=handles, fontsize=7.5, loc="best", framealpha=0.85)
+    result = _combine(plotted)
+    caption = (
+        "Each curve: mean over training seeds (shaded: 95 % t-interval, n seeds) of the per-layer metric "
+        "on 256 held-out inputs. Colour = score (blue dot product, red RBF), line = locality (dashed none, "
+        "solid patch grid for the ViT / causal sliding window for the LM). Tokens are measured on the unit "
+        "sphere. α₀ − uniform: first-token weight minus what uniform weights over the visible keys would "
+        "give it, over the rows whose output reaches the prediction (ViT: every row except in the last "
+        "block, where only CLS is read; LM: every row)."
+    )
+    return save(
+        fig, result, "ablation_bridge", out, "Ablation: score × locality × top-k through the bridge", caption
+    )
+
+
+SIM_STYLE = {
+    "frozen": dict(color="0.4", ls=(0, (1, 1)), lw=2.2, label="frozen: tokens never move (baseline)"),
+    "own residual": dict(color="C2", ls="-", marker="D", label="own attention, residual (model minus MLPs)"),
+    "own sphere dt=1": dict(color="C1", ls="--", marker="s", label="own attention on the sphere, dt = 1"),
+    "own sphere matched": dict(
+        color="C4", ls="-.", marker="s", label="own attention on the sphere, dt matched"
+    ),
+    "SA fit": dict(color="C0", ls=":", marker="^", label="SA(β) preset, β fitted"),
+    "Krause fit": dict(color="C3", ls=":", marker="v", label="Krause(σ) preset, σ fitted"),
+}
+SIM_CELLS = {
+    "digits-vit": ("dot", "dot+grid", "rbf", "rbf+grid+topk"),
+    "text-bos": ("dot", "dot+window", "rbf", "rbf+window+topk"),
+}
+
+
+def make_trained_vs_simulated(quick=False, out=None, progress=True) -> xr.Dataset:
+    """Trained vs simulated: per-layer Wasserstein distance of token clouds, against the frozen baseline."""
+    import matplotlib.pyplot as plt
+
+    from analysis.figures._common import save
+
+    tasks = [
+        (t, n)
+        for t, n in (("digits-vit", "vit-ablation"), ("text-bos", "causal-ablation"))
+        if (DATA / f"{n}.nc").exists()
+    ]
+    data = {t: _load(n) for t, n in tasks}
+    data = {t: ds for t, ds in data.items() if "w_distance" in ds}
+    ncols = max(len(SIM_CELLS[t]) for t in data)
+    fig, axes = plt.subplots(
+        2 * len(data), ncols, figsize=(4.0 * ncols, 6.4 * len(data) + 1.2), squeeze=False
+    )
+    plotted = []
+    for t_index, (task, ds) in enumerate(data.items()):
+        for c, cell in enumerate(SIM_CELLS[task]):
+            ax, axc = axes[2 * t_index, c], axes[2 * t_index + 1, c]
+            if cell not in ds["variant"].values:
+                ax.set_visible(False)
+                axc.set_visible(False)
+                continue
+            sub = ds.sel(variant=cell)
+            for series in sub["series"].values:
+                ci = _ci_over_seeds(sub["w_distance"].sel(series=series))
+                style = dict(SIM_STYLE[str(series)], ms=3)
+                x = ci["layer"].values
+                ax.plot(x, ci["mean"], **style)
+                ax.fill_between(
+                    x, ci["mean"] - ci["ci"], ci["mean"] + ci["ci"], color=style["color"], alpha=0.12
+                )
+                plotted.append(
+                    ci.expand_dims(task=[task], variant=[cell], series=[str(series)], metric=["w1"])
+                )
+            for series in sub["model_series"].values:
+                ci = _ci_over_seeds(sub["sim_clusters"].sel(model_series=series))
+                style = dict(
+                    SIM_STYLE.get(str(series), dict(color="k", lw=2.2, marker="o", label="trained")), ms=3
+                )
+                axc.plot(ci["layer"].values, ci["mean"], **style)
+                axc.fill_between(
+                    ci["layer"].values,
+                    ci["mean"] - ci["ci"],
+                    ci["mean"] + ci["ci"],
+                    color=style["color"],
+                    alpha=0.12,
+                )
+                plotted.append(_tag(ci, task=task, variant=cell, series=str(series), metric="clusters"))
+            dt = _ci_over_seeds(sub["matched_dt"])
+            n = int(np.isfinite(sub["matched_dt"]).sum())
+            ax.set_title(
+                f"{TASK_LABEL[task]}: {cell}\nmatched dt = {float(dt['mean']):.2f} ± "
+                f"{float(dt['ci']):.2f} (n = {n})",
+                fontsize=9,
+            )
+            ax.set_ylabel("W₁ to the trained tokens (rad)", fontsize=9)
+            axc.set_ylabel("clusters (ε = 0.5, unit sphere)", fontsize=9)
+            for a in (ax, axc):
+                a.set_xlabel("layer")
+                a.grid(alpha=0.3)
+    handles, labels = axes[1, 0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=8.5, bbox_to_anchor=(0.5, 0.05)
+    )
+    result = _combine(plotted)
+    caption = (
+        "Top row of each task: mean over held-out inputs of the optimal-transport distance W₁ (geodesic, "
+        "radians) between the trained model's token cloud on the unit sphere and each simulated cloud "
+        "started from the same layer-0 tokens; shaded: 95 % t-interval over training seeds. A simulation "
+        "is informative only where it lies below the frozen baseline. Bottom row: cluster counts. "
+        "Matched dt: the sphere time step whose first simulated layer turns the tokens by the model's "
+        "first-block mean angle."
+    )
+    return save(fig, result, "trained_vs_simulated", out, "Trained vs simulated token clouds", caption)
+
+
+def make_recall_sweep(quick=False, out=None, progress=True) -> xr.Dataset:
+    """Recall sweep: accuracy inside vs outside the window and training loss, one factor at a time."""
+    import matplotlib.pyplot as plt
+
+    from analysis.figures._common import save
+
+    ds = _load("recall")
+    variants = [str(v) for v in ds["variant"].values]
+    fig, (ax, axl) = plt.subplots(1, 2, figsize=(15, 5.2), gridspec_kw=dict(width_ratios=(1.1, 1)))
+    width = 0.38
+    rows = []
+    for k, (var, label, color) in enumerate(
+        (
+            ("accuracy_inside_window", "queries whose key is inside the window", "C2"),
+            ("accuracy_outside_window", "outside the window", "C7"),
+        )
+    ):
+        ci = _ci_over_seeds(ds[var])
+        x = np.arange(len(variants)) + (k - 0.5) * width
+        ax.bar(x, ci["mean"], width, yerr=ci["ci"], color=color, label=label, capsize=3)
+        for xi, v in zip(x, ds[var].transpose("variant", "seed").values):
+            ax.plot(np.full(len(v), xi), v, "k.", ms=3)
+        rows.append(_tag(ci, metric=var))
+    ax.axhline(1 / 16, color="0.3", ls=":", lw=1, label="chance (1/16)")
+    ax.set_xticks(np.arange(len(variants)), variants, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3, axis="y")
+    cmap = plt.get_cmap("tab10")
+    for i, v in enumerate(variants):
+        ci = _ci_over_seeds(ds["train_loss"].sel(variant=v))
+        x = ci["loss_step"].values
+        axl.plot(x, ci["mean"], color=cmap(i % 10), label=v, lw=1.3)
+        axl.fill_between(x, ci["mean"] - ci["ci"], ci["mean"] + ci["ci"], color=cmap(i % 10), alpha=0.12)
+    axl.set_xlabel("training step")
+    axl.set_ylabel("training loss (mean of 50 steps)")
+    axl.grid(alpha=0.3)
+    axl.legend(fontsize=8, ncol=2)
+    n = int(ds.sizes["seed"])
+    caption = (
+        f"Krause recall models around a base config (window 16, top-k 8, σ init 2.5, lr 3e-3), one factor "
+        f"changed at a time, and softmax; {int(ds['steps'].max())} steps, n = {n} seeds (dots: single seeds, "
+        "bars: mean ± 95 % t-interval). Inside the window the value is visible to the query: failing there "
+        "is an optimisation failure; outside it no information can reach the query, so chance is the "
+        "capacity limit."
+    )
+    return save(
+        fig,
+        xr.concat(rows, "metric"),
+        "recall_sweep",
+        out,
+        "Associative recall: what the Krause model needs",
+        caption,
+    )
+
+
+def make_sink_training(quick=False, out=None, progress=True) -> xr.Dataset:
+    """Does a first-token sink form? α₀ per block during training of the BOS character LM, every cell."""
+    import matplotlib.pyplot as plt
+
+    from analysis.figures._common import save
+
+    ds = _load("causal-ablation")
+    L = int(ds.sizes["attn_layer"])
+    rows = [
+        ("probe_alpha0_excess", False, "α₀ − uniform (mean over heads)"),
+        ("probe_alpha0_excess", True, "α₀ − uniform (mean over heads)"),
+        ("probe_alpha0_max_head", False, "α₀ of the top head"),
+        ("probe_alpha0_max_head", True, "α₀ of the top head"),
+    ]
+    fig, axes = plt.subplots(
+        len(rows), L, figsize=(3.8 * L, 2.7 * len(rows) + 1.4), squeeze=False, sharex=True
+    )
+    plotted = []
+    for r, (var, topk, ylabel) in enumerate(rows):
+        for b in range(L):
+            ax = axes[r, b]
+            for name, score, ls, label in _cells(topk, "window"):
+                if name not in ds["variant"].values:
+                    continue
+                ci = _ci_over_seeds(ds[var].sel(variant=name).isel(attn_layer=b))
+                x = ci["probe_step"].values
+                ax.plot(x, ci["mean"], color=SCORE_COLOR[score], ls=ls, lw=1.4, label=label)
+                ax.fill_between(
+                    x,
+                    ci["mean"] - ci["ci"],
+                    ci["mean"] + ci["ci"],
+                    color=SCORE_COLOR[score],
+                    alpha=0.15,
+                    lw=0,
+                )
+                plotted.append(_tag(ci, variant=name, metric=var, block=b + 1))
+            if "excess" in var:
+                ax.axhline(0, color="0.5", lw=0.8)
+            ax.grid(alpha=0.3)
+            if r == 0:
+                ax.set_title(f"block {b + 1}", fontsize=10)
+            if b == 0:
+                ax.set_ylabel(f"{ylabel}\ntop-k {'on' if topk else 'off'}", fontsize=9)
+            if r == len(rows) - 1:
+                ax.set_xlabel("training step")
+    axes[0, 0].legend(fontsize=7.5, loc="best")
+    axes[1, 0].legend(fontsize=7.5, loc="best")
+    n = int(ds.sizes["seed"])
+    caption = (
+        "Character LM on the pydoc topics text with a BOS token at position 0 of every 64-character window. "
+        "α₀ = mean over queries i of the weight a_i0 on BOS, measured on 64 fixed held-out windows every "
+        "100 steps; uniform = what equal weights over each query's visible keys would give BOS (a window of "
+        "16 hides BOS from queries i ≥ 16, so the windowed cells' uniform baseline is lower). Mean over "
+        f"n = {n} training seeds, shaded 95 % t-interval. A sink would show as α₀ rising far above uniform."
+    )
+    return save(
+        fig, _combine(plotted), "sink_training", out, "Does a first-token sink form during training?", caption
+    )
+
+
+def _register():
+    if (DATA / "vit-ablation.nc").exists() and (DATA / "causal-ablation.nc").exists():
+        register("ablation_bridge", group="findings")(make_ablation_bridge)
+    if (DATA / "causal-ablation.nc").exists():
+        register("sink_training", group="findings")(make_sink_training)
+    if (DATA / "vit-ablation.nc").exists():
+        register("trained_vs_simulated", group="findings")(make_trained_vs_simulated)
+    if (DATA / "recall.nc").exists():
+        register("recall_sweep", group="findings")(make_recall_sweep)
+
+
+_register()

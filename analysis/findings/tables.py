@@ -1,0 +1,220 @@
+"""Markdown tables of the experiments, read from the collected data files (``benchmarks/findings/``).
+
+``python -m analysis.findings.tables DIR`` prints every table; benchmarks/bridge.md quotes them.
+Every entry is mean ± 95 % t-interval half-width over training seeds (n in the header).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from . import stats
+from .collect import effect_rows
+
+VIT_ORDER = ("dot", "dot+topk", "dot+grid", "dot+grid+topk", "rbf", "rbf+topk", "rbf+grid", "rbf+grid+topk")
+LM_ORDER = tuple(v.replace("grid", "window") for v in VIT_ORDER)
+
+
+def fmt(values, digits: int = 2) -> str:
+    mean, half, n = stats.mean_ci(np.asarray(values, float))
+    if not np.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if np.isfinite(half) else f"{mean:.{digits}f}"
+
+
+def _order(ds, order):
+    return [v for v in order if v in ds["variant"].values] + [
+        str(v) for v in ds["variant"].values if str(v) not in order
+    ]
+
+
+def responses(ds: xr.Dataset) -> dict[str, xr.DataArray]:
+    """Scalar responses over (variant, seed) used for the per-cell and effects tables."""
+    L = int(ds.sizes["layer"]) - 1
+    c = ds["clusters"].sel(eps=0.5)
+    out = {
+        "clusters, layer 0": c.isel(layer=0),
+        f"clusters, layer {L}": c.isel(layer=L),
+        f"Δ clusters 0→{L}": c.isel(layer=L) - c.isel(layer=0),
+        f"eff. rank, layer {L}": ds["effective_rank"].isel(layer=L),
+        f"Δ eff. rank 0→{L}": ds["effective_rank"].isel(layer=L) - ds["effective_rank"].isel(layer=0),
+    }
+    last = int(ds.sizes["attn_layer"]) - 1
+    if ds.attrs.get("task") == "digits-vit":
+        out["α₀ − uniform, CLS row, last block"] = ds["alpha0_excess_out"].isel(attn_layer=last)
+        out["α₀ − uniform, all rows, last block"] = ds["alpha0_excess"].isel(attn_layer=last)
+        out["α₀ − uniform, blocks 1–3"] = (
+            ds["alpha0_excess"].isel(attn_layer=slice(0, last)).mean("attn_layer")
+        )
+        out["test accuracy"] = ds["test_accuracy"]
+    else:
+        out["α₀, mean over blocks"] = ds["alpha0"].mean("attn_layer")
+        out["α₀ − uniform, mean over blocks"] = ds["alpha0_excess"].mean("attn_layer")
+        out["α₀ − uniform, max over blocks"] = ds["alpha0_excess"].max("attn_layer")
+        out["test bits/char"] = ds["test_bits_per_char"]
+    return out
+
+
+def cell_table(ds: xr.Dataset, order) -> str:
+    resp = responses(ds)
+    head = "| cell | " + " | ".join(resp) + " |"
+    rows = [head, "|---" * (len(resp) + 1) + "|"]
+    for v in _order(ds, order):
+        digits = {k: (4 if "accuracy" in k or "bits" in k else 3 if "α₀" in k else 2) for k in resp}
+        rows.append(
+            f"| {v} | " + " | ".join(fmt(r.sel(variant=v).values, digits[k]) for k, r in resp.items()) + " |"
+        )
+    return "\n".join(rows)
+
+
+def effects_table(ds: xr.Dataset, keys=None) -> str:
+    """One row per response, one column per factorial effect of the 2 × 2 × 2 (estimate ± 95 % CI);
+    ** marks an interval that excludes 0."""
+    resp = responses(ds)
+    keys = keys or [k for k in resp if "layer 0" not in k]
+    names = None
+    rows = []
+    for k in keys:
+        eff = effect_rows(resp[k])
+        if names is None:
+            names = [e["effect"] for e in eff]
+            rows += ["| response | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        rows.append(f"| {k} | " + " | ".join(_effect(e) for e in eff) + " |")
+    return "\n".join(rows)
+
+
+def _effect(e: dict) -> str:
+    if not np.isfinite(e["ci"]):
+        return f"{e['estimate']:+.3f}"
+    mark = "**" if abs(e["estimate"]) > e["ci"] else ""
+    return f"{mark}{e['estimate']:+.3f} ± {e['ci']:.3f}{mark}"
+
+
+def square_table(ds: xr.Dataset, key: str) -> str:
+    """The score × locality 2 × 2 at each top-k level: main effects and interaction of one response."""
+    r = responses(ds)[key]
+    rows = [
+        f"| {key}: top-k | score (RBF − dot) | locality (on − off) | score × locality |",
+        "|---|---|---|---|",
+    ]
+    for topk in (False, True):
+        eff = {e["effect"]: e for e in effect_rows(r, topk=topk)}
+        cells = [_effect(eff[k]) for k in ("score", "locality", "score×locality")]
+        rows.append(f"| {'on' if topk else 'off'} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def probe_table(ds: xr.Dataset, variants=("dot", "rbf+window+topk"), steps=None) -> str:
+    """α₀ (mean over heads and queries) per layer at chosen training steps (mean ± CI over seeds)."""
+    if "probe_alpha0" not in ds:
+        return ""
+    all_steps = ds["probe_step"].values
+    steps = steps or [s for s in all_steps if s in (0, 250, 500, 1000, 1500, 2000) or s == all_steps.max()]
+    L = int(ds.sizes["attn_layer"])
+    rows = [
+        "| cell | step | "
+        + " | ".join(f"α₀ block {b + 1}" for b in range(L))
+        + " | max-head α₀ (any block) |",
+        "|---" * (L + 3) + "|",
+    ]
+    for v in variants:
+        if v not in ds["variant"].values:
+            continue
+        for s in steps:
+            a = ds["probe_alpha0"].sel(variant=v, probe_step=s)
+            m = ds["probe_alpha0_max_head"].sel(variant=v, probe_step=s).max("attn_layer")
+            rows.append(
+                f"| {v} | {int(s)} | "
+                + " | ".join(fmt(a.isel(attn_layer=b).values, 3) for b in range(L))
+                + f" | {fmt(m.values, 3)} |"
+            )
+    return "\n".join(rows)
+
+
+def distance_table(ds: xr.Dataset, variants) -> str:
+    if "w_distance" not in ds:
+        return ""
+    L = int(ds.sizes["layer"]) - 1
+    series = [str(s) for s in ds["series"].values]
+    rows = [
+        "| cell | " + " | ".join(f"W₁ layer {L}: {s}" for s in series) + " | matched dt | block-1 angle |",
+        "|---" * (len(series) + 3) + "|",
+    ]
+    for v in variants:
+        if v not in ds["variant"].values:
+            continue
+        d = ds["w_distance"].sel(variant=v).isel(layer=L)
+        rows.append(
+            f"| {v} | "
+            + " | ".join(fmt(d.sel(series=s).values, 3) for s in series)
+            + f" | {fmt(ds['matched_dt'].sel(variant=v).values, 2)}"
+            + f" | {fmt(ds['first_block_angle'].sel(variant=v).values, 2)} |"
+        )
+    rows.append("")
+    ms = [str(s) for s in ds["model_series"].values]
+    rows.append(
+        "| cell | "
+        + " | ".join(f"clusters layer {L}: {s}" for s in ms)
+        + " | SA β (edge) | Krause σ (edge) |"
+    )
+    rows.append("|---" * (len(ms) + 3) + "|")
+    for v in variants:
+        if v not in ds["variant"].values:
+            continue
+        c = ds["sim_clusters"].sel(variant=v).isel(layer=L)
+        sub = ds.sel(variant=v)
+        rows.append(
+            f"| {v} | "
+            + " | ".join(fmt(c.sel(model_series=s).values, 2) for s in ms)
+            + f" | {fmt(sub['sa_beta'].values, 2)} ({int(np.nansum(sub['sa_at_boundary']))}/"
+            f"{int(np.isfinite(sub['sa_at_boundary']).sum())})"
+            + f" | {fmt(sub['krause_sigma'].values, 2)} ({int(np.nansum(sub['krause_at_boundary']))}/"
+            f"{int(np.isfinite(sub['krause_at_boundary']).sum())}) |"
+        )
+    return "\n".join(rows)
+
+
+def recall_table(ds: xr.Dataset) -> str:
+    keys = ("test_accuracy", "accuracy_inside_window", "accuracy_outside_window")
+    rows = [
+        "| variant | window | all queries | inside the window | outside | final train loss |",
+        "|---" * 6 + "|",
+    ]
+    for v in ds["variant"].values:
+        sub = ds.sel(variant=v)
+        loss = sub["train_loss"].isel(loss_step=-1).values
+        w = sub["model_window"].values if "model_window" in sub else [np.nan]
+        w = "all" if not np.isfinite(np.nanmax(w)) else int(np.nanmax(w))
+        rows.append(
+            f"| {v} | {w} | " + " | ".join(fmt(sub[k].values, 3) for k in keys) + f" | {fmt(loss, 3)} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    d = Path((argv or sys.argv[1:] or ["benchmarks/findings"])[0])
+    for name, order in (("vit-ablation", VIT_ORDER), ("causal-ablation", LM_ORDER)):
+        path = d / f"{name}.nc"
+        if not path.exists():
+            continue
+        ds = xr.open_dataset(path).load()
+        print(f"## {name} (seeds: {list(ds['seed'].values)})\n")
+        print(cell_table(ds, order), "\n")
+        print(effects_table(ds), "\n")
+        for key in responses(ds):
+            if "Δ" in key or "α₀ − uniform" in key:
+                print(square_table(ds, key), "\n")
+        print(probe_table(ds), "\n")
+        print(distance_table(ds, order), "\n")
+    if (d / "recall.nc").exists():
+        print("## recall\n")
+        print(recall_table(xr.open_dataset(d / "recall.nc").load()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
