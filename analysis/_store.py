@@ -15,6 +15,15 @@ at any moment (SIGKILL included) therefore leaves each point either absent or co
 half-written; the same holds for the creation of the store itself and for ``result/``. The store
 must live on a local or POSIX-shared file system (not an object store such as S3). Writes are
 not fsync'ed: the guarantee is against killed processes, not against power loss.
+
+Data safety (the rules of ``particles.store``, docs/data-safety.md): the root group is marked
+``krause_sync_store = "sweep"``; a path holding anything else (a directory we did not write, a
+trajectory store) is refused, never emptied. One sweep process per store: :meth:`SweepStore.writer`
+holds ``particles.store.StoreLock`` for the whole run, so a second sweep on the same store fails at
+once with a message naming the first one's pid, and the staging area is only ever cleaned by the
+lock holder. A lock left by a killed sweep is stale and taken over by the next run. A point
+counts as finished only when all its metric arrays and its attributes are written (the attributes
+last); a damaged point directory is discarded by the next writer and recomputed.
 """
 
 from __future__ import annotations
@@ -23,10 +32,13 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import zarr
+
+from particles.store import MARKER, StoreLock, check_output, clean_leftovers, partial_path, store_kind
 
 FORMAT = 1
 ATTR = "ksync_sweep"
@@ -116,10 +128,10 @@ class SweepStore:
         spec = json_roundtrip(spec)
         if not store.path.exists():
             store.path.parent.mkdir(parents=True, exist_ok=True)
-            staging = store.path.parent / _tmp_name(f".{store.path.name}.creating")
-            root = zarr.open_group(str(staging), mode="w")
-            root.attrs[ATTR] = {"format": FORMAT, "spec": spec}
-            zarr.open_group(str(staging / "points"), mode="w")
+            staging = partial_path(store.path)
+            root = zarr.open_group(str(staging), mode="w-")
+            root.attrs.update({MARKER: "sweep", ATTR: {"format": FORMAT, "spec": spec}})
+            zarr.open_group(str(staging / "points"), mode="w-")
             (staging / ".tmp").mkdir()
             try:
                 os.rename(staging, store.path)
@@ -135,6 +147,26 @@ class SweepStore:
         store.points.mkdir(exist_ok=True)
         return store
 
+    @classmethod
+    @contextmanager
+    def writer(cls, path, spec: dict):
+        """``with SweepStore.writer(path, spec) as store:`` — the one writer of the store at ``path``.
+
+        Holds the store lock (StoreLocked if another live process holds it), refuses a path that is
+        not a sweep store (FileExistsError, nothing changed), creates the store or checks its spec
+        (:meth:`create_or_check`), then discards unfinished and damaged writes of killed runs.
+        """
+        path = Path(path)
+        _refuse_foreign(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with StoreLock(path):
+            clean_leftovers(path)
+            _refuse_foreign(path)
+            store = cls.create_or_check(path, spec)
+            store.clean_tmp()
+            store.discard_damaged()
+            yield store
+
     @property
     def spec(self) -> dict:
         if not self.path.exists():
@@ -143,7 +175,7 @@ class SweepStore:
             attrs = dict(zarr.open_group(str(self.path), mode="r").attrs)
         except Exception as err:  # zarr raises various errors for non-zarr directories
             raise ValueError(f"{str(self.path)!r} exists and is not a zarr store ({err})") from err
-        if ATTR not in attrs:
+        if ATTR not in attrs or attrs.get(MARKER, "sweep") != "sweep":
             raise ValueError(f"{str(self.path)!r} exists and is not a ksync sweep store; "
                              "choose another path")
         meta = attrs[ATTR]
@@ -159,12 +191,34 @@ class SweepStore:
             for entry in self.tmp.iterdir():
                 shutil.rmtree(entry, ignore_errors=True)
 
+    def _entries(self):
+        if not self.points.exists():
+            return []
+        return [p for p in self.points.iterdir() if not p.name.startswith(".") and p.is_dir()]
+
+    def _complete(self, point: Path, metrics) -> bool:
+        """All metric arrays present and the attributes (written last) there."""
+        try:
+            group = zarr.open_group(str(point), mode="r")
+            return "index" in group.attrs and all(name in group for name in metrics)
+        except Exception:  # unreadable metadata: a damaged point
+            return False
+
     def done(self) -> set[str]:
         """Keys of the finished points."""
-        if not self.points.exists():
-            return set()
-        return {p.name for p in self.points.iterdir() if not p.name.startswith(".")
-                and ((p / "zarr.json").exists() or (p / ".zgroup").exists())}
+        metrics = list(self.spec.get("metrics", {}))
+        return {p.name for p in self._entries() if self._complete(p, metrics)}
+
+    def discard_damaged(self) -> list[str]:
+        """Move incomplete point directories (a store written by an unlocked older version) out of
+        ``points/`` into the staging area and remove them; returns their keys. Lock holder only."""
+        metrics = list(self.spec.get("metrics", {}))
+        damaged = [p for p in self._entries() if not self._complete(p, metrics)]
+        for p in damaged:
+            aside = self.tmp / _tmp_name(f"damaged-{p.name}")
+            os.rename(p, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        return [p.name for p in damaged]
 
     def write_point(self, key: str, values: dict, attrs: dict) -> bool:
         """Write one point atomically; False (and nothing written) if it is already there."""
@@ -196,3 +250,9 @@ class SweepStore:
         staging = self.tmp / _tmp_name("result")
         ds.to_zarr(str(staging), mode="w", consolidated=False)
         _replace_dir(staging, self.path / "result")
+
+
+def _refuse_foreign(path: Path) -> None:
+    """FileExistsError for an existing path that is not a sweep store (rules of particles.store)."""
+    if (path.exists() or path.is_symlink()) and store_kind(path) != "sweep":
+        check_output(path, kind="sweep")

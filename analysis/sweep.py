@@ -18,7 +18,9 @@ Scheduler:
     ``None``            start a ``distributed.LocalCluster`` on 127.0.0.1 (``workers`` processes,
                         one thread each; default min(#CPUs, #points)) and close it at the end;
     ``"tcp://host:port"`` connect to a running dask scheduler (its workers must have krause-sync
-                        installed); a ``distributed.Client`` is used as is;
+                        installed); an address that does not answer as a dask scheduler within
+                        ``connect_timeout`` seconds (default 10) is an error; a
+                        ``distributed.Client`` is used as is;
     ``"sync"``          run in this process without dask (tests, quick figures).
 Scripts that use a LocalCluster need the usual ``if __name__ == "__main__":`` guard.
 
@@ -29,8 +31,11 @@ resumed by running it again, and the final Dataset equals that of an uninterrupt
 made for a different specification is refused with a message listing the differences. When
 every point is done the assembled Dataset is also written as the group ``result``
 (``xr.open_zarr(path, group="result", consolidated=False)``); :func:`open_sweep` assembles
-whatever is finished. One sweep process per store at a time (a second one started on the same
-store discards the first one's unfinished writes).
+whatever is finished. One sweep process per store at a time: the store is locked while a sweep
+writes it, and a second sweep started on the same store is refused with a message naming the
+first one's pid (a lock left by a killed sweep is taken over). A path that is not a sweep store
+(a folder we did not write, a trajectory store) is refused, never emptied (``particles.store``).
+The whole specification (steps, dt and every axis value) is validated before the store is created.
 
 Metrics (name → value per point; options with defaults, overridable per metric):
     final_clusters          count_clusters(x(T), eps, method)           eps=1e-2, method="graph"
@@ -98,6 +103,7 @@ __all__ = ["sweep", "plot_sweep", "open_sweep", "load_spec", "register_metric", 
 #: simulate parameters that may be swept or fixed
 PARAMETERS = ("model", "beta", "sigma", "radius", "window", "causal", "top_k", "Q", "K", "V", "geometry",
               "noise", "n", "d", "dt", "steps", "save_every", "integrator", "dtype", "x0")
+MAX_VALUES = 10**6  # per axis, seeds, and points in all: a larger plan is refused before it is built
 RESERVED = {"seed": "use seeds=…", "samples": "use seeds=… for repetitions",
             "return_weights": "it is set when a metric needs the weights",
             "progress": "it is the sweep's own progress bar"}
@@ -248,14 +254,23 @@ def _values(name, values) -> list:
         values = values.tolist()
     if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__"):
         raise ValueError(f"axes[{name!r}] must be a list of values, got {values!r}")
+    if not isinstance(values, (list, tuple, range)):
+        raise TypeError(f"axes[{name!r}] must be a list (or tuple) of values, got {type(values).__name__}")
+    _check_count(f"axes[{name!r}]", len(values))
     values = [v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v for v in values]
     if not values:
         raise ValueError(f"axes[{name!r}] is empty")
-    seen = []
+    seen, unhashable = set(), []
     for v in values:
-        if any(v == w and type(v) is type(w) for w in seen):
+        try:
+            key = (type(v), v)
+            repeated = key in seen
+            seen.add(key)
+        except TypeError:  # lists (matrices): compared one by one
+            repeated = any(v == w for w in unhashable)
+            unhashable.append(v)
+        if repeated:
             raise ValueError(f"axes[{name!r}] repeats the value {v!r}")
-        seen.append(v)
     return values
 
 
@@ -266,17 +281,32 @@ def _check_name(where, name):
         raise ValueError(f"{where}: unknown simulate parameter {name!r} (known: {', '.join(PARAMETERS)})")
 
 
+def _check_count(where, count) -> None:
+    if count > MAX_VALUES:
+        raise ValueError(f"{where}: {count} values is more than the {MAX_VALUES} a sweep allows")
+
+
+def _int_entry(where, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where} must be an integer, got {value!r}")
+    return int(value)
+
+
 def _seeds(seeds) -> list:
     if isinstance(seeds, bool):
         raise TypeError(f"seeds must be an int or a list of ints, got {seeds!r}")
     if isinstance(seeds, numbers.Integral):
         if seeds < 1:
             raise ValueError(f"seeds must be >= 1 (the number of seeds) or a list, got {seeds}")
+        _check_count("seeds", seeds)
         return list(range(int(seeds)))
     if isinstance(seeds, Mapping):
         if "stop" not in seeds or set(seeds) - {"start", "stop"}:
             raise ValueError(f"seeds: a range is {{start, stop}} (stop excluded), got {dict(seeds)!r}")
-        return _seeds(list(range(int(seeds.get("start", 0)), int(seeds["stop"]))))
+        span = range(_int_entry("seeds.start", seeds.get("start", 0)),
+                     _int_entry("seeds.stop", seeds["stop"]))
+        _check_count("seeds", len(span))
+        return _seeds(list(span))
     try:
         out = [int(s) for s in seeds if not isinstance(s, bool) and float(s).is_integer()]
     except TypeError as err:
@@ -298,6 +328,9 @@ def _metrics(metrics) -> dict:
         for m in metrics:
             if isinstance(m, Mapping):  # {"name": ..., **options}
                 m = dict(m)
+                if "name" not in m:
+                    raise ValueError(f"metrics: an entry given as a table needs a 'name' key (the metric), "
+                                     f"got {m!r}")
                 items.append((m.pop("name"), m))
             else:
                 items.append((m, {}))
@@ -306,6 +339,10 @@ def _metrics(metrics) -> dict:
         raise ValueError("metrics: give at least one metric")
     out = {}
     for name, opts in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(f"metrics: a metric name must be a string, got {name!r}")
+        if opts is not None and not isinstance(opts, Mapping):
+            raise TypeError(f"metrics: the options of {name!r} must be a table, got {opts!r}")
         if name not in METRICS:
             raise ValueError(f"metrics: unknown metric {name!r} (known: {', '.join(sorted(METRICS))})")
         unknown = set(opts or {}) - set(METRICS[name].defaults)
@@ -335,12 +372,22 @@ def make_plan(model, axes=None, *, seeds=1, metrics=None, steps=None, dt=None, *
     fixed = {k: (v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v) for k, v in fixed.items()}
     plan = Plan(model, {k: _values(k, v) for k, v in axes.items()}, _seeds(seeds), _metrics(metrics),
                 steps, dt, fixed)
+    _check_count("points (axes × seeds)", math.prod(plan.shape))
     curves = [m for m in plan.metrics if METRICS[m].curve]
     clash = [a for a in ("steps", "save_every") if a in plan.axes]
     if curves and clash:
         raise ValueError(f"curve metrics {curves} need the same saved times at every point; "
                          f"{clash[0]!r} cannot be an axis with them")
     return plan
+
+
+def _check_steps(kw: dict) -> None:
+    """steps: an integer >= 0 (validated here: the trial runs of :func:`_check_points` use 0)."""
+    steps = kw.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an integer >= 0, got {steps!r}")
+    if steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
 
 
 def _check_points(plan: Plan) -> None:
@@ -350,8 +397,9 @@ def _check_points(plan: Plan) -> None:
     for _, params in plan.combos():
         kw = plan.run_params(Point((), params, plan.seeds[0]))
         model = kw.pop("model")
-        kw["steps"] = 0
         try:
+            _check_steps(kw)
+            kw["steps"] = 0
             simulate(model, seed=plan.seeds[0], progress=False, **kw)
         except (ValueError, TypeError) as err:
             where = ", ".join(f"{k}={v!r}" for k, v in params.items())
@@ -400,7 +448,40 @@ def _times(plan: Plan):
 
 
 # -- execution ------------------------------------------------------------------------------------
-def _connect(scheduler, workers, ntasks):
+def _probe(address: str, timeout: float) -> None:
+    """Ask ``address`` for its identity; TimeoutError/OSError unless a dask scheduler answers in time.
+
+    ``distributed.Client`` waits forever on a service that accepts the connection and says nothing.
+    """
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def ask():
+        from distributed.comm import connect
+
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            reply = await comm.read()
+        finally:
+            comm.abort()
+        if not isinstance(reply, dict) or reply.get("type") != "Scheduler":
+            raise OSError(f"{address} answered, but not as a dask scheduler")
+
+    async def bounded():
+        await asyncio.wait_for(ask(), timeout)
+
+    with ThreadPoolExecutor(1) as pool:  # its own event loop: works under a running loop (Jupyter) too
+        try:
+            pool.submit(asyncio.run, bounded()).result()
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TimeoutError(f"scheduler {address}: no answer from a dask scheduler within {timeout:g} s "
+                               "(is it a dask scheduler address? see connect_timeout)") from None
+        except OSError as err:
+            raise OSError(f"scheduler {address}: cannot connect ({err})") from None
+
+
+def _connect(scheduler, workers, ntasks, connect_timeout=10.0):
     """(client, close) for scheduler None (LocalCluster), an address, or a Client."""
     from distributed import Client, LocalCluster
 
@@ -430,7 +511,8 @@ def _connect(scheduler, workers, ntasks):
     if workers is not None:
         raise ValueError("workers: only for a LocalCluster started by the sweep (scheduler=None); "
                          "an existing scheduler has its own workers")
-    client = Client(scheduler)  # connect timeout: dask config distributed.comm.timeouts.connect
+    _probe(scheduler, connect_timeout)
+    client = Client(scheduler, timeout=connect_timeout)
     return client, client.close
 
 
@@ -466,34 +548,41 @@ def _execute(plan, todo, client, on_result):
 
 
 def sweep(model, axes=None, *, seeds=1, metrics=None, store=None, scheduler=None, steps=None, dt=None,
-          progress=True, workers=None, **fixed) -> xr.Dataset:
+          progress=True, workers=None, connect_timeout=10.0, **fixed) -> xr.Dataset:
     """Run ``simulate`` over the Cartesian product of ``axes`` × ``seeds`` and reduce to ``metrics``.
 
     model: "sa", "usa", "krause" or "hk" (or an axis "model"). axes: {parameter: [values]}.
     seeds: n (seeds 0..n-1) or a list. metrics: names, or {name: {option: value}} (see the module
     docstring). store: a path for the resumable zarr store, or None (nothing written).
     scheduler: None (LocalCluster with ``workers`` processes on 127.0.0.1), "sync" (in-process),
-    a scheduler address or a ``distributed.Client``. steps, dt and ``**fixed``: passed to every
-    ``simulate`` call. Returns a Dataset with dims = axes + "seed" (+ "time" for curves).
-    Raises ValueError/TypeError for a bad specification (before any work), SweepError if a point
-    fails (finished points stay in the store).
+    a scheduler address or a ``distributed.Client``. connect_timeout: seconds to wait for a
+    scheduler address to answer. steps, dt and ``**fixed``: passed to every ``simulate`` call.
+    Returns a Dataset with dims = axes + "seed" (+ "time" for curves).
+    Raises ValueError/TypeError for a bad specification (before any work or store is created),
+    FileExistsError for a ``store`` path that is not a sweep store, ``particles.store.StoreLocked``
+    if another process is writing the store, SweepError if a point fails (finished points stay in
+    the store).
     """
-    from tqdm.auto import tqdm
-
     plan = make_plan(model, axes, seeds=seeds, metrics=metrics, steps=steps, dt=dt, **fixed)
     if scheduler == "sync" and workers is not None:
         raise ValueError("workers: not used with scheduler='sync'")
+    if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, numbers.Real) \
+            or not 0 < connect_timeout < math.inf:
+        raise ValueError(f"connect_timeout must be a number of seconds > 0, got {connect_timeout!r}")
     _check_points(plan)
-    results: dict = {}
-    db = None
-    if store is not None:
-        from analysis._store import SweepStore
+    if store is None:
+        return _run(plan, None, scheduler, workers, connect_timeout, progress)
+    from analysis._store import SweepStore
 
-        db = SweepStore.create_or_check(store, plan.spec())
-        db.clean_tmp()
-        done = db.done()
-        for key in done:
-            results[key] = db.read_point(key)
+    with SweepStore.writer(store, plan.spec()) as db:
+        return _run(plan, db, scheduler, workers, connect_timeout, progress)
+
+
+def _run(plan: Plan, db, scheduler, workers, connect_timeout, progress) -> xr.Dataset:
+    """Run the points of ``plan`` not yet in the store ``db`` (None: no store) and assemble."""
+    from tqdm.auto import tqdm
+
+    results = {key: db.read_point(key) for key in db.done()} if db is not None else {}
     points = list(plan.points())
     todo = [p for p in points if p.key not in results]
     kept = _times(plan)[0]
@@ -501,7 +590,7 @@ def sweep(model, axes=None, *, seeds=1, metrics=None, store=None, scheduler=None
 
     client, close = None, None
     if scheduler != "sync" and todo:
-        client, close = _connect(scheduler, workers, len(todo))
+        client, close = _connect(scheduler, workers, len(todo), connect_timeout)
 
     def on_result(p, values, info):
         _check_values(plan, p, values, ntime)
@@ -600,10 +689,15 @@ def _range(name, r: Mapping) -> list:
         raise ValueError(f"axes.{name}: a range is {{start, stop, num[, log]}} or {{start, stop, step}}, "
                          f"got {dict(r)!r}")
     start, stop = r["start"], r["stop"]
+    for key in ("start", "stop", "step"):
+        v = r.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"axes.{name}: {key} must be a finite number, got {v!r}")
     if "num" in r:
-        num = int(r["num"])
+        num = _int_entry(f"axes.{name}.num", r["num"])
         if num < 1:
             raise ValueError(f"axes.{name}: num must be >= 1, got {num}")
+        _check_count(f"axes.{name}", num)
         if r.get("log", False):
             if start <= 0 or stop <= 0:
                 raise ValueError(f"axes.{name}: a log range needs start, stop > 0")
@@ -613,8 +707,10 @@ def _range(name, r: Mapping) -> list:
     if step == 0:
         raise ValueError(f"axes.{name}: step must be non-zero")
     if all(isinstance(v, int) for v in (start, stop, step)):
+        _check_count(f"axes.{name}", len(range(start, stop, step)))
         return list(range(start, stop, step))
     count = math.ceil((stop - start) / step - 1e-9)
+    _check_count(f"axes.{name}", count)
     return [start + k * step for k in range(max(count, 0))]
 
 

@@ -82,8 +82,21 @@ def _required(command):
     return out
 
 
+def _numeric(action):
+    """The first of "1", "0.5" that the option's type accepts (None: not a numeric option)."""
+    if action.type is None or action.nargs == 0:
+        return None
+    for candidate in ("1", "0.5"):
+        try:
+            action.type(candidate)
+            return candidate
+        except (argparse.ArgumentTypeError, TypeError, ValueError, OSError):
+            pass
+    return None
+
+
 def _is_input(action) -> bool:
-    if action.dest in OUTPUT_DESTS or action.choices or action.type in (int, float) \
+    if action.dest in OUTPUT_DESTS or action.choices or _numeric(action) is not None \
             or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
                                    argparse._CountAction)):
         return False
@@ -94,10 +107,8 @@ def _value(action, tmp_path):
     """A placeholder that argparse accepts for ``action``."""
     if action.choices:
         return str(next(iter(action.choices)))
-    if action.type is int:
-        return "1"
-    if action.type is float:
-        return "0.5"
+    if _numeric(action) is not None:
+        return _numeric(action)
     if action.dest in OUTPUT_DESTS:
         return str(tmp_path / "out.nc")
     return str(tmp_path / "missing" / f"{action.dest}.npy")
@@ -158,10 +169,23 @@ def test_missing_required_arguments(command, capsys):
 @pytest.mark.parametrize("command, dest", _cases("typed"))
 def test_bad_typed_value(command, dest, capsys, tmp_path):
     action = _action(command, dest)
-    rc, err = run_cli([command, *_fill(command, tmp_path, skip=(action,)), action.option_strings[0],
-                       "not-a-number!"], capsys)
+    bad = next((v for v in BAD_VALUES if not _accepts(action, v)), None)
+    assert bad is not None, f"{action.option_strings[0]}: its type accepts every one of {BAD_VALUES}"
+    rc, err = run_cli([command, *_fill(command, tmp_path, skip=(action,)), action.option_strings[0], bad],
+                      capsys)
     assert_one_line_error(rc, err, command)
-    assert action.option_strings[0] in err or "not-a-number" in err
+    assert action.option_strings[0] in err
+
+
+BAD_VALUES = ("not-a-number!", "../escape", "nan", "inf", "-1")
+
+
+def _accepts(action, value) -> bool:
+    try:
+        action.type(value)
+    except (argparse.ArgumentTypeError, TypeError, ValueError, OSError):
+        return False
+    return True
 
 
 @pytest.mark.parametrize("command, dest", _cases("choices"))
@@ -258,7 +282,7 @@ def test_sweep_unreachable_scheduler(capsys, tmp_path):
     spec.write_text(SPEC)
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         rc, err = run_cli(["sweep", str(spec), "-o", str(tmp_path / "r.zarr"), "--scheduler", "tcp://127.0.0.1:9",
-                           "--no-progress"], capsys)
+                           "--no-progress", "--connect-timeout", "1"], capsys)
     assert_one_line_error(rc, err, "sweep")
     assert "127.0.0.1:9" in err
 

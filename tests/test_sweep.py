@@ -201,8 +201,9 @@ def test_changed_spec_is_refused(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "file.txt").write_text("x")
-    with pytest.raises(ValueError, match="not a zarr store|not a ksync sweep store"):
+    with pytest.raises(FileExistsError, match="not a krause-sync output.*nothing was changed"):
         sweep(**small, scheduler="sync", store=other)
+    assert [f.name for f in other.iterdir()] == ["file.txt"]
 
 
 def test_bad_spec_fails_before_any_work(tmp_path):

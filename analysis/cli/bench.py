@@ -6,6 +6,8 @@ import json
 import os
 import time
 
+from ._args import positive_int
+
 
 def register(subparsers):
     p = subparsers.add_parser("bench", help="time the kernels against numpy and torch baselines",
@@ -17,7 +19,8 @@ def register(subparsers):
                    help="also measure scaling with n and write the log-log figure (PNG + PDF + .nc "
                         "data next to it); default figures/scaling.png for a full run")
     p.add_argument("--no-figure", action="store_true", help="skip the scaling measurement")
-    p.add_argument("--repeats", type=int, default=None, help="repeats per timing (best is kept)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="repeats per timing, >= 1 (best is kept; default 5, --quick 2)")
     p.set_defaults(func=run)
 
 

@@ -30,31 +30,39 @@ def register(sub):
                                        "to run in this process; default: start a LocalCluster")
     p.add_argument("--workers", type=_positive_int, help="worker processes of the LocalCluster "
                                                          "(default: min(#CPUs, #points))")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to wait for --scheduler to answer as a dask scheduler (default: 10)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from analysis._store import SweepStore
     from analysis.sweep import SweepError, load_spec, make_plan, sweep
 
     if args.workers is not None and args.scheduler is not None:
         raise UsageError("--workers only applies to the LocalCluster started without --scheduler")
+    if not 0 < args.connect_timeout < float("inf"):
+        raise UsageError(f"--connect-timeout must be a number of seconds > 0, got {args.connect_timeout}")
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {args.output!r} exists and is not a directory (zarr store)")
     spec = load_spec(args.spec)
-    total = len(list(make_plan(**spec).points()))
-    from analysis._store import SweepStore
-
-    if out.exists():
-        already = len(SweepStore.create_or_check(out, make_plan(**spec).spec()).done())
-        print(f"{args.output}: {already} of {total} points already done, resuming", flush=True)
+    plan = make_plan(**spec)
+    total = len(list(plan.points()))
+    if out.exists():  # read-only look: sweep() below refuses foreign paths and checks the spec
+        try:
+            store = SweepStore.open(out)
+            if store.spec == plan.spec():
+                print(f"{args.output}: {len(store.done())} of {total} points already done, resuming",
+                      flush=True)
+        except (ValueError, OSError):
+            pass
     try:
         ds = sweep(**spec, store=args.output, scheduler=args.scheduler, workers=args.workers,
-                   progress=not args.no_progress)
+                   connect_timeout=args.connect_timeout, progress=not args.no_progress)
     except SweepError as err:
-        print(f"ksync sweep: error: {err}; finished points are kept in {args.output}", flush=True)
-        return 1
+        raise SweepError(f"{err}; finished points are kept in {args.output}") from err
     shapes = ", ".join(f"{name}{tuple(ds[name].dims)}" for name in ds.data_vars)
     print(f"wrote {args.output}: {total} points; {shapes}")
     return 0

@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 
 from . import UsageError
+from ._args import add_force, output_name, positive_int
 
 TASK_NAMES = ("digits-vit", "digits-ar", "text-lm", "recall", "ablations")
 
@@ -28,13 +29,16 @@ def register(subparsers):
         default="krause",
         help="krause | softmax | hybrid (digits-vit also: rbf, dot-local, dot-topk)",
     )
-    p.add_argument("--epochs", type=int, default=None, help="default: the task's own")
+    p.add_argument("--epochs", type=positive_int, default=None, help="default: the task's own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablations only")
     p.add_argument("--out", default="checkpoints", help="output directory (default: checkpoints)")
-    p.add_argument("--name", default=None, help="checkpoint name (default: TASK-ATTENTION)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--subset", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--name", type=output_name, default=None,
+                   help="checkpoint file name inside --out, no folders (default: TASK-ATTENTION)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--subset", type=positive_int, default=None,
+                   help="use only the first N training examples (N >= 1)")
+    add_force(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
     return p
@@ -63,14 +67,27 @@ def run(args) -> int:
             f"--attention for {args.task} must be one of {', '.join(TASKS[args.task].attentions)}, "
             f"got {args.attention!r}"
         )
+    from particles.nn.checkpoint import checkpoint_files
+
+    target = out / (args.name or f"{args.task}-{args.attention}")
+    _refuse_existing(checkpoint_files(target), args.force)
     model, card = train(args.task, args.attention, seed=args.seed, **kw)
-    card = save_checkpoint(model, card, out / (args.name or f"{args.task}-{args.attention}"))
+    card = save_checkpoint(model, card, target)
     print(f"{args.task}/{args.attention}: {_summary(card)} -> {out / card['file']}")
     return 0
 
 
+def _refuse_existing(files, force: bool) -> None:
+    """UsageError if one of ``files`` exists and --force was not given (checked before training)."""
+    existing = [f for f in files if f.exists()]
+    if existing and not force:
+        raise UsageError(f"{existing[0]} already exists: pass --force to replace it, or --name / --out "
+                         "to write elsewhere")
+
+
 def _ablations(args, out: Path, kw: dict, variants, train) -> int:
     """Every variant × seed; OUT/ablations.json is rewritten after each run (partial results survive)."""
+    _refuse_existing([out / "ablations.json"], args.force)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for variant in variants:
