@@ -9,7 +9,7 @@ b. ``sink``: text-bos (character LM, BOS at every window start), plain softmax (
    2500 steps, α₀ per layer on 64 fixed held-out windows every 100 steps; measured on 256 windows.
 c. ``causal-ablation``: the other six cells of the same 2 × 2 × 2 on text-bos, same budget (so b ∪ c
    is the full causal ablation).
-e. trained vs simulated (:mod:`analysis.findings.distances`) for every finished ablation run, on 128
+e. trained vs simulated (:mod:`analysis.findings.distances`) for the runs of ``DISTANCE_CELLS``, on 128
    held-out inputs, written as ``distances.nc`` beside the run (after a for the ViT, after c for the LM).
 d. ``recall``: one-factor-at-a-time around a base Krause config (window 16, top-k 8, σ init 2.5,
    lr 3e-3): top-k none / 16, window 64 (= the whole sequence), σ init 1 / 5, lr 1e-3; plus
@@ -28,6 +28,8 @@ SEEDS = (0, 1, 2)
 VIT_CELLS = ("dot", "dot+topk", "dot+grid", "dot+grid+topk", "rbf", "rbf+topk", "rbf+grid", "rbf+grid+topk")
 CAUSAL_CELLS = tuple(c.replace("grid", "window") for c in VIT_CELLS)
 SINK_CELLS = ("dot", "rbf+window+topk")
+#: cells whose runs get the trained-vs-simulated distances: the two corners and the two single changes
+DISTANCE_CELLS = ("dot", "dot+grid", "rbf", "rbf+grid+topk", "dot+window", "rbf+window+topk")
 VIT_TRAIN = dict(epochs=40)
 TEXT_TRAIN = dict(steps=2500, probe_every=100)
 RECALL_STEPS = 3000
@@ -139,7 +141,8 @@ def main(argv=None) -> int:
     done = []
     for part in args.parts:
         if part == "e":  # trained vs simulated for the ablation runs trained so far
-            distances_missing([r for r in done if r.experiment != "recall"], args.root, log=log)
+            runs = [r for r in done if r.experiment != "recall" and r.variant in DISTANCE_CELLS]
+            distances_missing(runs, args.root, log=log)
             continue
         runs = PLANS[part]()
         run_plan(runs, args.root, log=log)
