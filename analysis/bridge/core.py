@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import xarray as xr
 
+from particles.conventions import encode_attrs
+
 #: Reductions ``reduce=`` can compute inside the hooks, each (B, H, T, T) → (B, H).
 REDUCTIONS = ("first_token_mass", "sink_score", "attention_entropy")
 
@@ -122,7 +124,7 @@ def build_dataset(hidden: list[torch.Tensor], attn_vars: dict, coords: dict, att
         {"x": (("sample", "layer", "token", "component"), x), **attn_vars},
         coords={"sample": np.arange(S), "layer": np.arange(n_layers), "token": np.arange(T), **coords},
     )
-    ds.attrs.update({k: _attr(v) for k, v in attrs.items() if v is not None})
+    ds.attrs.update(encode_attrs({k: v for k, v in attrs.items() if v is not None}))
     ds.attrs["n_attention_layers"] = n_layers - 1
     ds.attrs["attention_convention"] = (
         "attention[layer=l] is computed from x[layer=l] (block l+1); the last layer has none (NaN)"
@@ -131,18 +133,3 @@ def build_dataset(hidden: list[torch.Tensor], attn_vars: dict, coords: dict, att
 
     ds.attrs["krause_sync_version"] = __version__
     return ds
-
-
-def _attr(v):
-    """netCDF-safe attribute value."""
-    if isinstance(v, (bool, np.bool_)):
-        return int(v)
-    if isinstance(v, (int, float, str, np.integer, np.floating)):
-        return v
-    if isinstance(v, (list, tuple)) and all(
-        isinstance(e, (int, float)) and not isinstance(e, bool) for e in v
-    ):
-        return list(v) if v else "[]"
-    import json
-
-    return json.dumps(v, default=str)

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 import xarray as xr
 
+from particles.conventions import decode, encode
+
 
 def task_inputs(task: str, n: int = 16, seed: int = 0):
     """(inputs, labels or None): the first ``n`` held-out examples of ``task``.
@@ -37,14 +39,11 @@ def task_inputs(task: str, n: int = 16, seed: int = 0):
 
 
 def save(ds: xr.Dataset, path) -> Path:
-    """Write ``ds`` as netCDF (.nc) or zarr (.zarr); text coordinates are stored as strings."""
+    """Write ``ds`` as netCDF (.nc) or zarr (.zarr), CF-encoded by ``particles.conventions.encode``."""
     path = Path(path)
     if path.suffix not in (".nc", ".zarr"):
         raise ValueError(f"output must end in .nc or .zarr, got {str(path)!r}")
-    ds = ds.copy()
-    for name, var in list(ds.variables.items()):
-        if var.dtype == object:
-            ds[name] = var.astype(str)
+    ds = encode(ds)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".nc":
         ds.to_netcdf(path)
@@ -58,6 +57,6 @@ def load(path) -> xr.Dataset:
     if not path.exists():
         raise FileNotFoundError(f"trajectory file {path} not found")
     if path.suffix == ".zarr":
-        return xr.open_zarr(path).load()
+        return decode(xr.open_zarr(path).load())
     with xr.open_dataset(path) as ds:
-        return ds.load()
+        return decode(ds.load())

@@ -14,6 +14,7 @@ import numpy as np
 import xarray as xr
 
 from particles import simulate
+from particles.conventions import encode
 
 #: dask scheduler for the sweeps behind the figures: "sync" (in this process), None (a local
 #: dask cluster) or a scheduler address; ``ksync figures --scheduler`` sets it.
@@ -75,35 +76,9 @@ def save(fig, ds: xr.Dataset, name: str, out, title: str, caption: str, width: i
         out.mkdir(parents=True, exist_ok=True)
         fig.savefig(out / f"{name}.png", dpi=130)
         fig.savefig(out / f"{name}.pdf")
-        netcdf_safe(ds).to_netcdf(out / f"{name}.nc")
+        encode(ds).to_netcdf(out / f"{name}.nc")
     plt.close(fig)
     return ds
-
-
-def netcdf_safe(ds: xr.Dataset) -> xr.Dataset:
-    """Attrs netCDF can hold (bool → int, None/dict → str); object coords → str."""
-    def fix(attrs):
-        out = {}
-        for k, v in attrs.items():
-            if isinstance(v, bool) or isinstance(v, np.bool_):
-                v = int(v)
-            elif v is None or isinstance(v, (dict, list, tuple)) and not _numeric_list(v):
-                v = str(v)
-            out[k] = v
-        return out
-
-    ds = ds.copy()
-    ds.attrs = fix(ds.attrs)
-    for name in ds.variables:
-        ds[name].attrs = fix(ds[name].attrs)
-        if ds[name].dtype == object:
-            ds[name] = ds[name].astype(str)
-    return ds
-
-
-def _numeric_list(v) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) > 0 and all(
-        isinstance(a, (int, float, np.number)) and not isinstance(a, bool) for a in v)
 
 
 def on_circle(theta) -> np.ndarray:
