@@ -3,6 +3,10 @@
 Every metric accepts one item — a configuration (n, d) or an attention matrix (query, key) — or a
 stack of them with leading axes ("time" or "layer", optional "sample", "head", …) as a numpy array,
 xarray DataArray or Dataset, and returns a scalar or a DataArray labelled over the leading axes.
+DataArray axes are read by name (any order); padding tokens (the ``token_mask`` coordinate) are
+left out; cluster and collapse metrics of extracted trajectories (axis "token") work on the unit
+sphere unless ``sphere=False``; NaN/inf input is a ValueError; dask-backed input stays lazy.
+Each metric's docstring gives its equation and reference.
 """
 
 from analysis import metrics as _metrics

@@ -3,7 +3,8 @@
 Two counts (docs/metrics.md):
 
 * ``"graph"``: connected components of the ε-graph ‖x_i − x_j‖ ≤ ε (Euclidean distance, ε in the
-  units of x). Found with a k-d tree over grid cells, so the cost grows with the number of occupied
+  units of x — on the unit sphere for extracted trajectories, see ``count_clusters``; the clusters
+  of bounded-confidence / Hegselmann–Krause opinion dynamics). Found with a k-d tree over grid cells, so the cost grows with the number of occupied
   cells, not with the number of close pairs (collapsed clusters cost O(n log n), not O(n²)).
 * ``"gram"``: the count of Geshkovski et al. (arXiv 2312.10794): with u_i = x_i/‖x_i‖,
   B_ij = 1[⟨u_i, u_j⟩ > 1 − ε] and the count is rank(B), the numerical rank with numpy's default
@@ -101,8 +102,9 @@ def _eps_only(shape, arguments):
 
 @per_item(POINTS, item_dims=(0,), dtype=int, check=_eps_only)
 def cluster_labels(x, eps, *, sphere=None):
-    """Component label of each particle in the ε-graph ‖x_i − x_j‖ ≤ ε, numbered 0, 1, … by first
-    appearance in particle order; −1 for padding tokens. ``sphere`` as in ``count_clusters``."""
+    """Component label c_i of each particle in the ε-graph ‖x_i − x_j‖ ≤ ε (i ~ j ⇒ c_i = c_j,
+    transitively), numbered 0, 1, … by first appearance in particle order; −1 for padding tokens.
+    ``sphere`` as in ``count_clusters``."""
     return _graph_labels(x, eps) if len(x) else np.zeros(0, int)
 
 
@@ -112,7 +114,7 @@ def _sizes(x, eps, *, sphere=None):
 
 
 def cluster_sizes(x, eps, *, sphere=None, token_mask=None):
-    """Sizes m_a of the ε-graph components, largest first, along a "cluster" axis padded with 0 up
+    """Sizes m_a = |{i : c_i = a}| of the ε-graph components (``cluster_labels``), largest first, along a "cluster" axis padded with 0 up
     to the largest count over the leading axes (a single configuration gives a 1-D DataArray).
     ``sphere`` and ``token_mask`` as in ``count_clusters``. Finding the largest count computes the
     sizes (a lazy input is evaluated)."""

@@ -47,7 +47,9 @@ def rank_collapse(x, *, sphere=None):
     """Relative rank-collapse residual r = ‖X − 1 x̄ᵀ‖_F / ‖X‖_F, x̄ = (1/n) Σ_i x_i
     (Dong, Cordonnier, Loukas 2021, "Attention is not all you need", relative form).
 
-    0 iff all rows are equal; NaN for X = 0. {sphere}
+    0 iff all rows are equal; NaN for X = 0.
+
+    {sphere}
     """
     norm = np.linalg.norm(x)
     return np.linalg.norm(x - x.mean(axis=0)) / norm if norm > 0 else np.nan
@@ -58,7 +60,9 @@ def effective_rank(x, *, sphere=None):
     """exp(H(p)), p = σ/‖σ‖₁ over the singular values σ of X, H(p) = −Σ p log p
     (Roy & Vetterli 2007, "The effective rank").
 
-    Between 1 (rank one) and min(n, d) (equal singular values); NaN for X = 0. {sphere}
+    Between 1 (rank one) and min(n, d) (equal singular values); NaN for X = 0.
+
+    {sphere}
     """
     s = np.linalg.svd(x, compute_uv=False)
     if s.sum() == 0:
@@ -72,7 +76,10 @@ def mean_cosine(x, *, sphere=None):
     """Mean of cos(x_i, x_j) over ordered pairs i ≠ j (diagonal excluded), in O(n·d):
     with u_i = x_i/‖x_i‖, Σ_{{i≠j}} ⟨u_i, u_j⟩ = ‖Σ_i u_i‖² − Σ_i ‖u_i‖², divided by n(n − 1).
 
-    A zero row counts as cosine 0 with every other row; NaN for n < 2. Scale-free already;
+    A zero row counts as cosine 0 with every other row; NaN for n < 2. A standard anisotropy
+    measure of token representations (Ethayarajh 2019, "How contextual are contextualized word
+    representations?"). Scale-free already.
+
     {sphere}
     """
     n = len(x)
@@ -93,11 +100,14 @@ def _weights(shape, arguments):
 
 @per_item(POINTS, check=_weights)
 def dirichlet_energy(x, weights=None, *, sphere=None, real=None):
-    """Dirichlet energy E = ½ Σ_ij w_ij ‖x_i − x_j‖².
+    """Dirichlet energy E = ½ Σ_ij w_ij ‖x_i − x_j‖², the over-smoothing measure of graph neural
+    networks (Cai & Wang 2020, "A note on over-smoothing for graph neural networks", arXiv 2006.13318).
 
     ``weights`` is one (n, n) matrix over the stored tokens (e.g. an adjacency or attention matrix)
     used for every configuration, restricted to the real tokens; the default w_ij = 1/n gives
-    E = Σ_i ‖x_i − x̄‖², computed in O(n·d). {sphere}
+    E = Σ_i ‖x_i − x̄‖², computed in O(n·d).
+
+    {sphere}
     """
     if weights is None:
         return np.sum((x - x.mean(axis=0)) ** 2)
@@ -120,7 +130,9 @@ def interaction_energy(x, beta, *, sphere=None):
 
     β = 0: E_β diverges like 1/(2β); returned is the limit of E_β − 1/(2β), namely
     (1/(2n²)) Σ_ij ⟨x_i, x_j⟩ = ½‖x̄‖², the energy of the β = 0 dynamics.
-    Overflow of float64 raises OverflowError (use ``normalised_energy``). {sphere}
+    Overflow of float64 raises OverflowError (use ``normalised_energy``).
+
+    {sphere}
     """
     n = len(x)
     if beta == 0:
@@ -133,10 +145,13 @@ def interaction_energy(x, beta, *, sphere=None):
 
 @per_item(POINTS, check=_beta)
 def normalised_energy(x, beta, *, sphere=None):
-    """(1/(n² e^β)) Σ_ij exp(β⟨x_i, x_j⟩) = mean_ij exp(β(⟨x_i, x_j⟩ − 1)).
+    """(1/(n² e^β)) Σ_ij exp(β⟨x_i, x_j⟩) = mean_ij exp(β(⟨x_i, x_j⟩ − 1)) = 2β E_β / e^β, the USA
+    energy of ``interaction_energy`` (Geshkovski et al. 2023) scaled to (0, 1] on the sphere.
 
     For unit vectors it lies in (0, 1]; with well-separated, collapsed clusters of sizes m_a it
-    tends to Σ_a m_a²/n² as β → ∞ (the plateaus of the energy staircase). {sphere}
+    tends to Σ_a m_a²/n² as β → ∞ (the plateaus of the energy staircase).
+
+    {sphere}
     """
     return np.mean(np.exp(beta * (x @ x.T - 1.0)))
 

@@ -67,7 +67,9 @@ def sink_scores(attention, k=0, *, queries=None, token_mask=None):
 
 
 def first_token_mass(attention, *, queries=None, token_mask=None):
-    """Mean weight on the first (real) key, (1/|R_0|) Σ_{i ∈ R_0} A_i0 = α_0 (see ``sink_scores``)."""
+    """Mean weight on the first (real) key, (1/|R_0|) Σ_{i ∈ R_0} A_i0 = α_0 (see ``sink_scores``): the
+    attention sink of Xiao, Tian, Chen, Han, Lewis 2023 ("Efficient streaming language models with
+    attention sinks", arXiv 2309.17453)."""
     return _named(sink_scores(attention, 0, queries=queries, token_mask=token_mask), "first_token_mass")
 
 
@@ -128,7 +130,9 @@ def attention_entropy(attention, *, queries=None):
     Each row is first divided by its sum (so unnormalised USA weights work too);
     H_i = −Σ_{j ∈ V_i} p_ij log p_ij over the visible keys V_i = {j : p_ij > 0}. Rows with
     |V_i| < 2 have no entropy to normalise and are left out of the mean; NaN if no row has two
-    visible keys. 1 for attention uniform over each row's support, 0 for one-hot rows.
+    visible keys. 1 for attention uniform over each row's support, 0 for one-hot rows (the
+    normalised form of the attention entropy of Zhai et al. 2023, "Stabilizing transformer training
+    by preventing attention entropy collapse", arXiv 2303.06296).
     """
     a = np.clip(attention[queries], 0.0, None)
     total = a.sum(axis=1, keepdims=True)

@@ -41,6 +41,9 @@ def spectral_summary(A, tol=1e-6, *, token_mask=None) -> xr.Dataset:
     * ``unit_eigenvalues``: number of eigenvalues λ of A with |λ − 1| < tol;
     * ``spectral_gap``: 1 − |λ₂|, λ₂ the eigenvalue of second-largest modulus (NaN for 1×1).
 
+    For a row-stochastic A (Perron–Frobenius): each closed block of the support contributes an
+    eigenvalue 1, and an irreducible aperiodic A has a simple eigenvalue 1 and gap > 0.
+
     Padding rows and keys (``token_mask``) are dropped first. Dense eigenvalues: O(n³) per matrix.
     A single matrix gives a Dataset of 0-d variables; a missing (all-NaN) matrix gives counts -1
     and a NaN gap.
