@@ -27,7 +27,8 @@ def test_docs_build_strict(tmp_path):
     )
     assert run.returncode == 0, run.stdout + run.stderr
     api = (tmp_path / "site" / "api" / "index.html").read_text()
-    for name in ("particles.simulate.simulate", "analysis.clusters.count_clusters", "analysis.sinks.sink_rate",
+    for name in ("particles.simulate.simulate", "analysis.clusters.count_clusters",
+                 "analysis.sinks.sink_rate",
                  "particles.nn.checkpoint.load_checkpoint"):
         assert f'id="{name}"' in api, f"the API reference lacks {name}"
 
@@ -48,7 +49,8 @@ OUTSIDE = ("design" + ".md", "shared" + "/")
 def test_no_tracked_file_cites_documents_outside_the_repository():
     """Every tracked file (code, docs, notebooks, README, data) is searched; none is excluded."""
     try:
-        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=60)
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True,
+                                timeout=60)
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     hits = []

@@ -53,19 +53,90 @@ def test_sidecar_holds_the_plotted_arrays(quick_run, name):
             assert values.size > 0 and np.isfinite(values).any(), f"{name}.nc: {var} is empty or all NaN"
 
 
-def test_sidecar_values_make_sense(quick_run):
-    _, out = quick_run
-    with xr.open_dataset(out / "sa_sphere.nc") as ds:  # SA on S² collapses to one cluster
-        assert int(ds["cluster_count"][-1]) == 1 and float(ds["mean_cosine"][-1]) > 0.99
-    with xr.open_dataset(out / "energy_staircase.nc") as ds:  # a staircase: energy non-decreasing
-        e = ds["energy"].values
-        assert np.all(np.diff(e) > -1e-9) and 0 < e[0] < e[-1] <= 1
-    with xr.open_dataset(out / "collapse_vs_clustering.nc") as ds:
-        final = ds.isel(time=-1)
-        assert float(final["effective_rank"][0]) < 1.1  # softmax collapses
-        assert float(final["effective_rank"][1:].min()) > 2  # Krause keeps clusters
-    with xr.open_dataset(out / "causal_sink.nc") as ds:
-        assert np.all((ds["sink_rate"] >= 0) & (ds["sink_rate"] <= 1))
+def _open(out, name) -> xr.Dataset:
+    with xr.open_dataset(out / f"{name}.nc") as ds:
+        return ds.load()
+
+
+def _in_range(values, low, high) -> bool:
+    values = np.asarray(values, dtype=float)
+    return bool(np.all(np.isfinite(values)) and np.all((values >= low) & (values <= high)))
+
+
+def test_sidecar_sa_sphere_collapses_on_the_sphere(quick_run):
+    ds = _open(quick_run[1], "sa_sphere")
+    n = ds.attrs["n"]
+    np.testing.assert_allclose(np.linalg.norm(ds["x_snapshots"].values, axis=-1), 1.0, atol=1e-12)
+    assert _in_range(ds["cluster_count"], 1, n) and int(ds["cluster_count"][0]) > 10
+    assert int(ds["cluster_count"][-1]) == 1 and float(ds["mean_cosine"][-1]) > 0.99
+    assert _in_range(ds["mean_cosine"], -1, 1)
+
+
+def test_sidecar_metastability_plateaus_follow_k_star(quick_run):
+    from analysis.figures.sa import k_star
+
+    ds = _open(quick_run[1], "metastability")
+    assert _in_range(ds["count_mean"], 1, ds.attrs["n"])
+    betas, plateau = ds["beta_plateau"].values, ds["plateau_mean"].values
+    assert list(ds["k_star"].values) == [k_star(b) for b in betas]
+    # the first plateau sits at (or, for large beta, somewhat below) the most unstable mode k*
+    assert np.all(np.abs(plateau - ds["k_star"].values) <= 1.6), (betas, plateau)
+    assert np.all(plateau <= ds["k_star"].values + 0.5)
+
+
+def test_sidecar_energy_staircase_levels(quick_run):
+    ds = _open(quick_run[1], "energy_staircase")
+    e, n = ds["energy"].values, ds.attrs["n"]
+    assert np.all(np.diff(e) > -1e-9) and 0 < e[0] < e[-1] <= 1 + 1e-12  # a staircase: never down
+    assert _in_range(ds["cluster_count"], 1, len(ds.attrs["masses"]))
+    levels = ds["reference_level"].values
+    assert np.all(np.diff(levels) > 0)  # every merge lifts the level
+    for start, level in zip(ds["plateau_start"].values, levels):  # level = Σ m_a²/n² of that partition
+        sizes = ds["cluster_sizes"].sel(time=start).values
+        assert sizes.sum() == n and np.isclose(np.sum(sizes.astype(float) ** 2) / n**2, level)
+    assert abs(e[-1] - levels[-1]) < 0.02  # the energy sits on the level of the final partition
+
+
+def test_sidecar_collapse_vs_clustering(quick_run):
+    ds = _open(quick_run[1], "collapse_vs_clustering")
+    n, d = ds.attrs["n"], ds.attrs["d"]
+    assert _in_range(ds["cluster_count"], 1, n) and _in_range(ds["effective_rank"], 1 - 1e-9, d + 1e-9)
+    final = ds.isel(time=-1)
+    sa, topk, radius = (str(r) for r in ds["run"].values[:3])
+    assert int(final["cluster_count"].sel(run=sa)) == 1 and float(final["effective_rank"].sel(run=sa)) < 1.1
+    for run in (topk, radius):  # Krause with top-k or a radius keeps several clusters spanning the space
+        assert int(final["cluster_count"].sel(run=run)) >= 2
+        assert float(final["effective_rank"].sel(run=run)) > 2
+
+
+def test_sidecar_hk_counts_sit_in_the_2r_band(quick_run):
+    ds = _open(quick_run[1], "hk_2r")
+    assert int(ds["clusters"].min()) >= 1 and bool((ds["major_clusters"] <= ds["clusters"]).all())
+    assert float(ds["final_movement"].max()) == 0  # every run has frozen (finite-time convergence)
+    ratio = (ds["clusters_mean"] / ds["reference_1_over_2R"]).sel(inv_radius=slice(5, None))
+    assert ratio.size >= 2 and _in_range(ratio, 0.6, 1.0), ratio.values  # below the 1/(2R) line
+    assert _in_range(ds["opinions"], 0, 1)
+
+
+def test_sidecar_krause_phase(quick_run):
+    ds = _open(quick_run[1], "krause_phase")
+    n = ds.attrs["n"]
+    assert _in_range(ds["clusters_topk"], 1, n) and _in_range(ds["clusters_window"], 1, n)
+    assert ds.sizes["seed"] == ds.attrs["seeds"] >= 2
+    m = ds["topk_mean"]
+    # the sparsest support keeps the most clusters; everything visible at the largest σ the fewest
+    assert float(m.isel(top_k=0).min()) >= float(m.isel(sigma=-1, top_k=-1))
+    assert float(m.isel(sigma=-1, top_k=-1)) <= 2
+
+
+def test_sidecar_causal_sink_no_sink(quick_run):
+    ds = _open(quick_run[1], "causal_sink")
+    assert _in_range(ds["sink_rate"], 0, 1) and float(ds["sink_rate"].max()) == 0  # the caption's claim
+    assert float(ds["alpha0_mean"].max()) <= float(ds["alpha0_uniform_causal"]) + 1e-6
+    assert _in_range(ds["alpha0_mean"], 0, 1) and float(ds["distance_to_first_mean"].min()) >= 0
+    end = ds.isel(time=-1)
+    runs = [str(r) for r in ds["run"].values]
+    assert float(end["distance_to_first_mean"].sel(run=runs[0])) < 0.1  # causal SA β = 1 collapses onto x_0
 
 
 def test_k_star_is_near_sqrt_2beta():
@@ -91,9 +162,30 @@ def test_register_adds_a_figure_and_refuses_duplicates():
         figures.FIGURES.pop("test_dummy")
 
 
-def test_cli_rejects_unknown_figure(capsys):
+def test_cli_rejects_unknown_figure_and_lists_the_valid_names(capsys):
     assert main(["figures", "--only", "no_such_figure", "--out", "unused"]) == 2
-    assert "no_such_figure" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no_such_figure" in err and all(name in err for name in figures.FIGURES)
+
+
+def test_registry_lists_every_figure_module():
+    """_registry.MODULES is the one list of figure modules: every tracked module of analysis/figures
+    that registers a figure is in it, and every listed module exists."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    folder = Path(figures.__file__).parent
+    try:
+        tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=folder, capture_output=True, text=True,
+                                 check=True, timeout=60).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        tracked = [p.name for p in folder.glob("*.py")]
+    registering = {f"analysis.figures.{Path(p).stem}" for p in tracked
+                   if not Path(p).stem.startswith("_") and "register" in (folder / p).read_text()}
+    missing = registering - set(figures.MODULES)
+    assert not missing, f"add to analysis.figures._registry.MODULES: {sorted(missing)}"
+    assert all(importlib.util.find_spec(m) is not None for m in figures.MODULES)
 
 
 def test_cli_lists_figures(capsys):

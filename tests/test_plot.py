@@ -107,7 +107,8 @@ def test_extracted_trajectory_drops_padding_and_names_the_layer():
     fig = plot.trajectory(ds)
     assert fig.axes[1].get_xlabel() == "layer"
     fig = plot.attention(ds, frame=1, head=1, sample=1)
-    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), ds.attention.isel(sample=1, layer=1, head=1))
+    shown = fig.axes[0].images[0].get_array()
+    np.testing.assert_allclose(shown, ds.attention.isel(sample=1, layer=1, head=1))
     assert "head 1" in fig.axes[0].get_title()
     with pytest.raises(ValueError, match="frame"):
         plot.attention(ds, frame=-1)  # the last layer has no attention

@@ -2,18 +2,13 @@
 figure, returning the Dataset it plots and writing ``<out>/<name>.{png,pdf,nc}``.
 
 * :data:`FIGURES` — name → registered figure (callable with the same arguments), in run order;
+* :data:`MODULES` — the one list of figure modules (add a new module there);
 * :func:`register` — decorator that adds a figure function (e.g. the ``compare_<task>`` figures);
 * :func:`make_all` — make the named (default: all) figures into a folder.
 """
 
-from analysis.figures._registry import FIGURES, FigureEntry, make_all, register, select
+from analysis.figures._registry import FIGURES, MODULES, FigureEntry, load, make_all, register, select
 
-# importing the figure modules registers their figures, in this order
-# isort: off
-from analysis.figures import sa  # noqa: F401
-from analysis.figures import hk  # noqa: F401
-from analysis.figures import krause  # noqa: F401
-from analysis.figures import compare  # noqa: F401
-# isort: on
+load()  # imports the figure modules listed in _registry.MODULES, which registers their figures
 
-__all__ = ["FIGURES", "FigureEntry", "make_all", "register", "select"]
+__all__ = ["FIGURES", "MODULES", "FigureEntry", "make_all", "register", "select"]

@@ -1,6 +1,8 @@
 """The figure registry: name → ``make_<name>(quick=False, out=None, progress=True) -> Dataset``.
 
-A figure module registers its functions with the :func:`register` decorator::
+:data:`MODULES` is the one list of figure modules, in the order ``ksync figures`` makes their
+figures; a new figure module adds its line there. Importing ``analysis.figures`` imports them all
+(:func:`load`), and each module registers its functions with the :func:`register` decorator::
 
     from analysis.figures import register
 
@@ -39,8 +41,26 @@ class FigureEntry:
         return self.make(quick=quick, out=out, progress=progress)
 
 
+#: The figure modules, in run order (importing one registers its figures). Add new modules here.
+MODULES = (
+    "analysis.figures.sa",  # sa_sphere, metastability, energy_staircase, collapse_vs_clustering
+    "analysis.figures.hk",  # hk_2r
+    "analysis.figures.krause",  # krause_phase, causal_sink
+    "analysis.figures.compare",  # compare_<task>, one per task with shipped checkpoints
+)
+
 #: name → FigureEntry, in registration order
 FIGURES: dict[str, FigureEntry] = {}
+
+
+def load() -> dict[str, FigureEntry]:
+    """Import every module of :data:`MODULES` (registering their figures); returns :data:`FIGURES`.
+    A listed module that is missing is an error, never skipped."""
+    import importlib
+
+    for name in MODULES:
+        importlib.import_module(name)
+    return FIGURES
 
 
 def register(name: str | None = None, *, group: str = "theory"):
@@ -64,7 +84,7 @@ def select(names: Iterable[str] | None = None) -> list[str]:
     names = list(names)
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
-        raise ValueError(f"unknown figure(s) {unknown}; known: {', '.join(FIGURES)}")
+        raise ValueError(f"unknown figure(s) {unknown}; valid names: {', '.join(FIGURES)}")
     return [n for n in FIGURES if n in names]
 
 

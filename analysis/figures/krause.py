@@ -35,12 +35,12 @@ def make_krause_phase(quick=False, out=None, progress=True) -> xr.Dataset:
     ds.attrs.update(n=n, d=d, T=T, dt=dt, eps=eps, seeds=seeds,
                     note=f"top_k = {n} and window = {n} mean no restriction (every particle visible)")
 
-    fig, (a, b) = new_figure(2, size=(13.5, 5.4), gridspec_kw={"width_ratios": (1.25, 1)})
+    fig, (a, b) = new_figure(2, size=(15.5, 6.6), gridspec_kw={"width_ratios": (1.3, 1)})
     m, s = ds["topk_mean"].values, ds["topk_sd"].values
     im = a.imshow(m, origin="lower", aspect="auto", cmap="viridis", norm="log")
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
-            a.text(j, i, f"{m[i, j]:.3g}\n±{s[i, j]:.2g}", ha="center", va="center", fontsize=6.5,
+            a.text(j, i, f"{m[i, j]:.3g}\n±{s[i, j]:.2g}", ha="center", va="center", fontsize=9,
                    color="w" if m[i, j] < np.sqrt(m.max() * max(m.min(), 1)) else "k")
     labels = [str(k) if k < n else f"{k} (all)" for k in top_ks]
     a.set_xticks(range(len(top_ks)), labels)
@@ -52,12 +52,13 @@ def make_krause_phase(quick=False, out=None, progress=True) -> xr.Dataset:
         b.errorbar(windows, ds["window_mean"].sel(window_sigma=sg), yerr=ds["window_sd"].sel(window_sigma=sg),
                    fmt="o-", color=c, capsize=3, label=f"σ = {sg:g}, no top-k")
     b.set(xscale="log", yscale="log", xlabel="window w (keys |i − j| < w)", ylabel="final cluster count",
-          title="final clusters vs window (mean ± sd)")
+          title=f"final clusters vs window (mean ± sd, {seeds} seeds)")
     b.set_xticks(windows, [str(w) if w < n else f"{w} (all)" for w in windows])
     b.legend(fontsize=8)
     corner = lambda da, **sel: float(da.sel(**sel))  # noqa: E731
     caption = (f"Krause dynamics (RBF scores, normalised, Q=K=V=I) on S², n = {n} uniform points, Euler "
-               f"dt = {dt}, cluster count (ε-graph, ε = {eps}) at t = {T:g}. Smaller σ and smaller top-k "
+               f"dt = {dt}, cluster count (ε-graph, ε = {eps}) at t = {T:g}, mean ± sd over {seeds} seeds "
+               f"(random starts) per point. Smaller σ and smaller top-k "
                f"both keep more clusters: σ = {sigmas[0]:g}, top-k = {top_ks[0]} → "
                f"{corner(ds['topk_mean'], sigma=sigmas[0], top_k=top_ks[0]):.3g}; σ = {sigmas[-1]:g}, "
                f"all keys → {corner(ds['topk_mean'], sigma=sigmas[-1], top_k=top_ks[-1]):.3g}. A sequence "
@@ -124,12 +125,14 @@ def make_causal_sink(quick=False, out=None, progress=True) -> xr.Dataset:
             ax.plot(t, m, color=c, lw=1.8, label=r)
             ax.fill_between(t, low, m + s, color=c, alpha=0.2)
         ax.set(xlabel="time t", ylabel=ylabel, title=title)
-        ax.legend(fontsize=8)
     axes[0].axhline(uniform, color="k", ls=":", lw=1, label="uniform causal attention: H_n/n")
-    axes[0].legend(fontsize=8)
+    # one legend for all panels, in the Sink-rate panel, whose data all sit at the bottom
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=9, loc="upper center",
+                   title="every panel", title_fontsize=9)
     axes[1].set_ylim(-0.05, 1.05)
-    axes[1].text(0.5, 0.5, "Sink rate per run: " + ", ".join(f"{float(ds['sink_rate'].sel(run=r).max()):.2g}"
-                                                          for r in runs) + " (maximum over time)",
+    axes[1].text(0.5, 0.3, "Sink rate per run: " + ", ".join(f"{float(ds['sink_rate'].sel(run=r).max()):.2g}"
+                                                          for r in runs) + " (maximum over time;\n"
+                 "the lines overlap, drawn with different widths and dashes)",
                  transform=axes[1].transAxes, ha="center", fontsize=9)
     axes[3].set_yscale("log")
     end = ds.isel(time=-1)

@@ -64,16 +64,17 @@ def make_sa_sphere(quick=False, out=None, progress=True) -> xr.Dataset:
         ax.view_init(elev=elev, azim=azim)
     ax = fig.add_subplot(grid[:, 3])
     times = x["time"].values
-    ax.plot(times, counts, color=COLORS[0], label=f"cluster count (ε-graph, ε = {eps})")
+    ax.plot(times, counts, color=COLORS[0], label=f"clusters (ε-graph, ε = {eps})")
     ax.set(yscale="log", xlabel="time t", ylabel="cluster count", title="clusters and mean cosine")
     for t in snaps:
         ax.axvline(t, color="0.8", lw=0.8, zorder=0)
     ax2 = ax.twinx()
-    ax2.plot(times, ds["mean_cosine"], color=COLORS[1], label="mean pairwise cosine")
+    ax2.plot(times, ds["mean_cosine"], color=COLORS[1], label="mean cosine")
     ax2.set(ylabel="mean cosine", ylim=(-0.05, 1.05))
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="center right")
+    # after the collapse the count sits at 1 (bottom) and the cosine at 1 (top): the band between is empty
+    ax2.legend(h1 + h2, l1 + l2, fontsize=8, loc="center right", bbox_to_anchor=(1.0, 0.62))
     t1 = float(counts["time"].where(counts == 1).min())
     caption = (f"Softmax self-attention dynamics (SA, Q=K=V=I, β = {beta:g}) on S², n = {n} particles drawn "
                f"uniformly, Euler dt = {dt}; colour = initial height z; the view faces the final cluster "
@@ -250,7 +251,7 @@ def make_energy_staircase(quick=False, out=None, progress=True) -> xr.Dataset:
                   label=f"Σ m_a²/n² = {level:.3f}, sizes {m}" if len(m) > 1 else f"one cluster: {level:.0f}")
     a.set(xscale="log", xlabel="time t", ylabel="normalised energy", ylim=(0, 1.05),
           title=f"energy vs time (SA, β = {beta:g}, n = {n})")
-    a.legend(fontsize=8, loc="lower right")
+    a.legend(fontsize=7.5, loc="lower right", ncol=2)  # under the lowest level Σ m_a²/n²: no data there
     b.plot(t[keep], counts[keep], color=COLORS[0], drawstyle="steps-post")
     b.set(xscale="log", xlabel="time t", ylabel=f"cluster count (ε-graph, ε = {eps})",
           title="cluster count", ylim=(0, len(masses) + 0.5))
@@ -272,6 +273,22 @@ CVC_RUNS = (
     ("Krause σ = 0.5, radius = 1", "krause", {"sigma": 0.5, "radius": 1.0}),
     ("Krause σ = 0.5, window = 8", "krause", {"sigma": 0.5, "window": 8}),
 )
+
+
+def _window_note(ds: xr.Dataset, run: str) -> str:
+    """Caption sentence on the non-monotone count of the window-only run (empty if it is monotone)."""
+    count = ds["cluster_count"].sel(run=run).values.astype(float)
+    low = np.minimum.accumulate(count)
+    k = int(np.argmax(count / low))  # the largest rise on the figure's log axis
+    if count[k] <= low[k]:
+        return ""
+    t, after = ds["time"].values, count[k:].min()
+    back = f", back to {after:.0f} by t = {t[-1]:g}" if after < count[k] else ""
+    return (f"Its count is not monotone (up from {low[k]:.0f} to {count[k]:.0f} at t ≈ {t[k]:.0f}{back}): "
+            f"a sequence "
+            f"window fixes each particle's neighbours by index, not by position, so a group whose members "
+            f"are pulled by neighbours in different clusters stretches beyond ε on its way and is counted as "
+            f"several clusters until it has joined one.")
 
 
 @register()
@@ -297,8 +314,7 @@ def make_collapse_vs_clustering(quick=False, out=None, progress=True) -> xr.Data
           title="cluster count vs time")
     b.set(xlabel="time t", ylabel="effective rank exp H(σ/‖σ‖₁)", title="effective rank of X vs time",
           ylim=(0, d + 0.5))
-    a.legend(fontsize=8)
-    b.legend(fontsize=8)
+    b.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 0.14))  # between rank 1 (SA) and the rest
     final = ds.isel(time=-1)
     summary = "; ".join(f"{r.split(',')[0] if r.startswith('SA') else r.removeprefix('Krause ')}: "
                         f"clusters {int(final['cluster_count'].sel(run=r))}, effective rank "
@@ -306,6 +322,6 @@ def make_collapse_vs_clustering(quick=False, out=None, progress=True) -> xr.Data
     caption = (f"Same start (n = {n} points uniform on S^{d - 1}, d = {d}), Euler dt = {dt}, Q=K=V=I. "
                f"At t = {T:g}: {summary}. Softmax attention collapses to one point (rank 1); Krause with "
                f"top-k or a radius freezes into several synchronised clusters spanning the space; with only "
-               f"a sequence window the clusters keep merging slowly.")
+               f"a sequence window the clusters keep merging slowly. {_window_note(ds, runs[-1])}")
     title = "Representation collapse (softmax) vs clustering (Krause)"
     return save(fig, ds, "collapse_vs_clustering", out, title, caption)
