@@ -109,6 +109,8 @@ def dirichlet_energy(x, weights=None, *, sphere=None, real=None):
 
     {sphere}
     """
+    if len(x) == 0:
+        return np.nan
     if weights is None:
         return np.sum((x - x.mean(axis=0)) ** 2)
     w = weights[np.ix_(real, real)]
@@ -135,6 +137,8 @@ def interaction_energy(x, beta, *, sphere=None):
     {sphere}
     """
     n = len(x)
+    if n == 0:
+        return np.nan
     if beta == 0:
         return 0.5 * np.sum(x.mean(axis=0) ** 2)
     log_e = logsumexp(beta * (x @ x.T)) - np.log(2 * abs(beta) * n**2)
@@ -153,7 +157,7 @@ def normalised_energy(x, beta, *, sphere=None):
 
     {sphere}
     """
-    return np.mean(np.exp(beta * (x @ x.T - 1.0)))
+    return np.mean(np.exp(beta * (x @ x.T - 1.0))) if len(x) else np.nan
 
 
 for _f in (rank_collapse, effective_rank, mean_cosine, dirichlet_energy, interaction_energy, normalised_energy):

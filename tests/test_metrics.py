@@ -488,6 +488,19 @@ def test_point_metrics_leave_padding_out(name, left):
     assert_same(f(stored_as_int8).sel(sample=1, drop=True), truncated)
 
 
+@pytest.mark.parametrize("name", sorted(POINT_METRICS))
+def test_a_sample_of_padding_only(name):
+    x = xr.DataArray(RNG.normal(size=(2, 3, 4, 2)), dims=("sample", "layer", "token", "component"),
+                     coords={"token_mask": (("sample", "token"), np.array([[1, 1, 1, 1], [0, 0, 0, 0]], bool))})
+    out = POINT_METRICS[name](x)
+    if name.startswith("count") or name in ("massive_activations", "cluster_sizes"):
+        assert (out.sel(sample=1) == 0).all()
+    elif name == "cluster_labels":
+        assert (out.sel(sample=1) == -1).all()
+    else:
+        assert out.sel(sample=1).isnull().all() and out.sel(sample=0).notnull().all()
+
+
 def test_token_mask_keyword_and_labels_of_padding():
     ds, real = padded_extraction()
     bare = ds.x.drop_vars("token_mask")
