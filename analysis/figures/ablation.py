@@ -63,6 +63,14 @@ def _ci_over_seeds(da):
     return curves(da)
 
 
+def _band(ax, x, ci: xr.Dataset, alpha: float = 0.15, **line):
+    """The mean curve of ``ci`` with its 95 % interval shaded in the same colour."""
+    ax.plot(x, ci["mean"], **line)
+    ax.fill_between(
+        x, ci["mean"] - ci["ci"], ci["mean"] + ci["ci"], color=line.get("color"), alpha=alpha, lw=0
+    )
+
+
 def _combine(parts) -> xr.Dataset:
     """The plotted pieces in one Dataset (outer join over their labels)."""
     return xr.merge(parts, join="outer", compat="no_conflicts") if parts else xr.Dataset()
@@ -98,15 +106,7 @@ def make_ablation_bridge(quick=False, out=None, progress=True) -> xr.Dataset:
                     da = da.sel(eps=0.5)
                 ci = _ci_over_seeds(da)
                 x = ci[xdim].values + (1 if xdim == "attn_layer" else 0)
-                ax.plot(x, ci["mean"], color=SCORE_COLOR[score], ls=ls, marker="o", ms=3, label=label)
-                ax.fill_between(
-                    x,
-                    ci["mean"] - ci["ci"],
-                    ci["mean"] + ci["ci"],
-                    color=SCORE_COLOR[score],
-                    alpha=0.15,
-                    lw=0,
-                )
+                _band(ax, x, ci, color=SCORE_COLOR[score], ls=ls, marker="o", ms=3, label=label)
                 plotted.append(
                     ci.rename({xdim: "depth"})
                     .assign_coords(depth=x)
@@ -193,27 +193,14 @@ def make_trained_vs_simulated(quick=False, out=None, progress=True) -> xr.Datase
             for series in sub["series"].values:
                 ci = _ci_over_seeds(sub["w_distance"].sel(series=series))
                 style = dict(SIM_STYLE[str(series)], ms=3)
-                x = ci["layer"].values
-                ax.plot(x, ci["mean"], **style)
-                ax.fill_between(
-                    x, ci["mean"] - ci["ci"], ci["mean"] + ci["ci"], color=style["color"], alpha=0.12
-                )
-                plotted.append(
-                    ci.expand_dims(task=[task], variant=[cell], series=[str(series)], metric=["w1"])
-                )
+                _band(ax, ci["layer"].values, ci, alpha=0.12, **style)
+                plotted.append(_tag(ci, task=task, variant=cell, series=str(series), metric="w1"))
             for series in sub["model_series"].values:
                 ci = _ci_over_seeds(sub["sim_clusters"].sel(model_series=series))
                 style = dict(
                     SIM_STYLE.get(str(series), dict(color="k", lw=2.2, marker="o", label="trained")), ms=3
                 )
-                axc.plot(ci["layer"].values, ci["mean"], **style)
-                axc.fill_between(
-                    ci["layer"].values,
-                    ci["mean"] - ci["ci"],
-                    ci["mean"] + ci["ci"],
-                    color=style["color"],
-                    alpha=0.12,
-                )
+                _band(axc, ci["layer"].values, ci, alpha=0.12, **style)
                 plotted.append(_tag(ci, task=task, variant=cell, series=str(series), metric="clusters"))
             dt = _ci_over_seeds(sub["matched_dt"])
             n = int(np.isfinite(sub["matched_dt"]).sum())
@@ -276,8 +263,7 @@ def make_recall_sweep(quick=False, out=None, progress=True) -> xr.Dataset:
     for i, v in enumerate(variants):
         ci = _ci_over_seeds(ds["train_loss"].sel(variant=v))
         x = ci["loss_step"].values
-        axl.plot(x, ci["mean"], color=cmap(i % 10), label=v, lw=1.3)
-        axl.fill_between(x, ci["mean"] - ci["ci"], ci["mean"] + ci["ci"], color=cmap(i % 10), alpha=0.12)
+        _band(axl, x, ci, alpha=0.12, color=cmap(i % 10), label=v, lw=1.3)
     axl.set_xlabel("training step")
     axl.set_ylabel("training loss (mean of 50 steps)")
     axl.grid(alpha=0.3)
@@ -326,15 +312,7 @@ def make_sink_training(quick=False, out=None, progress=True) -> xr.Dataset:
                     continue
                 ci = _ci_over_seeds(ds[var].sel(variant=name).isel(attn_layer=b))
                 x = ci["probe_step"].values
-                ax.plot(x, ci["mean"], color=SCORE_COLOR[score], ls=ls, lw=1.4, label=label)
-                ax.fill_between(
-                    x,
-                    ci["mean"] - ci["ci"],
-                    ci["mean"] + ci["ci"],
-                    color=SCORE_COLOR[score],
-                    alpha=0.15,
-                    lw=0,
-                )
+                _band(ax, x, ci, color=SCORE_COLOR[score], ls=ls, lw=1.4, label=label)
                 plotted.append(_tag(ci, variant=name, metric=var, block=b + 1))
             if "excess" in var:
                 ax.axhline(0, color="0.5", lw=0.8)

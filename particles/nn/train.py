@@ -230,6 +230,7 @@ class TextLM(Task):
     )
     attentions = causal_attentions(window=32, top_k=16)
     steps = 100  # random windows per epoch
+    extra = 1  # a window holds seq_len + 1 characters: inputs [:-1], targets [1:]
 
     def setup(self, subset=None):
         self.train_ids, self.test_ids = data.text_split()
@@ -242,8 +243,9 @@ class TextLM(Task):
 
     def batches(self, g):
         for _ in range(self.steps):
-            start = torch.randint(len(self.train_ids) - self.T - 1, (self.batch_size,), generator=g)
-            yield torch.stack([self.train_ids[s : s + self.T + 1] for s in start.tolist()])
+            span = self.T + self.extra
+            start = torch.randint(len(self.train_ids) - span, (self.batch_size,), generator=g)
+            yield torch.stack([self.train_ids[s : s + span] for s in start.tolist()])
 
     def loss(self, model, x):
         return F.cross_entropy(model(x[:, :-1]).reshape(-1, model.vocab_size), x[:, 1:].reshape(-1))
@@ -263,7 +265,7 @@ class TextLM(Task):
         }
 
 
-class TextBOS(Task):
+class TextBOS(TextLM):
     """Character LM with a BOS token at the start of every window (the attention-sink testbed).
 
     Each training example is a random window of ``seq_len`` characters of the training split; the
@@ -286,20 +288,7 @@ class TextBOS(Task):
     )
     attentions = causal_attentions(window=window, top_k=top_k)
     steps, epochs = 100, 25  # 2500 steps by default
-
-    def setup(self, subset=None):
-        self.train_ids, self.test_ids = data.text_split()
-        if subset:
-            self.train_ids = self.train_ids[:subset]
-        self.T = self.model_defaults["seq_len"]
-
-    def steps_per_epoch(self):
-        return self.steps
-
-    def batches(self, g):
-        for _ in range(self.steps):
-            start = torch.randint(len(self.train_ids) - self.T, (self.batch_size,), generator=g)
-            yield torch.stack([self.train_ids[s : s + self.T] for s in start.tolist()])
+    extra = 0  # BOS takes the place of the first input: a window holds seq_len characters
 
     def held_out(self, n: int | None = None) -> torch.Tensor:
         """The first ``n`` (default all) non-overlapping test windows (n, seq_len)."""
