@@ -206,3 +206,52 @@ def test_rows_that_reach_the_output():
     np.testing.assert_allclose(m["key_mass"].sum("key"), 1.0, atol=1e-6)  # each row sums to 1
     np.testing.assert_allclose(m["key_mass"].isel(key=0), m["a0"].mean("query"), atol=1e-12)
     assert (m["support_size"].isel(attn_layer=0, query=slice(1, None)) <= 6).all()  # grid: ≤ 4 + self + CLS
+
+
+def _fake_ablation(task, rng, seeds=3):
+    import xarray as xr
+
+    from analysis.findings.experiments import CAUSAL_CELLS, VIT_CELLS
+
+    cells = VIT_CELLS if task == "digits-vit" else CAUSAL_CELLS
+    V, S, L = len(cells), seeds, 4
+    shape = (V, S)
+    return xr.Dataset(
+        {
+            "clusters": (("variant", "seed", "eps", "layer"), rng.uniform(1, 17, shape + (1, L + 1))),
+            "effective_rank": (("variant", "seed", "layer"), rng.uniform(1, 12, shape + (L + 1,))),
+            "alpha0_excess_out": (("variant", "seed", "attn_layer"), rng.normal(0, 0.05, shape + (L,))),
+            "entropy_out": (("variant", "seed", "attn_layer"), rng.uniform(0, 1, shape + (L,))),
+        },
+        coords={
+            "variant": list(cells),
+            "seed": np.arange(S),
+            "eps": [0.5],
+            "layer": np.arange(L + 1),
+            "attn_layer": np.arange(L),
+        },
+        attrs={"task": task},
+    )
+
+
+def test_ablation_figure_plots_mean_and_t_interval(tmp_path, monkeypatch):
+    import xarray as xr
+
+    import analysis.figures.ablation as ab
+
+    rng = np.random.default_rng(0)
+    vit, lm = _fake_ablation("digits-vit", rng), _fake_ablation("text-bos", rng)
+    vit.to_netcdf(tmp_path / "vit-ablation.nc")
+    lm.to_netcdf(tmp_path / "causal-ablation.nc")
+    monkeypatch.setattr(ab, "DATA", tmp_path)
+    out = ab.make_ablation_bridge(out=tmp_path / "fig")
+    for ext in ("png", "pdf", "nc"):
+        assert (tmp_path / f"fig/ablation_bridge.{ext}").stat().st_size > 0
+    saved = xr.open_dataset(tmp_path / "fig/ablation_bridge.nc")
+    got = saved.sel(task="digits-vit", variant="rbf+grid", metric="effective_rank")
+    x = vit["effective_rank"].sel(variant="rbf+grid").values  # (seed, layer)
+    np.testing.assert_allclose(got["mean"].values, x.mean(0))
+    np.testing.assert_allclose(got["ci"].values, 4.302652729911275 * x.std(0, ddof=1) / np.sqrt(3))
+    exc = saved.sel(task="text-bos", variant="dot+window+topk", metric="alpha0_excess_out")
+    np.testing.assert_allclose(exc["depth"].values[np.isfinite(exc["mean"].values)], [1, 2, 3, 4])
+    assert out.attrs["figure"] == "ablation_bridge"
