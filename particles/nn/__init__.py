@@ -37,6 +37,7 @@ from .attention import (
     make_attention,
 )
 from .checkpoint import CheckpointError, load_checkpoint, read_card, save_checkpoint
+from .krausify import krausify
 from .models import Block, CausalLM, ViT
 from .train import ABLATIONS, TASKS, build_model, train
 
@@ -58,4 +59,5 @@ __all__ = [
     "save_checkpoint",
     "read_card",
     "CheckpointError",
+    "krausify",
 ]
