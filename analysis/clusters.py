@@ -77,7 +77,10 @@ def _cluster_args(shape, arguments):
 
 
 @per_item(POINTS, dtype=int, check=_cluster_args)
-def count_clusters(x, eps, method="graph", *, sphere=None):
+def count_clusters(
+    x: np.ndarray | xr.DataArray | xr.Dataset, eps: float, method: str = "graph", *,
+    sphere: bool | None = None,
+) -> int | xr.DataArray:
     """Number of clusters of each configuration.
 
     * ``method="graph"``: connected components of the graph with edges ‖x_i − x_j‖ ≤ ε;
@@ -101,7 +104,9 @@ def _eps_only(shape, arguments):
 
 
 @per_item(POINTS, item_dims=(0,), dtype=int, check=_eps_only)
-def cluster_labels(x, eps, *, sphere=None):
+def cluster_labels(
+    x: np.ndarray | xr.DataArray | xr.Dataset, eps: float, *, sphere: bool | None = None,
+) -> np.ndarray | xr.DataArray:
     """Component label c_i of each particle in the ε-graph ‖x_i − x_j‖ ≤ ε (i ~ j ⇒ c_i = c_j,
     transitively), numbered 0, 1, … by first appearance in particle order; −1 for padding tokens.
     ``sphere`` as in ``count_clusters``."""
@@ -113,7 +118,9 @@ def _sizes(x, eps, *, sphere=None):
     return -np.sort(-np.bincount(_graph_labels(x, eps), minlength=len(x))) if len(x) else np.zeros(0, int)
 
 
-def cluster_sizes(x, eps, *, sphere=None, token_mask=None):
+def cluster_sizes(
+    x: np.ndarray | xr.DataArray | xr.Dataset, eps: float, *, sphere: bool | None = None, token_mask=None,
+) -> xr.DataArray:
     """Sizes m_a = |{i : c_i = a}| of the ε-graph components (``cluster_labels``), largest first, along a "cluster" axis padded with 0 up
     to the largest count over the leading axes (a single configuration gives a 1-D DataArray).
     ``sphere`` and ``token_mask`` as in ``count_clusters``. Finding the largest count computes the
@@ -124,7 +131,10 @@ def cluster_sizes(x, eps, *, sphere=None, token_mask=None):
     return sizes.isel(cluster=slice(0, int((sizes > 0).sum("cluster").max()))).rename("cluster_sizes")
 
 
-def time_to_clusters(x, k, eps, method="graph", *, sphere=None, token_mask=None):
+def time_to_clusters(
+    x: np.ndarray | xr.DataArray | xr.Dataset, k: int, eps: float, method: str = "graph", *,
+    sphere: bool | None = None, token_mask=None,
+) -> float | xr.DataArray:
     """First coordinate t of the "time" (else "layer") axis with count_clusters(x(t)) ≤ k; NaN if never.
 
     Uses the axis' coordinate values (e.g. time = step · dt) or, without a coordinate, the index;
@@ -141,6 +151,9 @@ def time_to_clusters(x, k, eps, method="graph", *, sphere=None, token_mask=None)
     return first.item() if first.ndim == 0 else first.rename("time_to_clusters")
 
 
-def time_to_consensus(x, eps, method="graph", *, sphere=None, token_mask=None):
+def time_to_consensus(
+    x: np.ndarray | xr.DataArray | xr.Dataset, eps: float, method: str = "graph", *,
+    sphere: bool | None = None, token_mask=None,
+) -> float | xr.DataArray:
     """time_to_clusters(x, 1, eps, method): first time/layer with a single cluster; NaN if never."""
     return time_to_clusters(x, 1, eps, method=method, sphere=sphere, token_mask=token_mask)

@@ -43,7 +43,9 @@ SPHERE_DOC = """``sphere`` (default: True for extracted trajectories, whose item
 
 
 @per_item(POINTS)
-def rank_collapse(x, *, sphere=None):
+def rank_collapse(
+    x: np.ndarray | xr.DataArray | xr.Dataset, *, sphere: bool | None = None,
+) -> float | xr.DataArray:
     """Relative rank-collapse residual r = ‖X − 1 x̄ᵀ‖_F / ‖X‖_F, x̄ = (1/n) Σ_i x_i
     (Dong, Cordonnier, Loukas 2021, "Attention is not all you need", relative form).
 
@@ -56,7 +58,9 @@ def rank_collapse(x, *, sphere=None):
 
 
 @per_item(POINTS)
-def effective_rank(x, *, sphere=None):
+def effective_rank(
+    x: np.ndarray | xr.DataArray | xr.Dataset, *, sphere: bool | None = None,
+) -> float | xr.DataArray:
     """exp(H(p)), p = σ/‖σ‖₁ over the singular values σ of X, H(p) = −Σ p log p
     (Roy & Vetterli 2007, "The effective rank").
 
@@ -72,7 +76,9 @@ def effective_rank(x, *, sphere=None):
 
 
 @per_item(POINTS)
-def mean_cosine(x, *, sphere=None):
+def mean_cosine(
+    x: np.ndarray | xr.DataArray | xr.Dataset, *, sphere: bool | None = None,
+) -> float | xr.DataArray:
     """Mean of cos(x_i, x_j) over ordered pairs i ≠ j (diagonal excluded), in O(n·d):
     with u_i = x_i/‖x_i‖, Σ_{{i≠j}} ⟨u_i, u_j⟩ = ‖Σ_i u_i‖² − Σ_i ‖u_i‖², divided by n(n − 1).
 
@@ -99,7 +105,10 @@ def _weights(shape, arguments):
 
 
 @per_item(POINTS, check=_weights)
-def dirichlet_energy(x, weights=None, *, sphere=None, real=None):
+def dirichlet_energy(
+    x: np.ndarray | xr.DataArray | xr.Dataset, weights: np.ndarray | None = None, *,
+    sphere: bool | None = None, real=None,
+) -> float | xr.DataArray:
     """Dirichlet energy E = ½ Σ_ij w_ij ‖x_i − x_j‖², the over-smoothing measure of graph neural
     networks (Cai & Wang 2020, "A note on over-smoothing for graph neural networks", arXiv 2006.13318).
 
@@ -126,7 +135,9 @@ def _beta(shape, arguments):
 
 
 @per_item(POINTS, check=_beta)
-def interaction_energy(x, beta, *, sphere=None):
+def interaction_energy(
+    x: np.ndarray | xr.DataArray | xr.Dataset, beta: float, *, sphere: bool | None = None,
+) -> float | xr.DataArray:
     """USA interaction energy E_β = (1/(2βn²)) Σ_ij exp(β⟨x_i, x_j⟩) (Geshkovski, Letrouit,
     Polyanskiy, Rigollet 2023, arXiv 2312.10794: non-decreasing along USA trajectories).
 
@@ -148,7 +159,9 @@ def interaction_energy(x, beta, *, sphere=None):
 
 
 @per_item(POINTS, check=_beta)
-def normalised_energy(x, beta, *, sphere=None):
+def normalised_energy(
+    x: np.ndarray | xr.DataArray | xr.Dataset, beta: float, *, sphere: bool | None = None,
+) -> float | xr.DataArray:
     """(1/(n² e^β)) Σ_ij exp(β⟨x_i, x_j⟩) = mean_ij exp(β(⟨x_i, x_j⟩ − 1)) = 2β E_β / e^β, the USA
     energy of ``interaction_energy`` (Geshkovski et al. 2023) scaled to (0, 1] on the sphere.
 

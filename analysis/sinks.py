@@ -59,14 +59,18 @@ def _named(da, name):
     return _scalar(da.rename(name) if isinstance(da, xr.DataArray) else da)
 
 
-def sink_scores(attention, k=0, *, queries=None, token_mask=None):
+def sink_scores(
+    attention: np.ndarray | xr.DataArray | xr.Dataset, k: int = 0, *, queries=None, token_mask=None,
+) -> float | xr.DataArray:
     """Gu et al. (2024) sink score α_k = (1/|R_k|) Σ_{i ∈ R_k} A_ik: mean weight on key k over the
     queries that can see it causally (i ≥ k); one value per matrix (per layer, head, …)."""
     parts = _alpha_baseline(attention, k, queries=queries, baseline=False, token_mask=token_mask)
     return _named(parts.isel(part=0, drop=True), "sink_scores")
 
 
-def first_token_mass(attention, *, queries=None, token_mask=None):
+def first_token_mass(
+    attention: np.ndarray | xr.DataArray | xr.Dataset, *, queries=None, token_mask=None,
+) -> float | xr.DataArray:
     """Mean weight on the first (real) key, (1/|R_0|) Σ_{i ∈ R_0} A_i0 = α_0 (see ``sink_scores``): the
     attention sink of Xiao, Tian, Chen, Han, Lewis 2023 ("Efficient streaming language models with
     attention sinks", arXiv 2309.17453)."""
@@ -78,7 +82,10 @@ def _mean_over(da, over):
     return da.mean([d for d in over if d in da.dims])
 
 
-def sink_excess(attention, k=0, *, over=("head",), queries=None, token_mask=None):
+def sink_excess(
+    attention: np.ndarray | xr.DataArray | xr.Dataset, k: int = 0, *, over: tuple[str, ...] = ("head",),
+    queries=None, token_mask=None,
+) -> float | xr.DataArray:
     """α_k − b_k: the sink score above the uniform-over-visible-keys baseline, averaged over the
     axes ``over`` that are present (default "head"; others, e.g. layer and sample, are kept).
 
@@ -94,7 +101,10 @@ def sink_excess(attention, k=0, *, over=("head",), queries=None, token_mask=None
     return _named(_mean_over(excess, over), "sink_excess")
 
 
-def sink_rate(attention, eps=0.3, k=0, *, relative=False, queries=None, token_mask=None):
+def sink_rate(
+    attention: np.ndarray | xr.DataArray | xr.Dataset, eps: float = 0.3, k: int = 0, *,
+    relative: bool = False, queries=None, token_mask=None,
+) -> float | xr.DataArray:
     """Gu et al. (2024) Sink_k^ε = fraction of (layer, head) pairs whose key k is a sink.
 
     ``relative=False`` (Gu et al.): a sink is α_k > ε.
@@ -124,7 +134,9 @@ def sink_rate(attention, eps=0.3, k=0, *, relative=False, queries=None, token_ma
 
 
 @per_item(ATTENTION)
-def attention_entropy(attention, *, queries=None):
+def attention_entropy(
+    attention: np.ndarray | xr.DataArray | xr.Dataset, *, queries=None,
+) -> float | xr.DataArray:
     """Mean over the selected queries i of the normalised row entropy H_i / log |V_i|.
 
     Each row is first divided by its sum (so unnormalised USA weights work too);
@@ -149,7 +161,9 @@ def _massive_args(shape, arguments):
 
 
 @per_item(POINTS, dtype=int, check=_massive_args)
-def massive_activations(h, threshold=100.0, ratio=1000.0):
+def massive_activations(
+    h: np.ndarray | xr.DataArray | xr.Dataset, threshold: float = 100.0, ratio: float = 1000.0,
+) -> int | xr.DataArray:
     """Number of entries of one layer's hidden states h (token, component) with |h| > threshold and
     |h| > ratio · median(|h|) over that layer's real tokens (Sun, Chen, Kolter, Liu 2024, "Massive
     activations in large language models": 100 and 1000); per layer/sample. Raw values (no sphere)."""

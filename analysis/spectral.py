@@ -34,7 +34,9 @@ def _summary(A, tol):
     return blocks, np.sum(np.abs(lam - 1.0) < tol), gap
 
 
-def spectral_summary(A, tol=1e-6, *, token_mask=None) -> xr.Dataset:
+def spectral_summary(
+    A: np.ndarray | xr.DataArray | xr.Dataset, tol: float = 1e-6, *, token_mask=None,
+) -> xr.Dataset:
     """Dataset over the leading axes of A with
 
     * ``blocks``: weakly connected components of the support graph |A_ij| + |A_ji| > tol;

@@ -58,7 +58,7 @@ def shipped_dir() -> Path:
     return _PACKAGE_DIR if _PACKAGE_DIR.is_dir() or not _SOURCE_TREE_DIR.is_dir() else _SOURCE_TREE_DIR
 
 
-def resolve_checkpoint(path) -> Path:
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The path of checkpoint ``path`` (its .pt, .json or stem, as given): ``path`` itself when its
     card exists (relative paths from the working directory), otherwise the shipped checkpoint with
     the same file name — so a bare name ("digits-vit-krause"), a file name or a repository-relative
@@ -74,7 +74,7 @@ def resolve_checkpoint(path) -> Path:
                             f"{card.stem!r} (shipped: {shipped_dir()})")
 
 
-def save_checkpoint(model: torch.nn.Module, card: dict, path) -> dict:
+def save_checkpoint(model: torch.nn.Module, card: dict, path: str | os.PathLike) -> dict:
     """Write ``path`` (.pt) and its card (.json); returns the card with ``file`` and ``sha256``."""
     weights, card_path = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def save_checkpoint(model: torch.nn.Module, card: dict, path) -> dict:
     return card
 
 
-def read_card(path) -> dict:
+def read_card(path: str | os.PathLike) -> dict:
     """The JSON card of checkpoint ``path`` (a path or a shipped name, see :func:`resolve_checkpoint`)."""
     _, card_path = _paths(resolve_checkpoint(path))
     try:
@@ -106,7 +106,8 @@ def read_card(path) -> dict:
     return card
 
 
-def list_cards(root, *, task=None, with_weights=False) -> list[tuple[Path, dict]]:
+def list_cards(root: str | os.PathLike, *, task: str | None = None,
+               with_weights: bool = False) -> list[tuple[Path, dict]]:
     """``[(card path, card)]`` of the checkpoint cards in folder ``root``, sorted by file name.
 
     A card is a JSON object with a "task" next to its ``.pt`` (other JSON files such as
@@ -193,7 +194,7 @@ def _check_shapes(config: dict, state: dict, weights: Path, build_model) -> None
         raise CheckpointError(f"checkpoint {weights} does not match its config: {detail}")
 
 
-def load_checkpoint(path, *, verify: bool = True) -> torch.nn.Module:
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> torch.nn.Module:
     """Model from ``path`` (NAME, NAME.pt or NAME.json; a shipped checkpoint by its bare name, e.g.
     "digits-vit-krause", from any folder) in eval mode, with ``.config`` and ``.card``.
 
