@@ -1,0 +1,121 @@
+"""particles.kernels.headdim (dense softmax / rbf at d > 4) against the numpy reference."""
+
+import numpy as np
+import pytest
+from conftest import sphere_points
+
+from particles import make_interaction, reference
+from particles.kernels import headdim
+
+#: float32 agreement with the float64 reference, relative to max|v| (β ≤ 3, σ ≥ 0.5 on the sphere)
+FP32_RTOL = 1e-5
+MODELS = [("sa", {"beta": 2.0}), ("usa", {"beta": 1.5}), ("krause", {"sigma": 0.7})]
+
+
+def call(q, k, v, it, symmetric):
+    return headdim.velocity_headdim(q, k, v, score=it.score, beta=it.beta, inv2s2=1.0 / (2.0 * it.sigma**2),
+                                    normalise=it.normalise, symmetric=symmetric)
+
+
+def relative_error(got, want):
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+@pytest.fixture(params=[None, 48], ids=["block-default", "block-48"])
+def block(request, monkeypatch):
+    """The default block sizes, and blocks of 48 keys (many blocks and ragged edges at small n)."""
+    if request.param:
+        monkeypatch.setattr(headdim, "BLOCK", {dt: request.param for dt in headdim.BLOCK})
+    return request.param
+
+
+@pytest.mark.parametrize("d", [5, 16, 64, 128])
+@pytest.mark.parametrize("model,params", MODELS, ids=[m for m, _ in MODELS])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "general"])
+def test_matches_reference(d, model, params, symmetric, block):
+    n = 131 if block else 37
+    it = make_interaction(model, **params)
+    x = sphere_points(n, d, seed=d)
+    want = reference.velocity(x, it)
+    assert relative_error(call(x, x, x, it, symmetric), want) < 1e-10
+    x32 = x.astype(np.float32)
+    got32 = call(x32, x32, x32, it, symmetric)
+    assert got32.dtype == np.float32
+    assert relative_error(got32, want) < FP32_RTOL
+
+
+@pytest.mark.parametrize("d", [5, 64])
+def test_general_qkv_matches_reference(d):
+    """Projected q = Qx, k = Kx, v = Vx with Q ≠ K (the general path), softmax and rbf."""
+    rng = np.random.default_rng(d)
+    Q, K, V = (np.eye(d) + 0.3 * rng.standard_normal((d, d)) for _ in range(3))
+    x = sphere_points(90, d, seed=3)
+    for model, params in MODELS:
+        it = make_interaction(model, Q=Q, K=K, V=V, **params)
+        q, k, v = (np.ascontiguousarray(x @ M.T) for M in (Q, K, V))
+        assert relative_error(call(q, k, v, it, False), reference.velocity(x, it)) < 1e-10
+    it = make_interaction("krause", Q=Q, K=Q, sigma=0.8)  # Q = K ≠ I: symmetric scores
+    q = np.ascontiguousarray(x @ Q.T)
+    assert relative_error(call(q, q, x, it, True), reference.velocity(x, it)) < 1e-10
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "general"])
+def test_rows_whose_shift_underflows_are_redone_exactly(symmetric, monkeypatch):
+    """Query norms from 0.05 to 3 and β = 40: the shared bound |β|·max‖q‖² (symmetric) or
+    |β|·‖q_i‖·max‖k‖ (general) leaves many rows' sums below `tiny`; they must be redone."""
+    d, n = 8, 200
+    x = sphere_points(n, d, seed=5) * np.linspace(0.05, 3.0, n)[:, None]
+    it = make_interaction("sa", beta=40.0, geometry="euclidean")
+    redone = []
+    original = headdim.exact_rows
+    monkeypatch.setattr(headdim, "exact_rows", lambda q, *a: redone.append(len(q)) or original(q, *a))
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        xd = x.astype(dtype)
+        got = call(xd, xd, xd, it, symmetric)
+        assert np.all(np.isfinite(got))
+        assert relative_error(got, reference.velocity(x, it)) < tol
+    assert redone and min(redone) > 10
+
+
+def test_usa_overflow_raises():
+    x = sphere_points(50, 8) * 3.0
+    with pytest.raises(OverflowError, match="beta"):
+        headdim.velocity_headdim(x, x, x, score="softmax", beta=200.0, normalise=False, symmetric=True)
+
+
+def test_bad_input_names_the_parameter():
+    x = sphere_points(20, 6)
+    with pytest.raises(ValueError, match="score"):
+        headdim.velocity_headdim(x, x, x, score="flat")
+    with pytest.raises(ValueError, match="^k "):
+        headdim.velocity_headdim(x, x[:10], x, score="softmax")
+    with pytest.raises(ValueError, match="^v "):
+        headdim.velocity_headdim(x, x, x.astype(np.float32), score="softmax")
+    with pytest.raises(ValueError, match="^out "):
+        headdim.velocity_headdim(x, x, x, score="softmax", out=np.empty((20, 6), order="F"))
+    with pytest.raises(ValueError, match="symmetric"):
+        headdim.velocity_headdim(x, x[::-1].copy(), x, score="softmax", symmetric=True)
+
+
+def test_scipy_blas_fallback_and_thread_count(monkeypatch):
+    """The same results through scipy's cython_blas (used where torch exports no MKL) and on one
+    numba thread (partial sums then come from one task: equal to rounding)."""
+    import numba
+    from numba.extending import get_cython_function_address
+
+    x = sphere_points(300, 24, seed=2)
+    it = make_interaction("krause", sigma=0.6)
+    want = call(x, x, x, it, True)
+    fallback = dict(float32=get_cython_function_address("scipy.linalg.cython_blas", "sgemm"),
+                    float64=get_cython_function_address("scipy.linalg.cython_blas", "dgemm"),
+                    threads=0, library="scipy cython_blas")
+    monkeypatch.setattr(headdim, "_ADDRESSES", fallback)
+    monkeypatch.setattr(headdim, "BLOCK", {dt: 64 for dt in headdim.BLOCK})
+    for symmetric in (True, False):
+        assert relative_error(call(x, x, x, it, symmetric), want) < 1e-13
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        assert relative_error(call(x, x, x, it, True), want) < 1e-13
+    finally:
+        numba.set_num_threads(previous)
