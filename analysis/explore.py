@@ -330,21 +330,17 @@ def show_figure(name: str, *, quick: bool = True, out=None, display_image: bool 
 # ---------------------------------------------------------------------------- trained models (03)
 RESTRICTION_KEYS = ("grid", "window", "top_k", "sigma", "causal")
 
-def checkpoint_table(root="checkpoints"):
-    """A pandas DataFrame with one row per checkpoint card ``root/*.json`` (task, attention, seed,
-    layers, width, test metrics, file); empty when there are none."""
-    import json
-
+def checkpoint_table(root=None):
+    """A pandas DataFrame with one row per checkpoint in ``root`` (default: the shipped checkpoints)
+    — task, attention, seed, layers, width, test metrics, file — found by the one card scanner
+    :func:`particles.nn.checkpoint.list_cards` (cards with their weights only, so other JSON files
+    such as ``ablations.json`` are not rows); empty when there are none."""
     import pandas as pd
 
+    from particles.nn.checkpoint import list_cards, shipped_dir
+
     rows = []
-    for card_path in sorted(Path(root).glob("*.json")):
-        try:
-            card = json.loads(card_path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(card, dict) or "task" not in card:
-            continue
+    for card_path, card in list_cards(shipped_dir() if root is None else root, with_weights=True):
         cfg = card.get("config", {})
         att = cfg.get("attention", {}) if isinstance(cfg.get("attention"), dict) else {}
         rows.append({

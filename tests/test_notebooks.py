@@ -108,6 +108,7 @@ def test_notebook_runs(name, tmp_path):
     if name.startswith("03_"):  # the shipped checkpoints were found from the temporary directory
         texts = json.dumps([o for c in nb.cells for o in c.get("outputs", [])])
         assert "; models: " in texts and "models: none" not in texts and "task: None" not in texts
+        assert "ablations" not in texts  # only real checkpoint cards are listed (not ablations.json)
     if name.startswith("03_") and params["hf_model_dir"]:
         assert "GPT2Model" in texts  # the optional Hugging Face comparison ran
 
