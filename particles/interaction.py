@@ -1,4 +1,4 @@
-"""The one interaction-kernel family behind every model (design.md §1).
+"""The one interaction-kernel family behind every model (docs/maths.md).
 
 An :class:`Interaction` fixes
 
@@ -12,14 +12,16 @@ The four presets "sa", "usa", "krause" and "hk" are values of this one dataclass
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .params import check, check_bool
+from .params import check_real as check_real
+
 MODELS = ("sa", "usa", "krause", "hk")
 SCORES = ("softmax", "rbf", "flat")
-GEOMETRIES = ("sphere", "euclidean")
+GEOMETRIES = ("sphere", "euclidean")  # names; the objects are particles.geometry.GEOMETRIES
 
 #: Relative tolerance of the bounded-confidence test ‖x_i − x_j‖ ≤ r·(1 + RADIUS_RTOL[dtype]).
 #: A pair at distance exactly r (e.g. neighbours on an equally spaced opinion lattice) must count as
@@ -65,6 +67,13 @@ class Interaction:
         return tuple(eye if m is None else np.asarray(m, dtype=dtype) for m in (self.Q, self.K, self.V))
 
     @property
+    def space(self):
+        """The particles.geometry object of `geometry` (tangent, retract, sample)."""
+        from .geometry import get_geometry
+
+        return get_geometry(self.geometry)
+
+    @property
     def identity_qkv(self) -> bool:
         return self.Q is None and self.K is None and self.V is None
 
@@ -91,66 +100,24 @@ class Interaction:
         return out
 
 
-def _check_matrix(name, m):
-    if m is None:
-        return None
-    m = np.asarray(m, dtype=np.float64)
-    if m.ndim != 2 or m.shape[0] != m.shape[1]:
-        raise ValueError(f"{name} must be a square (d, d) matrix, got shape {m.shape}")
-    if not np.all(np.isfinite(m)):
-        raise ValueError(f"{name} contains NaN or inf")
-    m.setflags(write=False)
-    return m
-
-
-def _check_positive_int(name, value, minimum=1):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_real(name, value, *, positive=False, nonnegative=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if nonnegative and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+# validators shared with simulate: one place for each rule (particles/params.py)
+_check_real = check_real
 
 
 def make_interaction(model: str, *, beta=1.0, sigma=1.0, radius=None, window=None, causal=False,
                      top_k=None, Q=None, K=None, V=None, geometry=None) -> Interaction:
-    """Validate parameters and build the preset `model`, optionally overriding its geometry."""
-    if model not in PRESETS:
+    """Validate parameters and build the preset `model`, optionally overriding its geometry
+    (a name or a particles.geometry object)."""
+    if not isinstance(model, str) or model not in PRESETS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     preset = dict(PRESETS[model])
     if geometry is not None:
-        if geometry not in GEOMETRIES:
-            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
-        preset["geometry"] = geometry
+        preset["geometry"] = check("geometry", geometry).name
     if model == "hk" and radius is None:
         raise ValueError("radius is required for model 'hk' (the confidence bound R)")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
     return Interaction(
         model=model, **preset,
-        beta=_check_real("beta", beta),
-        sigma=_check_real("sigma", sigma, positive=True),
-        radius=None if radius is None else _check_real("radius", radius, nonnegative=True),
-        window=_check_positive_int("window", window),
-        causal=bool(causal),
-        top_k=_check_positive_int("top_k", top_k),
-        Q=_check_matrix("Q", Q), K=_check_matrix("K", K), V=_check_matrix("V", V),
+        beta=check("beta", beta), sigma=check("sigma", sigma), radius=check("radius", radius),
+        window=check("window", window), causal=check_bool("causal", causal), top_k=check("top_k", top_k),
+        Q=check("Q", Q), K=check("K", K), V=check("V", V),
     )
-

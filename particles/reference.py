@@ -67,11 +67,8 @@ def velocity(x: np.ndarray, it: Interaction) -> np.ndarray:
 
 
 def vector_field(x: np.ndarray, it: Interaction) -> np.ndarray:
-    """ẋ_i: P_{x_i} v_i on the sphere, v_i − x_i in euclidean space."""
-    v = velocity(x, it)
-    if it.geometry == "sphere":
-        return v - (v * x).sum(1, keepdims=True) * x
-    return v - x
+    """ẋ_i = tangent(x_i, v_i): P_{x_i} v_i on the sphere, v_i − x_i in euclidean space."""
+    return it.space.tangent(x, velocity(x, it))
 
 
 def hk_map(x: np.ndarray, radius: float) -> np.ndarray:

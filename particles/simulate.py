@@ -1,66 +1,106 @@
-"""`simulate`: validation → stepping loop → xarray Dataset (design.md §2)."""
+"""`simulate`: validation → trajectory (compiled or stepped) → xarray Dataset (docs/contract.md).
+
+The dynamics is a velocity field v on a geometry (particles.geometry): one of ours (a preset name
+or an :class:`Interaction`, integrated by the compiled kernels) or any callable v(x), (n, d) →
+(n, d), the velocity before the tangent projection. Either way the result is the same Dataset,
+saved the same way (memory or a zarr store), with the same progress bar.
+"""
 
 from __future__ import annotations
 
-import numbers
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
 from . import __version__
-from .integrate import INTEGRATORS, make_stepper, normalise_rows
-from .interaction import Interaction, _check_real, make_interaction
+from .geometry import Geometry
+from .integrate import get_integrator, make_stepper
+from .interaction import Interaction, make_interaction
 from .kernels import velocity_field
-
-DTYPES = ("float32", "float64")
-
-
-def _check_count(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+from .kernels.noise import sample_keys
+from .params import INTERACTION, PARAMS, check, numeric_array
 
 
-def initial_state(geometry: str, n: int, d: int, samples: int | None, rng, dtype) -> np.ndarray:
-    """x0 drawn uniformly on S^{d-1} (sphere) or on [0, 1]^d (euclidean); shape (samples, n, d)."""
-    shape = (samples or 1, n, d)
-    if geometry == "sphere":
-        return normalise_rows(rng.standard_normal(shape)).astype(dtype)
-    return rng.random(shape).astype(dtype)
+@dataclass(frozen=True)
+class CustomField:
+    """A user velocity field v(x) on `geometry`; `name` is what the Dataset's attrs record."""
+
+    velocity: Callable
+    geometry: Geometry
+    name: str
+
+    def attrs(self) -> dict:
+        return dict(model="custom", field=self.name, geometry=self.geometry.name)
+
+
+def _field_name(fn) -> str:
+    """What the attrs record of a custom field: its repr if its class defines one (a dataclass
+    with its parameters), else module.qualname of the function or class."""
+    if type(fn).__repr__ is not object.__repr__ and not inspect.isroutine(fn):
+        return repr(fn)
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
+def resolve_field(model, params: dict):
+    """An Interaction (preset name + params, or an Interaction as given) or a CustomField."""
+    unknown = set(params) - set(INTERACTION)
+    if unknown:
+        raise TypeError(f"unknown parameter(s) for simulate: {sorted(unknown)}")
+    if isinstance(model, str):
+        return make_interaction(model, **params)
+    if isinstance(model, Interaction):
+        if params:
+            raise TypeError(f"parameters {sorted(params)} cannot be combined with an Interaction "
+                            "(build it with make_interaction instead)")
+        return model
+    if callable(model):
+        extra = sorted(set(params) - {"geometry"})
+        if extra:
+            raise TypeError(f"parameters {extra} belong to the presets; a custom velocity field "
+                            "only takes geometry=")
+        if params.get("geometry") is None:
+            raise ValueError("geometry is required for a custom velocity field: geometry='sphere' "
+                             "or 'euclidean' says where the state lives")
+        return CustomField(model, check("geometry", params["geometry"]), _field_name(model))
+    raise TypeError(f"model must be a preset name {('sa', 'usa', 'krause', 'hk')}, an Interaction or a "
+                    f"callable velocity field v(x), got {model!r}")
+
+
+def initial_state(geometry, n: int, d: int, samples: int | None, rng, dtype) -> np.ndarray:
+    """x0 drawn with geometry.sample (uniform on S^{d-1} or on [0, 1]^d); shape (samples, n, d)."""
+    return check("geometry", geometry).sample(rng, (samples or 1, n, d), dtype)
 
 
 def _prepare_x0(x0, n, d, samples, geometry, rng, dtype):
     """Return (x0 as (S, n, d), ensemble?)."""
+    n, d, samples = check("n", n), check("d", d), check("samples", samples)
     if x0 is None:
         if n is None or d is None:
             raise ValueError("n and d are required when x0 is None")
-        n = _check_count("n", n, 1)
-        d = _check_count("d", d, 1)
-        if samples is not None:
-            _check_count("samples", samples, 1)
         return initial_state(geometry, n, d, samples, rng, dtype), samples is not None
-    x0 = np.asarray(x0)
+    x0 = numeric_array("x0", x0, np.float64)
     if x0.ndim not in (2, 3):
-        raise ValueError(f"x0 must have shape (n, d) or (sample, n, d), got ndim={x0.ndim}")
-    if not np.issubdtype(x0.dtype, np.number):
-        raise TypeError(f"x0 must be numeric, got dtype {x0.dtype}")
+        raise ValueError(f"x0 must have shape (n, d) or (sample, n, d), got shape {x0.shape}")
+    if x0.size == 0:
+        raise ValueError(f"x0 is empty (shape {x0.shape}): it needs at least one particle of dimension >= 1")
     if not np.all(np.isfinite(x0)):
         raise ValueError("x0 contains NaN or inf")
     for name, given, actual in (("n", n, x0.shape[-2]), ("d", d, x0.shape[-1])):
         if given is not None and given != actual:
             raise ValueError(f"{name}={given} does not match x0 of shape {x0.shape}")
+    if samples is not None and (x0.ndim == 2 or samples != x0.shape[0]):
+        raise ValueError(f"samples={samples} does not match x0 of shape {x0.shape} (an ensemble x0 has "
+                         "shape (samples, n, d); leave samples out when x0 is given)")
     ensemble = x0.ndim == 3
     x0 = np.array(x0.reshape((-1,) + x0.shape[-2:]), dtype=dtype)
-    if geometry == "sphere":
-        norms = np.linalg.norm(x0, axis=-1)
-        if np.any(norms == 0):
-            raise ValueError("x0 has a zero row, which cannot be put on the sphere")
-        off = np.abs(norms - 1) > 8 * np.finfo(dtype).eps  # rows already unit stay bit-identical
-        x0[off] /= norms[off][:, None]
-    return x0, ensemble
+    return geometry.place(x0), ensemble
 
 
 def saved_steps(steps: int, save_every: int) -> np.ndarray:
@@ -69,105 +109,217 @@ def saved_steps(steps: int, save_every: int) -> np.ndarray:
     return out if out[-1] == steps else np.append(out, steps)
 
 
-def simulate(model: str, x0=None, *, n=None, d=None, steps, dt, save_every=1, seed=0,
-             integrator="euler", dtype="float64", progress=False, samples=None, noise=0.0,
-             return_weights=False, store=None, **params) -> xr.Dataset:
-    """Integrate ẋ_i = P_{x_i}(Σ_j a_ij V x_j) (sphere) or Σ_j a_ij V x_j − x_i (euclidean).
+def simulate(model: str | Interaction | Callable[[np.ndarray], np.ndarray], x0: np.ndarray | None = None,
+             *, n: int | None = None, d: int | None = None, steps: int, dt: float, save_every: int = 1,
+             seed: int = 0, integrator: str | Callable = "euler", dtype: str = "float64",
+             progress: bool = False, samples: int | None = None, noise: float = 0.0,
+             return_weights: bool = False, store: str | os.PathLike | None = None, overwrite: bool = False,
+             backend: str = "numba", device: str | None = None, **params) -> xr.Dataset:
+    """Integrate ẋ_i = P_{x_i}(v_i) (sphere) or v_i − x_i (euclidean), v_i = Σ_j a_ij V x_j.
 
-    model: "sa", "usa", "krause" or "hk"; params: beta, sigma, radius, window, causal, top_k, Q, K,
-    V, geometry. x0: (n, d) or (sample, n, d); None draws n points (or `samples` ensembles) with
-    `seed`. On the sphere x0 is normalised to unit rows. noise > 0 adds √dt·noise·ξ (Euler–Maruyama;
-    sample s uses its own stream spawned from `seed`). return_weights=True also stores the
-    interaction matrices a_ij at the saved steps as variable "attention" (time, query, key).
-    store: path of a zarr store; saved steps are then streamed to disk as they are computed and the
-    Dataset is opened lazily from the store (particles/store.py).
+    model: "sa", "usa", "krause" or "hk" with params beta, sigma, radius, window, causal, top_k,
+    Q, K, V, geometry; or an Interaction; or a callable v(x) ((n, d) → (n, d), the velocity before
+    the tangent projection) with geometry="sphere"/"euclidean". x0: (n, d) or (sample, n, d); None
+    draws n points (or `samples` ensembles) with `seed`. On the sphere x0 is normalised to unit
+    rows. integrator: "euler", "rk4" (stage points on the manifold) or a callable step(f, x, dt).
+    noise > 0 adds √dt·noise·ξ (Euler–Maruyama; each sample has its own counter-based stream from
+    `seed`). return_weights=True also stores a_ij at the saved steps as "attention" (time, query,
+    key). store: a zarr path; saved steps are streamed to it and the Dataset is opened lazily
+    (overwrite=True replaces a store of ours). backend "numba" (CPU) or "torch" (device cpu/cuda).
     Returns a Dataset with "x" (time, particle, component) [+ leading "sample"].
     """
-    unknown = set(params) - {"beta", "sigma", "radius", "window", "causal", "top_k", "Q", "K", "V",
-                             "geometry"}
-    if unknown:
-        raise TypeError(f"unknown parameter(s) for simulate: {sorted(unknown)}")
-    it = make_interaction(model, **params)
-    if integrator not in INTEGRATORS:
-        raise ValueError(f"integrator must be one of {INTEGRATORS}, got {integrator!r}")
-    if str(np.dtype(dtype)) not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    dtype = np.dtype(dtype)
-    steps = _check_count("steps", steps, 0)
-    save_every = _check_count("save_every", save_every, 1)
-    dt = _check_real("dt", dt, positive=True)
-    noise = _check_real("noise", noise, nonnegative=True)
+    field = resolve_field(model, params)
+    steps, dt = check("steps", steps), check("dt", dt)
+    save_every, seed, noise = check("save_every", save_every), check("seed", seed), check("noise", noise)
+    dtype = check("dtype", dtype)
+    integrator = check("integrator", integrator)
+    for name, value in (("progress", progress), ("return_weights", return_weights), ("overwrite", overwrite)):
+        check(name, value)
+    store, backend, device = check("store", store), check("backend", backend), check("device", device)
     if noise > 0 and integrator != "euler":
         raise ValueError("integrator must be 'euler' when noise > 0 (Euler–Maruyama)")
+    if backend == "numba" and device not in (None, "cpu"):
+        raise ValueError(f"device={device!r} needs backend='torch' (the numba backend runs on the CPU)")
+    geometry = field.geometry if isinstance(field, CustomField) else field.space
+    if return_weights and isinstance(field, CustomField) and not hasattr(field.velocity, "weights"):
+        raise ValueError("return_weights=True needs a field with weights: one of ours, or a callable "
+                         "with a .weights(x) method returning (n, n)")
 
     init_seq, noise_seq = np.random.SeedSequence(seed).spawn(2)
-    x0, ensemble = _prepare_x0(x0, n, d, samples, it.geometry, np.random.default_rng(init_seq), dtype)
+    x0, ensemble = _prepare_x0(x0, n, d, samples, geometry, np.random.default_rng(init_seq), dtype)
     S, n, d = x0.shape
-    it.check_dimension(d)
-
-    field = velocity_field(it, n, d, dtype)
+    if isinstance(field, Interaction):
+        field.check_dimension(d)
     keep = saved_steps(steps, save_every)
-    if store is None:
-        traj = np.empty((S, len(keep), n, d), dtype=dtype)
-    else:  # stream saved steps to a zarr store (particles/store.py); the result is opened lazily
-        from .store import TrajectoryStore
-        traj = sink = TrajectoryStore(store, (S, len(keep), n, d), dtype, ensemble)
-    weights = np.empty((S, len(keep), n, n), dtype=dtype) if return_weights else None
-    noise_rngs = [np.random.default_rng(s) for s in noise_seq.spawn(S)]
-    with tqdm(total=S * steps, disable=not progress, desc=f"simulate {model}", unit="step") as bar:
-        for s in range(S):
-            step = make_stepper(field, it.geometry, integrator, dt, noise, noise_rngs[s])
-            x, order = x0[s], None
-            if field.path == "hk1d" and noise == 0:
-                # 1-D HK is permutation-equivariant and keeps the order of opinions: integrate the
-                # sorted opinions (the sweep then needs no gather/scatter) and unsort saved steps
-                order = np.argsort(x[:, 0], kind="stable")
-                x = x[order]
-            done = 0
-            for slot, target in enumerate(keep):
-                for _ in range(target - done):
-                    x = step(x)
-                bar.update(target - done)
-                done = target
-                _check_finite(x, it, target)
-                saved = x if order is None else _unsort(x, order)
-                traj[s, slot] = saved
-                if return_weights:
-                    weights[s, slot] = field.weights(saved)
-    traj = traj if store is None else sink.lazy()
-    ds = _to_dataset(traj if ensemble else traj[0], weights if (ensemble or weights is None)
-                     else weights[0], keep, it, ensemble, dict(
-                         dt=dt, steps=steps, save_every=save_every, seed=seed,
-                         integrator=integrator, dtype=str(dtype), noise=noise, n=n, d=d))
+    keys = sample_keys(noise_seq, S)
+    run = Run(field, geometry, integrator, dt, noise, keys, keep, return_weights)
+
+    if backend == "torch":
+        traj, weights = _run_torch(run, x0, device)
+        sink = None
+    else:
+        sink = _sink(store, (S, len(keep), n, d), dtype, ensemble, overwrite)
+        weights = np.empty((S, len(keep), n, n), dtype=dtype) if return_weights else None
+        desc = f"simulate {field.model if isinstance(field, Interaction) else field.name}"
+        with tqdm(total=S * steps, disable=not progress, desc=desc, unit="step") as bar:
+            _run_stepped(run, x0, sink, weights, bar)
+        traj = sink if store is None else sink.lazy()
+    run_attrs = dict(dt=dt, steps=steps, save_every=save_every, seed=seed,
+                     integrator=get_integrator(integrator)[0], dtype=str(dtype), noise=noise, n=n, d=d,
+                     backend=backend)
+    if not ensemble:
+        traj, weights = traj[0], None if weights is None else weights[0]
+    ds = _to_dataset(traj, weights, keep, field, ensemble, run_attrs)
     return ds if store is None else sink.finish(ds)
 
 
-def _unsort(x, order):
-    """The rows of x (given in the order `order` of the particles) back in particle order."""
-    out = np.empty_like(x)
-    out[order] = x
-    return out
+@dataclass(frozen=True)
+class Run:
+    """Everything a trajectory runner needs besides the initial state."""
+
+    field: Interaction | CustomField
+    geometry: Geometry
+    integrator: object
+    dt: float
+    noise: float
+    keys: np.ndarray  # one noise key per sample (kernels/noise.py)
+    keep: np.ndarray  # saved step numbers, 0 first
+    return_weights: bool
 
 
-def _check_finite(x, it: Interaction, step: int):
-    if not np.all(np.isfinite(x)):
-        if not it.normalise:
-            raise OverflowError(f"usa weights exp(beta⟨Qx_i, Kx_j⟩) overflowed at step {step} "
-                                f"(beta={it.beta}); lower beta or use the normalised model 'sa'")
-        raise FloatingPointError(f"non-finite state at step {step}; reduce dt")
+def _sink(store, shape, dtype, ensemble, overwrite):
+    """Where saved steps go: an array, or a zarr store (particles/store.py)."""
+    if store is None:
+        return np.empty(shape, dtype=dtype)
+    from .store import TrajectoryStore
+
+    if "overwrite" in inspect.signature(TrajectoryStore).parameters:
+        return TrajectoryStore(store, shape, dtype, ensemble, overwrite=overwrite)
+    return TrajectoryStore(store, shape, dtype, ensemble)
 
 
-def _to_dataset(traj, weights, keep, it: Interaction, ensemble, run_attrs) -> xr.Dataset:
+class _Custom:
+    """A user velocity field with the VelocityField hooks: shape/dtype checked, state kept as given."""
+
+    def __init__(self, field: CustomField, n: int, d: int, dtype):
+        self.fn, self.shape, self.dtype = field.velocity, (n, d), np.dtype(dtype)
+
+    def __call__(self, x):
+        v = np.asarray(self.fn(x))
+        if v.shape != self.shape:
+            raise ValueError(f"the velocity field returned shape {v.shape}, expected {self.shape}")
+        return v.astype(self.dtype, copy=False)
+
+    def prepare(self, x):
+        return x, None
+
+    def restore(self, x, order):
+        return x
+
+    def weights(self, x):
+        return np.asarray(self.fn.weights(x), dtype=self.dtype)
+
+
+def _stepped_field(run: Run, n, d, dtype):
+    if isinstance(run.field, CustomField):
+        return _Custom(run.field, n, d, dtype)
+    return velocity_field(run.field, n, d, dtype)
+
+
+def _run_stepped(run: Run, x0, sink, weights, bar):
+    """The Python stepping loop (any field, any integrator): sample by sample, step by step."""
+    S, n, d = x0.shape
+    field = _stepped_field(run, n, d, x0.dtype)
+    for s in range(S):
+        advance = make_stepper(field, run.geometry, run.integrator, run.dt, run.noise, run.keys[s])
+        x, order = field.prepare(x0[s])
+        done = 0
+        for slot, target in enumerate(run.keep):
+            for index in range(done, target):
+                try:
+                    x = advance(x, index, order)
+                except OverflowError:  # the field's own message cannot know the step
+                    if not _usa(run):
+                        raise
+                    raise OverflowError(usa_overflow_message(run.field, index, run.dt, x.dtype)) from None
+            bar.update(target - done)
+            done = target
+            check_state(x, run, target)
+            saved = field.restore(x, order)
+            sink[s, slot] = saved
+            if weights is not None:
+                weights[s, slot] = field.weights(saved)
+                check_weights(weights[s, slot], run, target)
+
+
+def _run_torch(run: Run, x0, device):
+    if isinstance(run.field, CustomField):
+        raise ValueError("backend='torch' integrates our interactions only; a custom velocity field "
+                         "runs on backend='numba'")
+    if not isinstance(run.integrator, str):
+        raise ValueError("backend='torch' takes integrator 'euler' or 'rk4', not a callable")
+    try:
+        from .backends import torch as torch_backend
+    except ModuleNotFoundError as err:
+        if err.name not in ("particles.backends", "particles.backends.torch"):
+            raise
+        raise NotImplementedError("backend='torch' needs particles.backends.torch, which is not "
+                                  "available in this version; use backend='numba'") from None
+    traj, weights = torch_backend.trajectory(
+        run.field, x0, keep=run.keep, dt=run.dt, integrator=run.integrator, noise=run.noise,
+        noise_seed=run.keys, geometry=run.geometry, device=device, return_weights=run.return_weights)
+    check_state(traj, run, int(run.keep[-1]))
+    if weights is not None:
+        check_weights(weights, run, int(run.keep[-1]))
+    return traj, weights
+
+
+def _usa(run: Run) -> bool:
+    return isinstance(run.field, Interaction) and not run.field.normalise
+
+
+def check_state(x, run: Run, step: int) -> None:
+    """Raise a clear error naming the cause when the state is no longer finite."""
+    if np.all(np.isfinite(x)):
+        return
+    if _usa(run):
+        raise OverflowError(usa_overflow_message(run.field, step, run.dt, x.dtype))
+    raise FloatingPointError(f"the state became non-finite by step {step} (dt={run.dt}): the step is "
+                             "too large for this field, or the dynamics diverges (euclidean geometry "
+                             "with a V that expands); reduce dt")
+
+
+def check_weights(w, run: Run, step: int) -> None:
+    if not np.all(np.isfinite(w)):
+        raise OverflowError(usa_overflow_message(run.field, step, run.dt, w.dtype) if _usa(run)
+                            else f"non-finite interaction weights at step {step}")
+
+
+def usa_overflow_message(it: Interaction, step: int, dt: float, dtype) -> str:
+    """Step 0: beta itself is too large for the dtype; later: the step dt let the state get there."""
+    head = f"usa weights exp(beta⟨Qx_i, Kx_j⟩)/n overflow {np.dtype(dtype)}"
+    if step == 0:
+        return (f"{head} at step 0 (beta={it.beta}): beta is too large for {np.dtype(dtype)}; lower beta "
+                "or use the normalised model 'sa'")
+    return (f"{head} by step {step} (beta={it.beta}, dt={dt}): the state was finite at step 0, so the "
+            "step is too large for the size of the velocity (≈ e^beta); reduce dt or beta")
+
+
+def _to_dataset(traj, weights, keep, field, ensemble, run_attrs) -> xr.Dataset:
     lead = ("sample",) if ensemble else ()
     ds = xr.Dataset({"x": (lead + ("time", "particle", "component"), traj)},
                     coords={"time": keep * run_attrs["dt"], "step": ("time", keep)})
     if weights is not None:
         ds["attention"] = (lead + ("time", "query", "key"), weights)
-    for name in ("Q", "K", "V"):
-        m = getattr(it, name)
-        if m is not None:
-            ds[name] = (("component_out", "component"), np.asarray(m))
-    ds.attrs.update(it.attrs())
+    if isinstance(field, Interaction):
+        for name in ("Q", "K", "V"):
+            m = getattr(field, name)
+            if m is not None:
+                ds[name] = (("component_out", "component"), np.asarray(m))
+    ds.attrs.update(field.attrs())
     ds.attrs.update({k: v for k, v in run_attrs.items() if v is not None})
     ds.attrs["krause_sync_version"] = __version__
     return ds
+
+
+__all__ = ["simulate", "saved_steps", "initial_state", "resolve_field", "CustomField", "PARAMS"]

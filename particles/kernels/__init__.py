@@ -25,11 +25,17 @@ row maths lives once, in :mod:`.rows`. Paths (``VelocityField.path``):
 
 Windowed rows cost O(w) whatever n, so "fused" and "range" are linear in n with a window; no path
 allocates an n×n array (only ``weights`` returns one, on request).
+
+:data:`PATHS` is the table of paths, in the order of preference: each :class:`Path` says when it
+applies (may be forced), when it is chosen automatically, and how it computes v. The kernels read
+the interaction from one :class:`.rows.RowSpec` built per VelocityField.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -37,13 +43,12 @@ import numpy as np
 from ..interaction import Interaction, radius_bound_sq
 from . import blas, dense, hk1d, neighbours, rows
 
-PATHS = ("hk1d", "neighbours", "symmetric", "fused", "blas", "range")
-
 #: Below this many scored pairs a call runs on one thread: waking the second numba thread costs more
 #: than it saves, and on a busy machine the wait for it can take a whole scheduler tick (4 ms).
 SERIAL_WORK = 1 << 21
 HK1D_WORK_PER_OPINION = 16  # the sweep's cost per opinion, in the same units
 RANGE_TOP_K_COST = 4  # a scored pair of the range kernel with top-k, in the same units
+SYMMETRIC_MIN_N = 512
 
 
 @contextmanager
@@ -60,17 +65,8 @@ def threads_for(work: int):
         numba.set_num_threads(previous)
 
 
-def choose_path(it: Interaction, n: int, d: int) -> str:
-    """The static choice; "neighbours" is confirmed per call from the sampled neighbour density."""
-    plain = it.window is None and not it.causal and it.top_k is None
-    if it.score == "flat" and d == 1 and it.radius is not None and plain and it.normalise:
-        return "hk1d"
-    if it.radius is not None and it.window is None and d <= neighbours.MAX_DIM and n >= neighbours.MIN_N:
-        return "neighbours"
-    return _dense_path(it, d, n)
-
-
-SYMMETRIC_MIN_N = 512
+def _plain(it: Interaction) -> bool:
+    return it.window is None and not it.causal and it.top_k is None
 
 
 def symmetric_scores(it: Interaction, d: int) -> bool:
@@ -81,18 +77,145 @@ def symmetric_scores(it: Interaction, d: int) -> bool:
     return (it.Q is None and it.K is None) or np.array_equal(Q, K)
 
 
-def _dense_path(it: Interaction, d: int, n: int = 0) -> str:
-    if n >= SYMMETRIC_MIN_N and symmetric_scores(it, d):
-        return "symmetric"
-    if it.top_k is None and d <= rows.FUSED_MAX_DIM:
-        return "fused"
-    if it.score == "softmax" and not it.restricted:
-        return "blas"
+def _is_hk1d(it, n, d):
+    return it.score == "flat" and d == 1 and it.radius is not None and _plain(it) and it.normalise
+
+
+def _fused_applies(it, n, d):
+    return it.top_k is None and d <= rows.FUSED_MAX_DIM
+
+
+def _blas_applies(it, n, d):
+    return it.score == "softmax" and not it.restricted and d > rows.FUSED_MAX_DIM
+
+
+# -- drivers: out ← v for the projected state; each returns the path it took ----------------------
+def _run_hk1d(f, x, proj, out):
+    with threads_for(HK1D_WORK_PER_OPINION * x.shape[0]):
+        v = f.sweep(x.astype(f.dtype, copy=False), f.spec.r2)
+    out[:] = v if f.interaction.V is None else v * f.V[0, 0]
+    return "hk1d"
+
+
+def _run_neighbours(f, x, proj, out):
+    nbrs = neighbours.neighbour_lists(x, f.spec.r2, 1.0 if f.forced else neighbours.MAX_FRACTION)
+    if nbrs is None:  # too dense to pay off: the dense kernel for this shape
+        return f.fallback.run(f, x, proj, out)
+    with threads_for(int(nbrs[0][-1])):
+        neighbours.velocity_lists(f.spec, *nbrs, *proj, out)
+    return "neighbours"
+
+
+def _run_symmetric(f, x, proj, out):
+    """out ← v via velocity_symmetric; rows whose Σ w fell below `tiny` under the shared shift
+    are redone one by one by the fused kernel with their exact row max."""
+    xT, qT, _, vT = proj
+    it, spec, n = f.interaction, f.spec, xT.shape[1]
+    sq = np.einsum("dn,dn->n", qT, qT)
+    shift = abs(it.beta) * sq.max() if it.score == "softmax" else 0.0
+    sums = np.empty((len(f.dims) + 1, n), dtype=f.dtype)
+    with threads_for(n * n // 2):
+        blocks = -(-n // dense.SYMMETRIC_BLOCK)
+        tasks = max(1, min((blocks + 1) // 2, 2 * numba.get_num_threads()))
+        partial = np.empty((tasks, len(f.dims) + 1, n), dtype=f.dtype)
+        dense.velocity_symmetric(f.dims, f.score_s, spec, qT, vT, shift, partial, sums)
+    factor = 1.0 / sums[0] if it.normalise else np.full(n, 1.0 / n, dtype=f.dtype)
+    out[:] = (sums[1:] * factor).T
+    loose = np.flatnonzero(sums[0] < spec.tiny) if it.normalise else ()
+    if len(loose):
+        redo = np.empty((len(loose), xT.shape[0]), dtype=f.dtype)
+        qnorm, kmax = np.sqrt(sq), f.dtype.type(np.sqrt(sq.max()))
+        dense.velocity_fused(f.dims, f.score_s, f.radius_s, spec, loose, xT, qT, qT, vT, qnorm, kmax, redo)
+        out[loose] = redo
+    return "symmetric"
+
+
+def _run_fused(f, x, proj, out):
+    xT, qT, kT, vT = proj
+    it, n = f.interaction, xT.shape[1]
+    qnorm = np.sqrt(np.einsum("dn,dn->n", qT, qT))
+    kmax = f.dtype.type(np.sqrt(np.einsum("dn,dn->n", kT, kT).max()))
+    with threads_for(n * rows.buffer_len(n, it.window or 0, bool(it.causal))):
+        dense.velocity_fused(f.dims, f.score_s, f.radius_s, f.spec, np.arange(n), xT, qT, kT, vT, qnorm, kmax,
+                             out)
+    return "fused"
+
+
+def _run_blas(f, x, proj, out):
+    _, qT, kT, vT = proj
+    n = qT.shape[1]
+    with threads_for(n * n):
+        blas.velocity_blas(qT.T, kT.T, vT.T, f.spec.beta, f.spec.normalise, out)
+    return "blas"
+
+
+def _run_range(f, x, proj, out):
+    it, n = f.interaction, x.shape[0]
+    pairs = n * rows.buffer_len(n, it.window or 0, bool(it.causal))
+    with threads_for(pairs * (RANGE_TOP_K_COST if it.top_k else 1)):
+        dense.rows_range(f.small_dims, f.spec, *proj, False, out)
     return "range"
 
 
+@dataclass(frozen=True)
+class Path:
+    """One way of computing v: `applies(it, n, d)` says it may be used (forced), `auto(it, n, d)`
+    that it is the automatic choice when no earlier path is, `run(field, x, proj, out)` computes
+    out ← v (proj: the component-major projections) and returns the path it actually took."""
+
+    name: str
+    applies: Callable
+    auto: Callable
+    run: Callable
+
+
+#: The paths in the order of preference (see the module docstring).
+PATH_TABLE = (
+    Path("hk1d", _is_hk1d, _is_hk1d, _run_hk1d),
+    Path("neighbours", lambda it, n, d: it.radius is not None,
+         lambda it, n, d: it.radius is not None and it.window is None and d <= neighbours.MAX_DIM
+         and n >= neighbours.MIN_N, _run_neighbours),
+    Path("symmetric", lambda it, n, d: symmetric_scores(it, d),
+         lambda it, n, d: n >= SYMMETRIC_MIN_N and symmetric_scores(it, d), _run_symmetric),
+    Path("fused", _fused_applies, _fused_applies, _run_fused),
+    Path("blas", _blas_applies, _blas_applies, _run_blas),
+    Path("range", lambda it, n, d: True, lambda it, n, d: True, _run_range),
+)
+PATHS = tuple(p.name for p in PATH_TABLE)
+_BY_NAME = {p.name: p for p in PATH_TABLE}
+
+
+def choose_path(it: Interaction, n: int, d: int) -> str:
+    """The static choice; "neighbours" is confirmed per call from the sampled neighbour density."""
+    return next(p.name for p in PATH_TABLE if p.auto(it, n, d))
+
+
+def _dense_path(it: Interaction, d: int, n: int = 0) -> str:
+    """The first automatic path after the two that depend on the state's structure."""
+    return next(p.name for p in PATH_TABLE[2:] if p.auto(it, n, d))
+
+
+def row_spec(it: Interaction, n: int, dtype) -> rows.RowSpec:
+    """The kernels' view of `it` for n particles in `dtype` (see rows.RowSpec)."""
+    dtype = np.dtype(dtype)
+    t = dtype.type
+    return rows.RowSpec(
+        score=rows.SCORE_CODE[it.score], beta=t(it.beta), inv2s2=t(1.0 / (2.0 * it.sigma**2)),
+        r2=t(radius_bound_sq(it.radius, dtype)) if it.radius is not None else t(0.0),
+        use_radius=it.radius is not None, window=int(it.window or 0), causal=bool(it.causal),
+        top_k=int(it.top_k or 0), normalise=bool(it.normalise),
+        # Σ exp(s − bound) below this means the bound of the row max was too loose (see fused_task)
+        tiny=t(float(n) ** 2 * np.finfo(dtype).tiny * np.exp(40.0)))
+
+
 class VelocityField:
-    """v(x) for a fixed interaction, size, dimension and dtype; ``path`` names the kernel used."""
+    """v(x) for a fixed interaction, size, dimension and dtype; ``path`` names the kernel used.
+
+    ``prepare(x) -> (state, order)`` and ``restore(state, order)`` are the field's hooks around a
+    trajectory: the 1-D HK sweep integrates the opinions in sorted order (the HK map keeps their
+    order, so the sweep needs no gather/scatter) and restore puts a saved state back in particle
+    order; for every other path they are the identity.
+    """
 
     def __init__(self, it: Interaction, n: int, d: int, dtype, path: str | None = None):
         self.interaction = it
@@ -100,24 +223,16 @@ class VelocityField:
         self.path = choose_path(it, n, d) if path is None else path
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        if (self.path == "hk1d" and choose_path(it, n, d) != "hk1d") or (
-                self.path == "neighbours" and it.radius is None) or (
-                self.path in ("fused", "blas") and _dense_path(it, d) != self.path) or (
-                self.path == "symmetric" and not symmetric_scores(it, d)):
+        if not _BY_NAME[self.path].applies(it, n, d):
             raise ValueError(f"path {self.path!r} does not apply to this interaction (d={d})")
         self.forced = path is not None
         self.Q, self.K, self.V = it.matrices(d, self.dtype)
-        t = self.dtype.type
-        self.r2 = t(radius_bound_sq(it.radius, self.dtype)) if it.radius is not None else t(0.0)
-        self.score = rows.SCORE_CODE[it.score]
-        self.beta, self.inv2s2 = t(it.beta), t(1.0 / (2.0 * it.sigma**2))
+        self.spec = row_spec(it, n, self.dtype)
         self.sweep = hk1d.SortedSweep() if self.path == "hk1d" else None
-        self.dense_path = self.path if self.path in ("range", "symmetric") else _dense_path(it, d)
+        self.fallback = _BY_NAME[_dense_path(it, d)]  # of "neighbours" when the lists do not pay off
         self.dims = (0,) * d  # compile-time constants of the fused kernel (rows.static)
         self.small_dims = self.dims if d <= rows.FUSED_MAX_DIM else ()
-        self.score_s, self.radius_s = rows.static(self.score), rows.static(it.radius is not None)
-        # Σ exp(s − bound) below this means the bound of the row max was too loose (see velocity_fused)
-        self.tiny = t(float(n) ** 2 * np.finfo(self.dtype).tiny * np.exp(40.0))
+        self.score_s, self.radius_s = rows.static(self.spec.score), rows.static(it.radius is not None)
         self.last_path = None  # the path the last call actually took
 
     def project(self, x):
@@ -127,83 +242,38 @@ class VelocityField:
             return xT, xT, xT, xT
         return (xT,) + tuple(np.ascontiguousarray(M @ xT) for M in (self.Q, self.K, self.V))
 
-    def _row_args(self):
-        it = self.interaction
-        return (self.score, self.beta, self.inv2s2, self.r2, it.radius is not None, it.window or 0,
-                bool(it.causal), it.top_k or 0, bool(it.normalise))
-
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
-        if self.path == "hk1d":
-            self.last_path = "hk1d"
-            with threads_for(HK1D_WORK_PER_OPINION * x.shape[0]):
-                v = self.sweep(x.astype(self.dtype, copy=False), self.r2)
-            return v if self.interaction.V is None else v * self.V[0, 0]
-        xT, qT, kT, vT = self.project(x)
         out = np.empty(x.shape, dtype=self.dtype)
-        nbrs = None
-        if self.path == "neighbours":
-            nbrs = neighbours.neighbour_lists(x, self.r2, 1.0 if self.forced else neighbours.MAX_FRACTION)
-        it = self.interaction
-        n = x.shape[0]
-        if nbrs is not None:
-            self.last_path = "neighbours"
-            with threads_for(int(nbrs[0][-1])):
-                neighbours.velocity_lists(*nbrs, xT, qT, kT, vT, *self._row_args(), out)
-        elif self.dense_path == "symmetric":
-            self.last_path = "symmetric"
-            self._symmetric(xT, qT, vT, out)
-        elif self.dense_path == "fused":
-            self.last_path = "fused"
-            qnorm = np.sqrt(np.einsum("dn,dn->n", qT, qT))
-            kmax = self.dtype.type(np.sqrt(np.einsum("dn,dn->n", kT, kT).max()))
-            with threads_for(n * rows.buffer_len(n, it.window or 0, bool(it.causal))):
-                dense.velocity_fused(self.dims, self.score_s, self.radius_s, np.arange(n), xT, qT, kT, vT,
-                                     self.beta, self.inv2s2, self.r2, it.window or 0, bool(it.causal),
-                                     bool(it.normalise), qnorm, kmax, self.tiny, out)
-        elif self.dense_path == "blas":
-            self.last_path = "blas"
-            with threads_for(n * n):
-                blas.velocity_blas(qT.T, kT.T, vT.T, self.beta, bool(it.normalise), out)
-        else:
-            self.last_path = "range"
-            pairs = n * rows.buffer_len(n, it.window or 0, bool(it.causal))
-            with threads_for(pairs * (RANGE_TOP_K_COST if it.top_k else 1)):
-                dense.rows_range(self.small_dims, xT, qT, kT, vT, *self._row_args(), False, out)
+        proj = None if self.path == "hk1d" else self.project(x)
+        self.last_path = _BY_NAME[self.path].run(self, x, proj, out)
         if not self.interaction.normalise and not np.all(np.isfinite(out)):
             raise OverflowError(f"usa weights exp(beta⟨Qx_i, Kx_j⟩)/n overflow {self.dtype} "
                                 f"(beta={self.interaction.beta}); lower beta or use model 'sa'")
         return out
 
-    def _symmetric(self, xT, qT, vT, out):
-        """out ← v via velocity_symmetric; rows whose Σ w fell below `tiny` under the shared shift
-        are redone one by one by the fused kernel with their exact row max."""
-        it, n = self.interaction, xT.shape[1]
-        sq = np.einsum("dn,dn->n", qT, qT)
-        shift = abs(it.beta) * sq.max() if it.score == "softmax" else 0.0
-        sums = np.empty((len(self.dims) + 1, n), dtype=self.dtype)
-        with threads_for(n * n // 2):
-            blocks = -(-n // dense.SYMMETRIC_BLOCK)
-            tasks = max(1, min((blocks + 1) // 2, 2 * numba.get_num_threads()))
-            partial = np.empty((tasks, len(self.dims) + 1, n), dtype=self.dtype)
-            dense.velocity_symmetric(self.dims, self.score_s, qT, vT, self.beta, self.inv2s2, shift,
-                                     bool(it.normalise), partial, sums)
-        factor = 1.0 / sums[0] if it.normalise else np.full(n, 1.0 / n, dtype=self.dtype)
-        out[:] = (sums[1:] * factor).T
-        loose = np.flatnonzero(sums[0] < self.tiny) if it.normalise else ()
-        if len(loose):
-            redo = np.empty((len(loose), xT.shape[0]), dtype=self.dtype)
-            qnorm, kmax = np.sqrt(sq), self.dtype.type(np.sqrt(sq.max()))
-            dense.velocity_fused(self.dims, self.score_s, self.radius_s, loose, xT, qT, qT, vT, self.beta,
-                                 self.inv2s2, self.r2, 0, False, True, qnorm, kmax, self.tiny, redo)
-            out[loose] = redo
-
     def weights(self, x: np.ndarray) -> np.ndarray:
         """Dense interaction matrix a_ij (n, n)."""
         xT, qT, kT, _ = self.project(np.asarray(x))
         n = xT.shape[1]
-        return dense.rows_range(self.small_dims, xT, qT, kT, xT, *self._row_args(), True,
+        return dense.rows_range(self.small_dims, self.spec, xT, qT, kT, xT, True,
                                 np.empty((n, n), dtype=self.dtype))
+
+    # -- trajectory hooks ---------------------------------------------------------------------
+    def prepare(self, x: np.ndarray):
+        """(state to integrate, order): 1-D HK opinions sorted (order = the sorting permutation)."""
+        if self.path != "hk1d":
+            return x, None
+        order = np.argsort(x[:, 0], kind="stable")
+        return x[order], order
+
+    def restore(self, x: np.ndarray, order) -> np.ndarray:
+        """A state held in the order `order` (from prepare) back in particle order."""
+        if order is None:
+            return x
+        out = np.empty_like(x)
+        out[order] = x
+        return out
 
 
 def velocity_field(it: Interaction, n: int, d: int, dtype=np.float64,

@@ -42,40 +42,38 @@ from .rows import (
 
 
 @njit(parallel=True, cache=True)
-def rows_range(dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, causal, top_k, normalise,
-               dense_weights, out):
-    """All rows with the buffered row kernel (arrays component-major (d, n)); tasks of
-    ROWS_PER_TASK rows run in parallel (:func:`range_task`).
+def rows_range(dims, spec, xT, qT, kT, vT, dense_weights, out):
+    """All rows with the buffered row kernel (arrays component-major (d, n); spec: rows.RowSpec);
+    tasks of ROWS_PER_TASK rows run in parallel (:func:`range_task`).
 
     dense_weights False: out (n, d) ← v_i = Σ_{j∈N(i)} a_ij V x_j; for d = len(dims) ≤ 4 (dims = ()
     otherwise) a row without a top-k tie finishes in one pass (:func:`.rows.weighted_sum_range`).
     True: out (n, n) ← a_ij, zero outside N(i) — for inspection and sink metrics, not for stepping.
     """
     n = xT.shape[1]
-    m_max = buffer_len(n, window, causal)
+    m_max = buffer_len(n, spec.window, spec.causal)
     tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(tasks):
         s = np.empty(m_max, xT.dtype)
-        dist = np.empty(m_max if use_radius else 1, xT.dtype)
+        dist = np.empty(m_max if spec.use_radius else 1, xT.dtype)
         idx = np.empty(m_max, np.int64)
-        range_task(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK), dims, xT, qT, kT, vT, score,
-                   beta, inv2s2, r2, use_radius, window, causal, top_k, normalise, dense_weights, s, idx,
-                   dist, out)
+        range_task(dims, spec, task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK), xT, qT, kT, vT,
+                   dense_weights, s, idx, dist, out)
     return out
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def range_task(first, last, dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window, causal,
-               top_k, normalise, dense_weights, s, idx, dist, out):
+def range_task(dims, spec, first, last, xT, qT, kT, vT, dense_weights, s, idx, dist, out):
     """Rows first..last−1 of :func:`rows_range`. row_scores and weighted_sum_range are inlined
     (numba inline="always", under this function's fastmath flags): for short windowed rows the
     calls cost as much as the work."""
     n = xT.shape[1]
     D = len(dims)
+    top_k, normalise = spec.top_k, spec.normalise
     for i in range(first, last):
-        lo, hi = candidate_range(i, n, window, causal)
-        m, mn, mx = row_scores(dims, i, lo, hi - lo, True, xT, qT, kT, score, beta, inv2s2, r2,
-                               use_radius, s, idx, dist)
+        lo, hi = candidate_range(i, n, spec.window, spec.causal)
+        m, mn, mx = row_scores(dims, i, lo, hi - lo, True, xT, qT, kT, spec.score, spec.beta, spec.inv2s2,
+                               spec.r2, spec.use_radius, s, idx, dist)
         thr, exact = xT.dtype.type(-np.inf), True
         if top_k > 0 and m > top_k:
             thr, exact = top_k_threshold(s, m, top_k, mn, mx)
@@ -94,28 +92,27 @@ def range_task(first, last, dims, xT, qT, kT, vT, score, beta, inv2s2, r2, use_r
 
 
 @njit(parallel=True, cache=True)
-def velocity_fused(dims, score_s, radius_s, which, xT, qT, kT, vT, beta, inv2s2, r2, window, causal,
-                   normalise, qnorm, kmax, tiny, out):
+def velocity_fused(dims, score_s, radius_s, spec, which, xT, qT, kT, vT, qnorm, kmax, out):
     """Rows which[r] (dense, causal or windowed, no top-k; d = len(dims) ≤ 4) into out[r], one fused
     pass per row (score code = len(score_s) − 1 and use_radius = len(radius_s) − 1 are
-    compile-time, see rows.static); tasks of ROWS_PER_TASK rows run in parallel (:func:`fused_task`).
+    compile-time, see rows.static; the rest comes from spec); tasks of ROWS_PER_TASK rows run in
+    parallel (:func:`fused_task`). qnorm: ‖q_i‖ per row, kmax: max_j ‖k_j‖ (the shift bound).
     """
     n = xT.shape[1]
-    m_max = buffer_len(n, window, causal)
+    m_max = buffer_len(n, spec.window, spec.causal)
     count = which.shape[0]
     tasks = (count + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(tasks):
         s = np.empty(m_max, xT.dtype)
         dist = np.empty(m_max if len(radius_s) > 1 else 1, xT.dtype)
-        fused_task(task * ROWS_PER_TASK, min(count, (task + 1) * ROWS_PER_TASK), dims, score_s, radius_s,
-                   which, xT, qT, kT, vT, beta, inv2s2, r2, window, causal, normalise, qnorm, kmax, tiny,
-                   s, dist, out)
+        first, last = task * ROWS_PER_TASK, min(count, (task + 1) * ROWS_PER_TASK)
+        fused_task(dims, score_s, radius_s, spec, first, last, which, xT, qT, kT, vT, qnorm, kmax, s, dist,
+                   out)
     return out
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def fused_task(first, last, dims, score_s, radius_s, which, xT, qT, kT, vT, beta, inv2s2, r2, window,
-               causal, normalise, qnorm, kmax, tiny, s, dist, out):
+def fused_task(dims, score_s, radius_s, spec, first, last, which, xT, qT, kT, vT, qnorm, kmax, s, dist, out):
     """Rows which[first:last] of :func:`velocity_fused`.
 
     The shift is an upper bound of the row max instead of the max itself (no extra pass):
@@ -131,13 +128,14 @@ def fused_task(first, last, dims, score_s, radius_s, which, xT, qT, kT, vT, beta
     """
     n = xT.shape[1]
     D, score, use_radius = len(dims), len(score_s) - 1, len(radius_s) - 1
+    beta, inv2s2, r2, normalise = spec.beta, spec.inv2s2, spec.r2, spec.normalise
     for r in range(first, last):
         i = which[r]
-        lo, hi = candidate_range(i, n, window, causal)
+        lo, hi = candidate_range(i, n, spec.window, spec.causal)
         shift = xT.dtype.type(0.0) if score != SOFTMAX or not normalise else abs(beta) * qnorm[i] * kmax
         tot, a0, a1, a2, a3 = fused_range(dims, score_s, radius_s, i, lo, hi - lo, shift, xT, qT, kT,
                                           vT, beta, inv2s2, r2)
-        if normalise and tot < tiny:  # loose bound: redo with the exact row max
+        if normalise and tot < spec.tiny:  # loose bound: redo with the exact row max
             shift = scores_range(dims, i, lo, hi - lo, qT, kT, score, beta, inv2s2, s)[1]
             if use_radius:
                 sqdist_range(i, lo, hi - lo, xT, dist)
@@ -212,7 +210,7 @@ def _symmetric_column(dims, score_s, qT, vT, b, g, y_shift, blk, col, acc):
 
 
 @njit(parallel=True, cache=True)
-def velocity_symmetric(dims, score_s, qT, vT, beta, inv2s2, shift, normalise, partial, sums):
+def velocity_symmetric(dims, score_s, spec, qT, vT, shift, partial, sums):
     """Dense rows with symmetric scores (Q = K, no restriction), d = len(dims) ≤ 4: each w_ij =
     exp(s_ij − shift) is computed once for i < j and used for both rows; shift is one bound of
     every score (|β|·max‖q‖² for softmax, 0 for rbf and usa). Returns sums (D + 1, n) ← (Σ_j w_ij,
@@ -225,8 +223,8 @@ def velocity_symmetric(dims, score_s, qT, vT, beta, inv2s2, shift, normalise, pa
     D, score = len(dims), len(score_s) - 1
     n = qT.shape[1]
     t = qT.dtype.type
-    b, g = t(beta) * t(LOG2E), -t(inv2s2) * t(LOG2E)
-    y_shift = -t(shift) * t(LOG2E) if normalise else t(0.0)
+    b, g = t(spec.beta) * t(LOG2E), -t(spec.inv2s2) * t(LOG2E)
+    y_shift = -t(shift) * t(LOG2E) if spec.normalise else t(0.0)
     blocks = (n + SYMMETRIC_BLOCK - 1) // SYMMETRIC_BLOCK
     pairs = (blocks + 1) // 2
     T = partial.shape[0]

@@ -77,8 +77,7 @@ def neighbour_lists(x: np.ndarray, r2, max_fraction: float = MAX_FRACTION):
 
 
 @njit(parallel=True, cache=True)
-def velocity_lists(indptr, indices, xT, qT, kT, vT, score, beta, inv2s2, r2, use_radius, window,
-                   causal, top_k, normalise, out):
+def velocity_lists(spec, indptr, indices, xT, qT, kT, vT, out):
     """out[i] = Σ_{j∈N(i)} a_ij V x_j with the candidates of row i = indices[indptr[i]:indptr[i+1]]."""
     n = xT.shape[1]
     m_max = 1
@@ -90,14 +89,13 @@ def velocity_lists(indptr, indices, xT, qT, kT, vT, score, beta, inv2s2, r2, use
         dist = np.empty(1, xT.dtype)
         idx = np.empty(m_max, np.int64)
         for i in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
-            lo, hi = candidate_range(i, n, window, causal)
+            lo, hi = candidate_range(i, n, spec.window, spec.causal)
             m = 0
             for t in range(indptr[i], indptr[i + 1]):
                 j = indices[t]
                 if lo <= j < hi:
                     idx[m] = j
                     m += 1
-            c, contiguous, factor = row(i, lo, m, False, xT, qT, kT, score, beta, inv2s2, r2,
-                                        use_radius, top_k, normalise, s, idx, dist)
+            c, contiguous, factor = row(spec, i, lo, m, False, xT, qT, kT, s, idx, dist)
             accumulate(i, lo, c, contiguous, factor, s, idx, vT, out)
     return out

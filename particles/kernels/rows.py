@@ -17,6 +17,8 @@ storage dtype (float32 or float64); the exp is :func:`fastexp.fexp`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
@@ -37,6 +39,24 @@ SCORE_CODE = {"softmax": SOFTMAX, "rbf": RBF, "flat": FLAT}
 FASTMATH = {"contract", "arcp", "nsz", "reassoc"}  # no nnan/ninf: −inf masks and usa overflow stay exact
 VALUE_SEARCHES = 12  # top-k: value-space passes before the exact integer-key bisection
 ROWS_PER_TASK = 128  # rows per parallel task (per-task scratch buffers are allocated once)
+
+
+class RowSpec(NamedTuple):
+    """The run-time parameters of one interaction as every kernel reads them (built once per
+    VelocityField; the floats in the storage dtype). Compile-time choices (the dimension for d ≤ 4,
+    the score code and the radius flag of the fused kernels) travel separately as :func:`static`
+    tuples, so that the kernels that branch on them at run time are compiled once per dtype."""
+
+    score: int  # SOFTMAX, RBF or FLAT
+    beta: float  # softmax: s = β⟨q, k⟩
+    inv2s2: float  # rbf: s = −‖q − k‖²·inv2s2, inv2s2 = 1/(2σ²)
+    r2: float  # radius_bound_sq(radius) (0 without a radius)
+    use_radius: bool
+    window: int  # 0: no window
+    causal: bool
+    top_k: int  # 0: no top-k
+    normalise: bool  # False: usa weights exp(s)/n
+    tiny: float  # fused kernels: Σ exp(s − bound) below this → redo the row with its exact max
 
 
 @njit(cache=True, inline="always")
@@ -360,19 +380,19 @@ def row_scores(dims, i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, 
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def row(i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, top_k_, normalise,
-        s, idx, dist):
+def row(spec, i, lo, m, contiguous, xT, qT, kT, s, idx, dist):
     """Scores, support and weights of query row i; returns (c, contiguous, factor).
 
     contiguous: keys lo..lo+m−1 on entry; else idx[:m] (ascending). On return the weights are
     factor·s[:c] for keys lo + t (contiguous) or idx[t].
     """
-    m, mn, mx = row_scores((), i, lo, m, contiguous, xT, qT, kT, score, beta, inv2s2, r2, use_radius, s, idx,
-                           dist)
-    if top_k_ > 0 and m > top_k_:
-        thr, state = top_k_threshold(s, m, top_k_, mn, mx)
-        m, contiguous = keep_top(s, idx, m, lo, contiguous, top_k_, thr, state)
-    factor = row_weights(s, m, normalise, xT.shape[1])
+    m, mn, mx = row_scores((), i, lo, m, contiguous, xT, qT, kT, spec.score, spec.beta, spec.inv2s2, spec.r2,
+                           spec.use_radius, s, idx, dist)
+    top_k = spec.top_k
+    if top_k > 0 and m > top_k:
+        thr, state = top_k_threshold(s, m, top_k, mn, mx)
+        m, contiguous = keep_top(s, idx, m, lo, contiguous, top_k, thr, state)
+    factor = row_weights(s, m, spec.normalise, xT.shape[1])
     return m, contiguous, factor
 
 
