@@ -28,7 +28,7 @@ import torch
 
 from . import llm
 
-DEFAULTS = dict(steps=300, batch=4, seq_len=256, lr=2e-4, weight_decay=0.01, warmup=0.1, clip=1.0)
+DEFAULTS = dict(steps=200, batch=4, seq_len=256, lr=2e-4, weight_decay=0.01, warmup=0.1, clip=1.0)
 
 
 def run_name(attention: str, seed: int) -> str:
@@ -75,8 +75,12 @@ def train_smollm2(
     progress: bool = True,
     force: bool = False,
     heldout_windows: int | None = None,
+    attn_implementation: str = "sdpa",
 ) -> dict:
-    """Fine-tune one arm (``attention`` = "krause" | "softmax") with ``seed``; returns the card."""
+    """Fine-tune one arm (``attention`` = "krause" | "softmax") with ``seed``; returns the card.
+
+    The softmax attention (the control's, the hybrid's softmax branch) runs as ``attn_implementation``:
+    "sdpa" (default; 1.8x faster per step than "eager" on CPU, the same function) during training."""
     if attention not in ("krause", "softmax"):
         raise ValueError(f"attention must be 'krause' or 'softmax', got {attention!r}")
     if not isinstance(steps, int) or steps < 1:
@@ -92,7 +96,7 @@ def train_smollm2(
     B, T = cfg["batch"], cfg["seq_len"]
     torch.manual_seed(seed)
     t_load = time.perf_counter()
-    model, tok = llm.build(attention)
+    model, tok = llm.build(attention, base=llm.load_base(attn_implementation))
     data = llm.corpus(tok)
     bos = tok.bos_token_id
     plan = offsets(len(data["train"]), steps, B, T, seed)
@@ -171,6 +175,7 @@ def train_smollm2(
             optimizer="AdamW",
             schedule="linear warm-up then cosine to 0",
             threads=torch.get_num_threads(),
+            attn_implementation=attn_implementation,
             steps_done=steps,
             train_seconds=round(elapsed, 1),
             sec_per_step=round(elapsed / max(1, steps), 3),
