@@ -7,6 +7,8 @@ a. ``vit-ablation``: digits-vit, the 2 × 2 × 2 cells (score dot/RBF × patch-g
 b. ``sink``: text-bos (character LM, BOS at every window start), plain softmax ("dot") and the full
    Krause attention ("rbf+window+topk": window 16, top-k 8, σ per head init 2.5), 3 seeds each,
    2500 steps, α₀ per layer on 64 fixed held-out windows every 100 steps; measured on 256 windows.
+f. ``sink-long``: the plain softmax cell of b trained 8000 steps (its ≤ 10-minute budget), 3 seeds —
+   added when no sink had formed by 2500 steps (α₀ below uniform from step ~600 on).
 c. ``causal-ablation``: the other six cells of the same 2 × 2 × 2 on text-bos, same budget (so b ∪ c
    is the full causal ablation).
 e. trained vs simulated (:mod:`analysis.findings.distances`) for the runs of ``DISTANCE_CELLS``, on 128
@@ -66,6 +68,16 @@ def sink(seeds=SEEDS):
     ]
 
 
+SINK_LONG_TRAIN = dict(steps=8000, probe_every=250)
+
+
+def sink_long(seeds=SEEDS):
+    return [
+        Run("sink-long", "dot", s, "text-bos", "dot", dict(SINK_LONG_TRAIN), probe="first_token")
+        for s in seeds
+    ]
+
+
 def causal_ablation(seeds=SEEDS):
     return [
         Run("causal-ablation", cell, s, "text-bos", cell, dict(TEXT_TRAIN), probe="first_token")
@@ -96,7 +108,7 @@ def recall(seeds=SEEDS, steps=RECALL_STEPS):
     return runs
 
 
-PLANS = {"a": vit_ablation, "b": sink, "c": causal_ablation, "d": recall}
+PLANS = {"a": vit_ablation, "b": sink, "f": sink_long, "c": causal_ablation, "d": recall}
 N_DISTANCES = 128
 
 
@@ -129,7 +141,7 @@ def distances_missing(runs, root, *, n: int = N_DISTANCES, log=print) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", help="run store directory")
-    ap.add_argument("--parts", default="aebced", help="stages in order (default aebced; e = distances)")
+    ap.add_argument("--parts", default="aebfced", help="stages in order (default aebfced; e = distances)")
     args = ap.parse_args(argv)
     import torch
 
