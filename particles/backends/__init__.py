@@ -1,0 +1,1 @@
+"""Alternative trajectory backends of :func:`particles.simulate` (``backend="torch"``: :mod:`.torch`)."""
