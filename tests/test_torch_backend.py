@@ -91,6 +91,28 @@ def test_trajectory_matches_numba_backend(model, params, integrator, noise):
         assert np.abs(ours32.x.values - want.x.values).max() < 1e-4
 
 
+@pytest.mark.parametrize("geometry", ["sphere", "euclidean"])
+def test_euler_maruyama_step_is_the_formula(geometry):
+    """x1 = R(x0 + dt·f(x0) + √dt·noise·T ξ), ξ = kernels.noise.normals(key_s, step 0); T = P_x on the
+    sphere, the identity in euclidean space."""
+    from particles.kernels.noise import normals
+
+    it = make_interaction("krause", sigma=0.5, geometry=geometry)
+    x0, keys, dt, noise = batch(16, 3), np.array([11, 12], np.uint64), 0.05, 0.4
+    traj, _ = tb.trajectory(it, x0, keep=np.array([0, 1]), dt=dt, noise=noise, noise_seed=keys)
+    for s in range(2):
+        v, xi = reference.velocity(x0[s], it), normals(keys[s], 0, (16, 3))
+        if geometry == "sphere":
+            def tangent(u, x=x0[s]):
+                return u - (u * x).sum(1, keepdims=True) * x
+
+            y = x0[s] + dt * tangent(v) + np.sqrt(dt) * noise * tangent(xi)
+            y /= np.linalg.norm(y, axis=1, keepdims=True)
+        else:
+            y = x0[s] + dt * (v - x0[s]) + np.sqrt(dt) * noise * xi
+        assert np.abs(traj[s, 1] - y).max() < 1e-12
+
+
 def test_trajectory_weights_and_sdpa_rbf_causal():
     kw = dict(n=20, d=5, steps=3, dt=0.1, seed=1, sigma=0.7, causal=True, return_weights=True)
     ours, want = simulate("krause", backend="torch", **kw), simulate("krause", backend="numba", **kw)

@@ -208,8 +208,8 @@ def trajectory(interaction, x0, *, keep, dt, integrator="euler", noise=0.0, nois
                 if keys is None:
                     x = step(f, x, dt, geo)
                 else:
-                    xi = np.stack([normals(key, index, (n, d), x0.dtype) for key in keys])
-                    xi = geo.tangent(x, torch.from_numpy(xi).to(dev))
+                    xi = torch.from_numpy(np.stack([normals(key, index, (n, d), x0.dtype) for key in keys]))
+                    xi = xi.to(dev) if geo.name == "euclidean" else geo.tangent(x, xi.to(dev))  # T_x ξ
                     x = geo.retract(x + dt * f(x) + sqrt_dt * xi)
             done = int(target)
             traj[:, slot] = x.cpu().numpy()
