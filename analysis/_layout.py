@@ -25,7 +25,8 @@ Common rules of every lifted metric:
   attention keeps the rows and the keys of real tokens (so key index k counts real tokens).
 * **Non-finite input** (NaN, ±inf among the real entries) is a ValueError naming the argument, except
   that an attention item that is entirely NaN counts as missing (the last layer of an extraction has
-  no attention) and gives NaN. With dask input the check runs when the result is computed.
+  no attention) and gives NaN. Attention must also be ≥ 0 with some positive weight in each matrix.
+  With dask input the checks run when the result is computed.
 * Output: a Python scalar for a single item, otherwise a DataArray over the leading axes (plus the
   function's own output axes) with the coordinates that live on them.
 """
@@ -275,7 +276,7 @@ def _over_block(spec: _Spec, arguments: dict, has_mask: bool, has_rows: bool, bl
     lead = np.broadcast_shapes(block.shape[:-2], *(e.shape[:-1] for e in extra))
     block = np.broadcast_to(np.asarray(block, dtype=float), lead + block.shape[-2:])
     mask = extra[0] if has_mask else None
-    _check_block(block, mask, spec.layout, spec.param)
+    missing = _check_block(block, mask, spec.layout, spec.param).reshape(-1)
     if arguments.get("sphere"):
         block = _project(block)
     n, items = block.shape[-2], block.reshape(-1, *block.shape[-2:])
@@ -291,7 +292,7 @@ def _over_block(spec: _Spec, arguments: dict, has_mask: bool, has_rows: bool, bl
         return np.asarray(spec.f(items, **kw), dtype=spec.dtype).reshape(lead + spec.out_shape(block.shape[-2:]))
     out = np.full((len(items),) + spec.out_shape(block.shape[-2:]), spec.fill, dtype=spec.dtype)
     for i, item in enumerate(items):
-        if spec.layout is ATTENTION and np.isnan(item).all():
+        if missing[i]:
             continue  # a missing item (no attention at this layer)
         real = None if masks is None else masks[i]
         kw = dict(arguments)
@@ -310,22 +311,39 @@ def _over_block(spec: _Spec, arguments: dict, has_mask: bool, has_rows: bool, bl
     return out.reshape(lead + out.shape[1:])
 
 
-def _check_block(block, mask, layout, param):
-    """check_finite on the real entries of a block; all-NaN attention items are missing."""
-    if mask is None and layout is POINTS:
-        check_finite(block, param)
-        return
-    bad = ~np.isfinite(block)
-    if not bad.any():
-        return
+def _check_block(block, mask, layout, param) -> np.ndarray:
+    """ValueError naming ``param`` for NaN/±inf among the real entries of a block; for attention also
+    for negative weights and for a matrix without any positive weight. Returns which items are
+    missing (all-NaN attention), over the block's leading axes."""
+    lo, hi = block.min(axis=(-2, -1), initial=np.inf), block.max(axis=(-2, -1), initial=-np.inf)
+    ok = np.isfinite(lo) & np.isfinite(hi) | (block.shape[-1] * block.shape[-2] == 0)
+    if layout is ATTENTION:
+        ok &= (lo >= 0) & (hi > 0)
+    if ok.all():  # the common case, in two reductions (min and max propagate NaN)
+        return np.zeros(block.shape[:-2], bool)
+    real = True
     if mask is not None:
         mask = np.broadcast_to(mask, block.shape[:-1])
-        bad &= mask[..., :, None] & (mask[..., None, :] if layout is ATTENTION else True)
+        real = mask[..., :, None] & (mask[..., None, :] if layout is ATTENTION else True)
+    bad = ~np.isfinite(block) & real
+    missing = np.zeros(block.shape[:-2], bool)
     if layout is ATTENTION:
-        bad &= ~np.isnan(block).all(axis=(-2, -1), keepdims=True)
+        missing = np.isnan(block).all(axis=(-2, -1))
+        bad &= ~missing[..., None, None]
+        with np.errstate(invalid="ignore"):
+            negative = (block < 0) & real
+            empty = ~missing & ~np.any((block > 0) & real, axis=(-2, -1))
+        if negative.any():
+            raise ValueError(f"{param}: attention weights must be >= 0, got {int(negative.sum())} "
+                             "negative value(s)")
+        if mask is not None:  # a sample of padding only is not an error: its metrics are NaN
+            empty &= mask.any(axis=-1)
+        if empty.any():
+            raise ValueError(f"{param}: {int(empty.sum())} attention matrix(es) without any positive weight")
     if bad.any():
         raise ValueError(f"{param}: contains {int(bad.sum())} NaN or infinite value(s); metrics need "
                          "finite input")
+    return missing
 
 
 def _store(out, i, value, item_dims, real, packed):

@@ -139,14 +139,14 @@ def attention_entropy(
 ) -> float | xr.DataArray:
     """Mean over the selected queries i of the normalised row entropy H_i / log |V_i|.
 
-    Each row is first divided by its sum (so unnormalised USA weights work too);
+    Each row is first divided by its sum (so unnormalised USA weights work too; weights are ≥ 0);
     H_i = −Σ_{j ∈ V_i} p_ij log p_ij over the visible keys V_i = {j : p_ij > 0}. Rows with
     |V_i| < 2 have no entropy to normalise and are left out of the mean; NaN if no row has two
     visible keys. 1 for attention uniform over each row's support, 0 for one-hot rows (the
     normalised form of the attention entropy of Zhai et al. 2023, "Stabilizing transformer training
     by preventing attention entropy collapse", arXiv 2303.06296).
     """
-    a = np.clip(attention[queries], 0.0, None)
+    a = attention if queries.all() else attention[queries]
     total = a.sum(axis=1, keepdims=True)
     p = a / np.where(total > 0, total, 1.0)
     visible = (p > 0).sum(axis=1)

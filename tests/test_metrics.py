@@ -384,6 +384,16 @@ def test_non_finite_attention_is_refused(name, bad):
         ATTENTION_METRICS[name](a)
 
 
+@pytest.mark.parametrize("name", sorted(ATTENTION_METRICS))
+def test_negative_or_empty_attention_is_refused(name):
+    a = np.full((2, 5, 5), 0.2)
+    a[1, 0, 0] = -0.1
+    with pytest.raises(ValueError, match=r"^(attention|A)\b.*negative"):
+        ATTENTION_METRICS[name](a)
+    with pytest.raises(ValueError, match=r"^(attention|A)\b.*without any positive weight"):
+        ATTENTION_METRICS[name](np.zeros((2, 5, 5)))
+
+
 def test_an_all_nan_attention_layer_is_missing_not_an_error():
     """The extraction's last layer has no attention (all NaN): its metrics are NaN."""
     a = np.full((3, 4, 4), 0.25)
