@@ -97,6 +97,7 @@ import xarray as xr
 from analysis.clusters import count_clusters, time_to_clusters
 from analysis.metrics import effective_rank, mean_cosine, rank_collapse
 from analysis.sinks import attention_entropy, first_token_mass
+from particles.conventions import encode
 
 __all__ = ["sweep", "plot_sweep", "open_sweep", "load_spec", "register_metric", "METRICS", "SweepError"]
 
@@ -610,7 +611,7 @@ def _run(plan: Plan, db, scheduler, workers, connect_timeout, progress) -> xr.Da
             close()
     ds = _assemble(plan, results)
     if db is not None:
-        db.write_result(_zarr_safe(ds))
+        db.write_result(encode(ds))
     return ds
 
 
@@ -658,12 +659,6 @@ def _assemble(plan: Plan, results: dict) -> xr.Dataset:
     if plan.dt is not None:
         attrs["dt"] = plan.dt
     return xr.Dataset(data, coords=coords, attrs=attrs)
-
-
-def _zarr_safe(ds: xr.Dataset) -> xr.Dataset:
-    """Object-dtype coordinates (e.g. [None, 4, 8]) as strings, for writing to zarr."""
-    obj = {k: [str(v) for v in ds[k].values] for k in ds.coords if ds[k].dtype == object}
-    return ds.assign_coords(obj) if obj else ds
 
 
 def open_sweep(store) -> xr.Dataset:

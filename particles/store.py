@@ -327,7 +327,9 @@ def write_dataset(ds, path, *, kind: str, overwrite: bool = False) -> Path:
     if path.suffix not in (".nc", ".zarr"):
         raise ValueError(f"output must end in .nc or .zarr, got {str(path)!r}")
     with prepare_output(path, overwrite=overwrite, kind=kind) as tmp:
-        out = mark(ds, kind)
+        from particles.conventions import encode
+
+        out = mark(encode(ds), kind)
         if path.suffix == ".zarr":
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata")
