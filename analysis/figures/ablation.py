@@ -23,7 +23,7 @@ from analysis.figures._registry import register
 
 DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "findings"
 SCORE_COLOR = {"dot": "C0", "rbf": "C3"}
-TASK_LABEL = {"digits-vit": "digits-vit", "text-bos": "text-bos (char LM, BOS)"}
+TASK_LABEL = {"digits-vit": "digits-vit", "text-bos": "text-bos (char LM)"}
 
 
 def _load(name: str) -> xr.Dataset:
@@ -69,6 +69,18 @@ def _band(ax, x, ci: xr.Dataset, alpha: float = 0.15, **line):
     ax.fill_between(
         x, ci["mean"] - ci["ci"], ci["mean"] + ci["ci"], color=line.get("color"), alpha=alpha, lw=0
     )
+
+
+def _grid_with_legend(nrows: int, ncols: int, size):
+    """Figure with an (nrows, ncols) array of axes and one axis-free row below them for a legend."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=size)
+    gs = fig.add_gridspec(nrows + 1, ncols, height_ratios=[1] * nrows + [0.25])
+    axes = np.array([[fig.add_subplot(gs[r, c]) for c in range(ncols)] for r in range(nrows)])
+    legend_ax = fig.add_subplot(gs[nrows, :])
+    legend_ax.axis("off")
+    return fig, axes, legend_ax
 
 
 def _combine(parts) -> xr.Dataset:
@@ -166,7 +178,6 @@ SIM_CELLS = {
 
 def make_trained_vs_simulated(quick=False, out=None, progress=True) -> xr.Dataset:
     """Trained vs simulated: per-layer Wasserstein distance of token clouds, against the frozen baseline."""
-    import matplotlib.pyplot as plt
 
     from analysis.figures._common import save
 
@@ -178,9 +189,8 @@ def make_trained_vs_simulated(quick=False, out=None, progress=True) -> xr.Datase
     data = {t: _load(n) for t, n in tasks}
     data = {t: ds for t, ds in data.items() if "w_distance" in ds}
     ncols = max(len(SIM_CELLS[t]) for t in data)
-    fig, axes = plt.subplots(
-        2 * len(data), ncols, figsize=(4.0 * ncols, 6.4 * len(data) + 1.2), squeeze=False
-    )
+    nrows = 2 * len(data)
+    fig, axes, legend_ax = _grid_with_legend(nrows, ncols, (4.4 * ncols, 3.6 * nrows + 2.6))
     plotted = []
     for t_index, (task, ds) in enumerate(data.items()):
         for c, cell in enumerate(SIM_CELLS[task]):
@@ -214,16 +224,18 @@ def make_trained_vs_simulated(quick=False, out=None, progress=True) -> xr.Datase
             for a in (ax, axc):
                 a.set_xlabel("layer")
                 a.grid(alpha=0.3)
-    handles, labels = axes[1, 0].get_legend_handles_labels()
-    fig.legend(
-        handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=8.5, bbox_to_anchor=(0.5, 0.05)
-    )
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="k", lw=2.2, marker="o", ms=3, label="trained model")]
+    handles += [Line2D([], [], ms=3, **style) for style in SIM_STYLE.values()]
+    legend_ax.legend(handles=handles, loc="center", ncol=4, frameon=False, fontsize=8.5)
     result = _combine(plotted)
     caption = (
         "Top row of each task: mean over held-out inputs of the optimal-transport distance W₁ (geodesic, "
         "radians) between the trained model's token cloud on the unit sphere and each simulated cloud "
         "started from the same layer-0 tokens; shaded: 95 % t-interval over training seeds. A simulation "
-        "is informative only where it lies below the frozen baseline. Bottom row: cluster counts. "
+        "is informative only where it lies below the frozen baseline (dotted grey; a fitted preset at the "
+        "edge of its grid lies on it). Bottom row: cluster counts. "
         "Matched dt: the sphere time step whose first simulated layer turns the tokens by the model's "
         "first-block mean angle."
     )

@@ -42,7 +42,7 @@ DISTANCE_SCALARS = (
     "krause_residual",
     "krause_at_boundary",
 )
-RAW = ("a0", "a0_uniform", "entropy", "reaches_output", "support_size")
+RAW = ("a0", "a0_uniform", "entropy", "key_mass", "reaches_output", "support_size")
 
 
 def _stack(rows: list, key, fill=np.nan) -> np.ndarray:

@@ -24,9 +24,9 @@ def mean_ci(values, axis: int = 0, level: float = 0.95):
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     n = np.sum(np.isfinite(v), axis=axis)
-    mean = np.nanmean(v, axis=axis) if v.size else np.nan
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # fewer than 2 seeds: NaN, reported as such
+        warnings.simplefilter("ignore", RuntimeWarning)  # no seed / fewer than 2 seeds: NaN, reported
+        mean = np.nanmean(v, axis=axis) if v.size else np.nan
         sd = np.nanstd(v, axis=axis, ddof=1)
         half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / np.sqrt(n)
     half = np.where(n >= 2, half, np.nan)

@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from . import stats
-from .collect import effect_rows
+from .collect import cell_factors, effect_rows
 
 VIT_ORDER = ("dot", "dot+topk", "dot+grid", "dot+grid+topk", "rbf", "rbf+topk", "rbf+grid", "rbf+grid+topk")
 LM_ORDER = tuple(v.replace("grid", "window") for v in VIT_ORDER)
@@ -71,9 +71,16 @@ def cell_table(ds: xr.Dataset, order) -> str:
     return "\n".join(rows)
 
 
+def complete(ds: xr.Dataset) -> bool:
+    """All eight cells of the 2 × 2 × 2 present."""
+    return len({cell_factors(str(v)) for v in ds["variant"].values if str(v)[:3] in ("dot", "rbf")}) == 8
+
+
 def effects_table(ds: xr.Dataset, keys=None) -> str:
     """One row per response, one column per factorial effect of the 2 × 2 × 2 (estimate ± 95 % CI);
-    ** marks an interval that excludes 0."""
+    ** marks an interval that excludes 0. Empty until every cell has runs."""
+    if not complete(ds):
+        return ""
     resp = responses(ds)
     keys = keys or [k for k in resp if "layer 0" not in k]
     names = None
@@ -96,6 +103,8 @@ def _effect(e: dict) -> str:
 
 def square_table(ds: xr.Dataset, key: str) -> str:
     """The score × locality 2 × 2 at each top-k level: main effects and interaction of one response."""
+    if not complete(ds):
+        return ""
     r = responses(ds)[key]
     rows = [
         f"| {key}: top-k | score (RBF − dot) | locality (on − off) | score × locality |",
@@ -144,9 +153,12 @@ def distance_table(ds: xr.Dataset, variants) -> str:
         "| cell | " + " | ".join(f"W₁ layer {L}: {s}" for s in series) + " | matched dt | block-1 angle |",
         "|---" * (len(series) + 3) + "|",
     ]
+    variants = [
+        v
+        for v in variants
+        if v in ds["variant"].values and np.isfinite(ds["matched_dt"].sel(variant=v)).any()
+    ]
     for v in variants:
-        if v not in ds["variant"].values:
-            continue
         d = ds["w_distance"].sel(variant=v).isel(layer=L)
         rows.append(
             f"| {v} | "
@@ -163,8 +175,6 @@ def distance_table(ds: xr.Dataset, variants) -> str:
     )
     rows.append("|---" * (len(ms) + 3) + "|")
     for v in variants:
-        if v not in ds["variant"].values:
-            continue
         c = ds["sim_clusters"].sel(variant=v).isel(layer=L)
         sub = ds.sel(variant=v)
         rows.append(
