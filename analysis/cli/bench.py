@@ -64,7 +64,9 @@ def run(args) -> int:
         rows += bench.scaling_rows("baselines", args.quick, max(2, repeats // 2), budget / 2)
         ds = bench.scaling_dataset(rows)
         os.makedirs(os.path.dirname(figure) or ".", exist_ok=True)
-        ds.to_netcdf(os.path.splitext(figure)[0] + ".nc")
+        from particles.conventions import encode
+
+        encode(ds).to_netcdf(os.path.splitext(figure)[0] + ".nc")
         bench.plot_scaling(ds, figure)
         t = ds.seconds_per_step
         scaling = {str(s): {int(n): float(v) for n, v in zip(ds.n.values, t.sel(series=s).values) if v == v}
