@@ -18,6 +18,9 @@ import numpy as np
 import torch
 import xarray as xr
 
+from particles.geometry import SPHERE
+from particles.integrate import euler
+
 from .core import build_dataset
 
 GEOMETRIES = ("sphere", "residual")
@@ -132,7 +135,7 @@ def _simulate_own(model, x0, geometry, dt, spl, layers, attention):
     param = next(model.parameters())
     x = torch.as_tensor(x0, dtype=param.dtype, device=param.device)
     if geometry == "sphere":
-        x = x / x.norm(dim=-1, keepdim=True)
+        x = SPHERE.retract(x)
     h = dt / spl
     states, maps = [x], []
     with torch.no_grad():
@@ -141,11 +144,10 @@ def _simulate_own(model, x0, geometry, dt, spl, layers, attention):
                 v, a = block.attn(block.norm1(x), return_attention=True)
                 if s == 0:
                     maps.append(a)
-                if geometry == "residual":
+                if geometry == "residual":  # the block's own update h ← h + attn(norm1(h)) (h = 1)
                     x = x + h * v if h != 1 else x + v
-                else:
-                    x = x + h * (v - (v * x).sum(-1, keepdim=True) * x)
-                    x = x / x.norm(dim=-1, keepdim=True)
+                else:  # Euler on the sphere: x ← R(x + h P_x v)
+                    x = euler(lambda y, v=v: SPHERE.tangent(y, v), x, h, SPHERE)
             states.append(x)
     attn_vars = {}
     if attention:
