@@ -177,3 +177,39 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def interventions(root, experiment: str = "vit-ablation", cells=None, n: int = 256) -> xr.Dataset:
+    """Which attention rows reach the ViT's prediction, measured: max |Δ logits| over ``n`` held-out
+    images when one block's rows are set to uniform weights over their support
+    (:func:`~analysis.findings.measure.uniform_rows_effect`) — the last block's patch rows, its CLS
+    row, and the previous block's patch rows — for every finished run of ``cells``."""
+    import torch
+
+    from particles.nn import load_checkpoint
+
+    from .measure import uniform_rows_effect
+    from .runs import held_out
+
+    x = held_out("digits-vit", n)
+    cases = ("last block, patch rows", "last block, CLS row", "block L-1, patch rows")
+    runs = [r for r in load_runs(root, experiment) if cells is None or r["card"]["run"]["variant"] in cells]
+    variants = list(dict.fromkeys(r["card"]["run"]["variant"] for r in runs))
+    seeds = sorted({r["card"]["seed"] for r in runs})
+    out = np.full((len(variants), len(seeds), len(cases)), np.nan)
+    with torch.no_grad():
+        for r in runs:
+            model = load_checkpoint(r["path"] / "model")
+            L, T = len(model.blocks), model.embed(x[:1]).shape[1]
+            patches = list(range(1, T))
+            vals = (
+                uniform_rows_effect(model, x, L - 1, patches),
+                uniform_rows_effect(model, x, L - 1, [0]),
+                uniform_rows_effect(model, x, L - 2, patches),
+            )
+            out[variants.index(r["card"]["run"]["variant"]), seeds.index(r["card"]["seed"])] = vals
+    return xr.Dataset(
+        {"max_abs_logit_change": (("variant", "seed", "case"), out)},
+        coords={"variant": variants, "seed": seeds, "case": list(cases)},
+        attrs=dict(n_inputs=int(len(x)), definition=interventions.__doc__.split("\n\n")[0]),
+    )

@@ -188,6 +188,45 @@ def distance_table(ds: xr.Dataset, variants) -> str:
     return "\n".join(rows)
 
 
+def sink_metric_table(ds: xr.Dataset, order, eps: float = 0.3) -> str:
+    """Why a fixed ε is unfair across support sizes: per cell, the first token's uniform baseline,
+    the fraction of (block, head) with α₀ > ε (the fixed threshold), with α₀ − uniform > ε·(1 − uniform)
+    (the same threshold taken relative to the baseline), and with some *other* key k ≥ 1 holding a
+    mean weight > ε (a sink on a non-first token)."""
+    if "key_mass" not in ds:
+        return ""
+    rows = [
+        f"| cell | uniform baseline of token 0 | heads α₀ > {eps} | heads α₀ − u > {eps}(1 − u) "
+        f"| heads with a key k ≥ 1 above {eps} |",
+        "|---|---|---|---|---|",
+    ]
+    for v in _order(ds, order):
+        sub = ds.sel(variant=v)
+        a0 = sub["a0"].mean("query")  # (seed, attn_layer, head)
+        u = sub["a0_uniform"].mean("query")
+        fixed = (a0 > eps).mean(("attn_layer", "head"))
+        rel = ((a0 - u) > eps * (1 - u)).mean(("attn_layer", "head"))
+        other = (sub["key_mass"].isel(key=slice(1, None)).max("key") > eps).mean(("attn_layer", "head"))
+        rows.append(
+            f"| {v} | {fmt(u.mean(('attn_layer', 'head')).values, 3)} | {fmt(fixed.values, 2)} | "
+            f"{fmt(rel.values, 2)} | {fmt(other.values, 2)} |"
+        )
+    return "\n".join(rows)
+
+
+def intervention_table(ds: xr.Dataset) -> str:
+    rows = [
+        "| cell | " + " | ".join(str(c) for c in ds["case"].values) + " |",
+        "|---" * (ds.sizes["case"] + 1) + "|",
+    ]
+    for v in ds["variant"].values:
+        vals = ds["max_abs_logit_change"].sel(variant=v)
+        rows.append(
+            f"| {v} | " + " | ".join(fmt(vals.sel(case=c).values, 3) for c in ds["case"].values) + " |"
+        )
+    return "\n".join(rows)
+
+
 def recall_table(ds: xr.Dataset) -> str:
     keys = ("test_accuracy", "accuracy_inside_window", "accuracy_outside_window")
     rows = [
@@ -218,8 +257,12 @@ def main(argv=None) -> int:
         for key in responses(ds):
             if "Δ" in key or "α₀ − uniform" in key:
                 print(square_table(ds, key), "\n")
+        print(sink_metric_table(ds, order), "\n")
         print(probe_table(ds), "\n")
         print(distance_table(ds, order), "\n")
+    if (d / "vit-interventions.nc").exists():
+        print("## vit-interventions (max |Δ logits| with rows set to uniform)\n")
+        print(intervention_table(xr.open_dataset(d / "vit-interventions.nc").load()), "\n")
     if (d / "recall.nc").exists():
         print("## recall\n")
         print(recall_table(xr.open_dataset(d / "recall.nc").load()))
