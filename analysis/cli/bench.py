@@ -1,4 +1,6 @@
-"""``ksync bench [--quick] [--json FILE] [--figure PNG]``: kernel timings against numpy and torch."""
+"""``ksync bench [--quick] [--json FILE] [--figure PNG]``: kernel timings against the strongest baselines;
+``ksync bench --headdim [--quick] [--json FILE] [--markdown FILE]``: the head-dimension section (the
+simulate step of our kernels against the SDPA step, d = 3…128, and the measured dispatch)."""
 
 from __future__ import annotations
 
@@ -21,19 +23,33 @@ def register(subparsers):
     p.add_argument("--no-figure", action="store_true", help="skip the scaling measurement")
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="repeats per timing, >= 1 (best is kept; default 5, --quick 2)")
+    p.add_argument("--headdim", action="store_true",
+                   help="run the head-dimension section instead: one simulate step of our kernels vs the "
+                        "same step on torch's scaled_dot_product_attention, d = 3..128 (about 10 minutes)")
+    p.add_argument("--markdown", metavar="FILE", help="with --headdim: also write the tables as markdown")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch and numba threads (default: all cores)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="with --headdim: time by process CPU time instead of wall time (robust on a "
+                        "loaded machine, meaningful with --threads 1)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import numba
     import torch
 
     from analysis import bench
-    torch.set_num_threads(os.cpu_count() or 1)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     repeats = args.repeats or (2 if args.quick else 5)
     if repeats < 1:
         raise ValueError("--repeats must be >= 1")
     budget = 0.5 if args.quick else 3.0
     start = time.time()
+    if args.headdim:
+        return run_headdim(args, bench, repeats, budget, start)
     cases = bench.cases(quick=args.quick)
     figure = args.figure or (None if args.quick else os.path.join("figures", "scaling.png"))
     figure = None if args.no_figure else figure
@@ -57,8 +73,7 @@ def run(args) -> int:
     bench.compare_window_dense(records)
     print(bench.format_table(records))
     machine = bench.machine_summary()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, load {machine['load_average_1min']:.1f}; "
-          f"numba {machine['numba']}, numpy {machine['numpy']}, torch {machine['torch']}")
+    print_machine(machine)
     scaling = None
     if figure:
         rows += bench.scaling_rows("baselines", args.quick, max(2, repeats // 2), budget / 2)
@@ -81,4 +96,45 @@ def run(args) -> int:
                            seconds=time.time() - start, cases=records, scaling=scaling),
                       fh, indent=1, default=float)
         print(f"wrote {args.json}")
+    return 0
+
+
+def print_machine(machine):
+    print(f"machine: {machine['cpu']} ({machine['isa']}), {machine['cores']} cores, load "
+          f"{machine['load_average_1min']:.1f}; threads numba {machine['numba_threads']} torch "
+          f"{machine['torch_threads']}; numba {machine['numba']}, numpy {machine['numpy']}, torch "
+          f"{machine['torch']}, headdim BLAS {machine['headdim_blas']}")
+
+
+def run_headdim(args, bench, repeats, budget, start) -> int:
+    cases = bench.headdim_cases(quick=args.quick)
+    rounds = 1 if args.quick else 3
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    clock_name = "process CPU time" if args.cpu_time else "wall time"
+    command = " ".join(["ksync bench --headdim"] + ["--quick"] * args.quick + ["--cpu-time"] * args.cpu_time
+                       + ([f"--threads {args.threads}"] if args.threads else []))
+
+    def write(records, final=False):
+        machine = bench.machine_summary()
+        if args.json:
+            os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+            with open(args.json, "w") as fh:
+                json.dump(dict(machine=machine, quick=bool(args.quick), rounds=rounds, complete=final,
+                               clock=clock_name, command=command,
+                               started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
+                               seconds=time.time() - start, cases=records), fh, indent=1, default=float)
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write(bench.headdim_markdown(records, machine, command=command, clock=clock_name))
+        return machine
+
+    records = bench.run_headdim(cases, rounds=rounds, repeats=min(repeats, 3), budget=budget / 2, clock=clock,
+                                on_record=write if (args.json or args.markdown) else None)
+    machine = write(records, final=True)
+    print(bench.headdim_table(records))
+    print(bench.crossover_markdown(records))
+    print_machine(machine)
+    for path in (args.json, args.markdown):
+        if path:
+            print(f"wrote {path}")
     return 0

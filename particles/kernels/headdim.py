@@ -56,7 +56,7 @@ from .fastexp import LOG2E, exp2_sat
 from .rows import FASTMATH
 
 SCORES = ("softmax", "rbf")
-BLOCK = {np.dtype(np.float32): 512, np.dtype(np.float64): 384}  # keys per block: W (b × b) stays in L2
+BLOCK = {np.dtype(np.float32): 256, np.dtype(np.float64): 256}  # keys per block: W (b × b) stays in L2
 
 
 # --- BLAS through its address ----------------------------------------------------------------

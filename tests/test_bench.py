@@ -1,0 +1,88 @@
+"""The baselines and the head-dimension section of ``ksync bench`` compute the same steps as our kernels."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import bench
+from particles import make_interaction, reference
+
+
+@pytest.mark.parametrize("model,params", [("sa", {"beta": 2.0}), ("krause", {"sigma": 0.7}),
+                                          ("sa", bench.general_qkv(6)), ("krause", bench.general_qkv(6))])
+def test_sdpa_baseline_is_the_same_velocity(model, params):
+    it = make_interaction(model, **params)
+    x = bench.sphere_state(70, 6, "float64", seed=1)
+    want = reference.velocity(x, it)
+    assert np.abs(bench.sdpa_dense(torch.from_numpy(x), it).numpy() - want).max() < 1e-12
+    batch = torch.from_numpy(np.stack([x, x[::-1].copy()]))  # (S, n, d): batched like the ensembles
+    got = bench.sdpa_dense(batch, it).numpy()
+    assert np.abs(got[1] - reference.velocity(x[::-1], it)).max() < 1e-12
+
+
+@pytest.mark.skipif(not bench.keops_available(), reason="pykeops not installed")
+def test_keops_baseline_is_the_same_velocity():
+    x = bench.sphere_state(50, 3, "float32")
+    for model in ("sa", "krause"):
+        it = make_interaction(model)
+        got = bench.keops_dense(torch.from_numpy(x), it).numpy()
+        assert np.abs(got - reference.velocity(x.astype(np.float64), it)).max() < 1e-5
+
+
+@pytest.mark.parametrize("case", [bench.StepCase("softmax", "float64", 300, 3),
+                                  bench.StepCase("rbf", "float64", 300, 16),
+                                  bench.StepCase("softmax", "float64", 300, 8, "general"),
+                                  bench.StepCase("rbf", "float32", 300, 5, "general")], ids=lambda c: c.name)
+def test_head_dimension_candidates_take_the_same_step(case):
+    x = bench.sphere_state(case.n, case.d, case.dtype)
+    it = case.interaction()
+    v = reference.velocity(x.astype(np.float64), it)
+    y = x + bench.STEP_DT * (v - (v * x).sum(1, keepdims=True) * x)
+    want = y / np.linalg.norm(y, axis=1, keepdims=True)
+    candidates, _ = bench.headdim_candidates(case, x)
+    assert {"auto", "sdpa"} <= set(candidates) and ("headdim" in candidates) == (case.d > 4)
+    tol = 1e-10 if case.dtype == "float64" else 1e-5
+    for name, step in candidates.items():
+        got = step()
+        got = got.numpy() if isinstance(got, torch.Tensor) else got
+        assert np.abs(got - want).max() < tol, name
+
+
+def test_crossover_is_the_smallest_n_from_which_headdim_wins():
+    def rec(n, fastest, d=16):
+        return dict(score="softmax", qkv="identity", dtype="float32", d=d, n=n, fastest=fastest,
+                    headdim_s=1.0)
+
+    records = [rec(256, "numba-dense"), rec(1024, "headdim"), rec(4096, "headdim"), rec(16384, "headdim"),
+               rec(256, "headdim", 64), rec(4096, "sdpa", 64), rec(256, "headdim", 128)]
+    assert bench.headdim_crossover(records) == {("softmax", "identity", "float32", 16): 1024,
+                                                ("softmax", "identity", "float32", 64): None,
+                                                ("softmax", "identity", "float32", 128): 256}
+    assert "| softmax | identity | float32 | 64 | never" in bench.crossover_markdown(records)
+
+
+def test_ksync_bench_headdim_writes_json_and_markdown(tmp_path, monkeypatch):
+    import numba
+
+    from analysis.cli import main
+
+    cases = [bench.StepCase("softmax", "float32", 200, 8), bench.StepCase("rbf", "float64", 200, 3)]
+    monkeypatch.setattr(bench, "headdim_cases", lambda quick=False: cases)
+    out, md = tmp_path / "h.json", tmp_path / "h.md"
+    threads = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        assert main(["bench", "--headdim", "--quick", "--repeats", "1", "--threads", "1", "--cpu-time",
+                     "--json", str(out), "--markdown", str(md)]) == 0
+    finally:
+        torch.set_num_threads(threads[0])
+        numba.set_num_threads(threads[1])
+    data = json.loads(out.read_text())
+    assert data["complete"] and data["clock"] == "process CPU time" and len(data["cases"]) == 2
+    first = data["cases"][0]
+    assert {"auto_s", "headdim_s", "numba-dense_s", "sdpa_s", "x_sdpa", "fastest", "rounds"} <= set(first)
+    assert first["x_sdpa"] == pytest.approx(first["sdpa_s"] / first["ours_s"])
+    assert data["machine"]["isa"] and data["machine"]["torch_threads"] == 1
+    text = md.read_text()
+    assert "## Crossover" in text and "| softmax | float32 | identity | 200 | 8 |" in text
