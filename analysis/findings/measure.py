@@ -178,16 +178,11 @@ def first_token_probe(windows: torch.Tensor):
 def measure_attention_only(model, inputs) -> xr.Dataset:
     """a0 and a0_uniform (layer, head, query) of ``inputs`` without the token metrics (fast)."""
     blocks = list(model.blocks)
-    store = [b.attn.store_attention for b in blocks]
-    try:
-        for b in blocks:
-            b.attn.store_attention = True
-        model(inputs)
-        a = torch.stack([b.attn.last_attention for b in blocks], 1).double().numpy()  # (B, L, H, T, T)
-    finally:
-        for b, s in zip(blocks, store):
-            b.attn.store_attention = s
-            b.attn.last_attention = None
+    h, maps = model.embed(inputs), []
+    for block in blocks:  # block.attn(block.norm1(h)) is the attention the block computes
+        maps.append(block.attn(block.norm1(h), return_attention=True)[1])
+        h = block(h)
+    a = torch.stack(maps, 1).double().numpy()  # (B, L, H, T, T)
     sums = _attention_sums(blocks, a, entropy=False)
     dims = ("attn_layer", "head", "query")
     return xr.Dataset({k: (dims, v / a.shape[0]) for k, v in sums.items()})
