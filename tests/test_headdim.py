@@ -119,3 +119,30 @@ def test_scipy_blas_fallback_and_thread_count(monkeypatch):
         assert relative_error(call(x, x, x, it, True), want) < 1e-13
     finally:
         numba.set_num_threads(previous)
+
+
+def test_path_hooks_for_the_kernel_table():
+    """applies/auto and run_field (symmetric exactly when Q = K) on a VelocityField-like object."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(4)
+    d = 7
+    M = np.eye(d) + 0.3 * rng.standard_normal((d, d))
+    sa = make_interaction("sa")
+    assert headdim.applies(sa, 10, 5) and not headdim.applies(sa, 10, 4)
+    assert not headdim.applies(make_interaction("krause", top_k=3), 10, 8)
+    assert not headdim.applies(make_interaction("hk", radius=1.0), 10, 8)
+    assert headdim.auto(sa, headdim.MIN_N, 8) and not headdim.auto(sa, headdim.MIN_N - 1, 8)
+    x = sphere_points(60, d, seed=6)
+    seen = []
+    original = headdim.velocity_headdim
+    for params, symmetric in (({}, True), ({"Q": M, "K": M}, True), ({"Q": M, "V": M.T}, False)):
+        it = make_interaction("krause", sigma=0.8, **params)
+        field = SimpleNamespace(interaction=it, dtype=np.dtype(np.float64), Q=it.matrices(d)[0],
+                                K=it.matrices(d)[1], V=it.matrices(d)[2])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(headdim, "velocity_headdim",
+                       lambda *a, **k: seen.append(k["symmetric"]) or original(*a, **k))
+            got = headdim.run_field(field, x, np.empty((60, d)))
+        assert seen[-1] is symmetric
+        assert relative_error(got, reference.velocity(x, it)) < 1e-10

@@ -13,6 +13,10 @@ Entry point (plain arrays, no Interaction)::
 * symmetric True promises q == k (Q = K): each exp is then computed once per pair i ≤ j.
 * returns out with out_i = Σ_j a_ij v_j.
 
+For the path table of particles.kernels: ``applies(it, n, d)`` (dense softmax/rbf, d ≥ 5),
+``auto(it, n, d)`` (also n ≥ MIN_N, the measured crossover), ``work(n, d)`` (for threads_for) and
+``run_field(field, x, out)`` (a VelocityField's interaction and matrices; symmetric when Q = K).
+
 Method. Scores are the BLAS product of a block of queries with a block of keys, written as log2
 weights y_ij = log2(e)·(s_ij − shift_i) through one scale and additive row/column terms:
 
@@ -56,6 +60,10 @@ from .fastexp import LOG2E, exp2_sat
 from .rows import FASTMATH
 
 SCORES = ("softmax", "rbf")
+MIN_DIM = 5  # d ≤ 4 has its own fused and symmetric kernels (kernels/dense.py)
+#: From this n on the path is the automatic choice (measured, benchmarks/headdim.md: below it the
+#: fixed cost of a call, ~25 µs, loses to the row kernels, and SDPA never wins at d ≥ 5).
+MIN_N = 256
 BLOCK = {np.dtype(np.float32): 256, np.dtype(np.float64): 256}  # keys per block: W (b × b) stays in L2
 
 
@@ -230,6 +238,36 @@ def blocks_rows(gemm, set_threads, qs, k, v, r, c, block, tasks, out, sums):
         if set_threads != 0:
             _call_int(set_threads, previous)
     return out
+
+
+# --- the path-table hooks (particles.kernels.PATH_TABLE) ---------------------------------------
+
+
+def applies(it, n: int, d: int) -> bool:
+    """Dense softmax or rbf (any Q, K, V, normalised or usa) without radius, window, causal or top-k."""
+    return it.score in SCORES and not it.restricted and d >= MIN_DIM
+
+
+def auto(it, n: int, d: int) -> bool:
+    return applies(it, n, d) and n >= MIN_N
+
+
+def work(n: int, d: int) -> int:
+    """One call's work in the units of kernels.SERIAL_WORK (a d ≤ 4 scored pair): n²·d/16."""
+    return n * n * d // 16
+
+
+def run_field(field, x, out):
+    """out ← v for a kernels.VelocityField (its interaction and dtype-cast Q, K, V) at the state x
+    (n, d); symmetric when Q = K."""
+    it = field.interaction
+    x = np.ascontiguousarray(x, dtype=field.dtype)
+    symmetric = (it.Q is None and it.K is None) or np.array_equal(field.Q, field.K)
+    q = x if it.Q is None else np.ascontiguousarray(x @ field.Q.T)
+    k = q if symmetric else (x if it.K is None else np.ascontiguousarray(x @ field.K.T))
+    v = x if it.V is None else np.ascontiguousarray(x @ field.V.T)
+    return velocity_headdim(q, k, v, score=it.score, beta=it.beta, inv2s2=1.0 / (2.0 * it.sigma**2),
+                            normalise=it.normalise, symmetric=symmetric, out=out)
 
 
 # --- entry point -------------------------------------------------------------------------------
