@@ -611,6 +611,62 @@ def crossover_markdown(records):
     return "\n".join(lines)
 
 
+# --- a GPU (or any torch device): the torch backend's step against the SDPA step there ----------
+
+
+def device_cases(quick=False):
+    """(model, params, dtype, n, d): dense softmax/rbf up to n = 10⁵ and a windowed top-k case."""
+    if quick:
+        return [("sa", {}, "float32", 256, 16), ("krause", {}, "float64", 256, 16),
+                ("krause", dict(window=16, causal=True, top_k=4), "float32", 512, 3)]
+    sizes = {"float32": (10**4, 3 * 10**4, 10**5), "float64": (10**4, 3 * 10**4)}
+    dense = [(m, {}, dt, n, d) for m in ("sa", "krause") for dt in sizes for n in sizes[dt]
+             for d in (3, 16, 64, 128)]
+    window = dict(window=128, causal=True, top_k=32)
+    return dense + [("krause", window, "float32", n, 3) for n in (10**5, 10**6)]
+
+
+def run_device_case(model, params, dtype, n, d, device, *, repeats=5, budget=2.0):
+    """One Euler step on the sphere on `device`: the torch backend's (particles.backends.torch) and,
+    for dense cases, the same step on SDPA called directly; times synchronise the device."""
+    import torch
+
+    from particles.backends import torch as tb
+    from particles.geometry import SPHERE
+    from particles.integrate import euler
+
+    dev = tb.resolve_device(device)
+    it = make_interaction(model, **params)
+    x = torch.from_numpy(sphere_state(n, d, dtype)).to(dev)[None]
+    field = tb.TorchField(it, n, d, x.dtype, dev)
+
+    def timed(step):
+        def run():
+            step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        return best_time(run, repeats=repeats, budget=budget)
+
+    with torch.no_grad():
+        rec = dict(model=model, params=params, dtype=dtype, n=n, d=d, device=str(dev), path=field.path,
+                   ours_s=timed(lambda: euler(lambda y: SPHERE.tangent(y, field(y)), x, STEP_DT, SPHERE)))
+        if not it.restricted:
+            rec["sdpa_s"] = timed(lambda: sdpa_sphere_step(x, it))
+            rec["x_sdpa"] = rec["sdpa_s"] / rec["ours_s"]
+    rec["pairs_per_s"] = n * (n if not it.window else it.window) / rec["ours_s"]
+    return rec
+
+
+def device_markdown(records, device_name):
+    lines = [f"Device: {device_name}.", "", "| model | params | dtype | n | d | path | ours ms | SDPA ms | "
+             "SDPA / ours | pairs/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        sdpa = f"{1e3 * r['sdpa_s']:.2f} | {r['x_sdpa']:.2f}×" if "sdpa_s" in r else "– | –"
+        lines.append(f"| {r['model']} | {r['params'] or ''} | {r['dtype']} | {r['n']} | {r['d']} | "
+                     f"{r['path']} | {1e3 * r['ours_s']:.2f} | {sdpa} | {r['pairs_per_s']:.2e} |")
+    return "\n".join(lines)
+
+
 # --- machine ---------------------------------------------------------------------------------
 
 

@@ -86,3 +86,23 @@ def test_ksync_bench_headdim_writes_json_and_markdown(tmp_path, monkeypatch):
     assert data["machine"]["isa"] and data["machine"]["torch_threads"] == 1
     text = md.read_text()
     assert "## Crossover" in text and "| softmax | float32 | identity | 200 | 8 |" in text
+
+
+def test_device_section_smoke_on_cpu(tmp_path):
+    """``ksync bench --device`` (run on a GPU by benchmarks/gpu.sh) works end to end on the CPU."""
+    import numba
+
+    from analysis.cli import main
+
+    out = tmp_path / "d.json"
+    threads = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        assert main(["bench", "--device", "cpu", "--quick", "--repeats", "1", "--json", str(out),
+                     "--markdown", str(tmp_path / "d.md")]) == 0
+    finally:
+        torch.set_num_threads(threads[0])
+        numba.set_num_threads(threads[1])
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["path"] for c in cases] == ["sdpa", "sdpa", "rows"]
+    assert "x_sdpa" in cases[0] and "x_sdpa" not in cases[2]
+    assert "| krause |" in (tmp_path / "d.md").read_text()

@@ -26,7 +26,11 @@ def register(subparsers):
     p.add_argument("--headdim", action="store_true",
                    help="run the head-dimension section instead: one simulate step of our kernels vs the "
                         "same step on torch's scaled_dot_product_attention, d = 3..128 (about 10 minutes)")
-    p.add_argument("--markdown", metavar="FILE", help="with --headdim: also write the tables as markdown")
+    p.add_argument("--markdown", metavar="FILE",
+                   help="with --headdim or --device: also write the tables as markdown")
+    p.add_argument("--device", metavar="DEVICE",
+                   help="run the device section instead: the torch backend's step against the SDPA step "
+                        "on DEVICE (cuda, or cpu for a smoke run), dense n up to 1e5")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch and numba threads (default: all cores)")
     p.add_argument("--cpu-time", action="store_true",
@@ -50,6 +54,8 @@ def run(args) -> int:
     start = time.time()
     if args.headdim:
         return run_headdim(args, bench, repeats, budget, start)
+    if args.device:
+        return run_device(args, bench, repeats, budget)
     cases = bench.cases(quick=args.quick)
     figure = args.figure or (None if args.quick else os.path.join("figures", "scaling.png"))
     figure = None if args.no_figure else figure
@@ -137,4 +143,34 @@ def run_headdim(args, bench, repeats, budget, start) -> int:
     for path in (args.json, args.markdown):
         if path:
             print(f"wrote {path}")
+    return 0
+
+
+def run_device(args, bench, repeats, budget) -> int:
+    import torch
+
+    from particles.backends.torch import resolve_device
+
+    dev = resolve_device(args.device)  # a clear error when the device is absent
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else bench.machine_summary()["cpu"]
+    records = []
+    for model, params, dtype, n, d in bench.device_cases(quick=args.quick):
+        try:
+            records.append(bench.run_device_case(model, params, dtype, n, d, args.device, repeats=repeats,
+                                                 budget=min(budget, 1.0)))
+        except torch.OutOfMemoryError as err:  # recorded, the rest still runs
+            records.append(dict(model=model, params=params, dtype=dtype, n=n, d=d, error=str(err)[:200]))
+            torch.cuda.empty_cache()
+            continue
+        print(f"  {model} {params or ''} {dtype} n={n} d={d}: {1e3 * records[-1]['ours_s']:.2f} ms",
+              flush=True)
+    done = [r for r in records if "error" not in r]
+    table = bench.device_markdown(done, name)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(device=name, torch=torch.__version__, cases=records), fh, indent=1, default=float)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(table + "\n")
     return 0
