@@ -404,3 +404,219 @@ def test_single_head_attention_is_a_kernel_family_member(kind):
     np.testing.assert_allclose(reference.velocity(x[0].numpy(), it), out[0].numpy(), atol=1e-12)
     with pytest.raises(ValueError, match="single head"):
         as_interaction(make_attention(dict(kind=kind, bias=False), 8, 2))
+
+
+# --- hook points, token mask, batching (issues 17, 19) -------------------------------------------
+def _no_hooks_left(model):
+    return _hook_count(model) == 0
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hook_points_named_like_transformer_lens_and_removed(vit, images):
+    from particles.nn.hooks import capture, hook_sites
+
+    m = vit["hybrid"]
+    sites = hook_sites(m)
+    for name in (
+        "blocks.0.hook_resid_pre",
+        "blocks.2.hook_resid_post",
+        "blocks.1.ln1.hook_normalized",
+        "blocks.1.attn.hook_pattern",
+        "blocks.1.attn.hook_gate",
+        "blocks.1.attn.softmax.hook_pattern",
+        "blocks.1.attn.krause.hook_pattern",
+        "ln_final.hook_normalized",
+    ):
+        assert name in sites, name
+    hs, _, normed = _manual(m, images)
+    with capture(sites, ["blocks.1.hook_resid_pre", "blocks.1.ln1.hook_normalized"]) as got, torch.no_grad():
+        m(images)
+    torch.testing.assert_close(got["blocks.1.hook_resid_pre"], hs[1], rtol=0, atol=0)
+    torch.testing.assert_close(got["blocks.1.ln1.hook_normalized"], normed[1], rtol=0, atol=0)
+    assert _no_hooks_left(m)
+    with pytest.raises(ValueError, match="unknown hook points"):
+        with capture(sites, ["blocks.9.hook_resid_pre"]):
+            pass
+    with pytest.raises(RuntimeError, match="boom"), capture(sites, ["blocks.0.attn.hook_pattern"]):
+        raise RuntimeError("boom")
+    assert _no_hooks_left(m)
+    extract(m, images, reduce=True)
+    assert _no_hooks_left(m) and not m.blocks[0].attn.store_attention
+
+
+def test_ours_token_mask_batches_and_sink_excess(vit, images):
+    m = vit["hybrid"]
+    ds = extract(m, images)
+    assert ds["token_mask"].dtype == bool and ds["x"]["token_mask"].dims == ("sample", "token")
+    assert ds["token_mask"].values.all()
+    one = extract(m, images, batch_size=1, progress=True)
+    np.testing.assert_array_equal(one["x"].values, ds["x"].values)
+    np.testing.assert_allclose(one["attention"].values, ds["attention"].values, atol=1e-7)
+    np.testing.assert_array_equal(one["gate"].values, ds["gate"].values)
+    red = extract(m, images, reduce=True, batch_size=2)
+    full = attention_layers(ds["attention"])
+    np.testing.assert_allclose(
+        attention_layers(red["sink_excess"]).values, analysis.sink_excess(full, over=()).values, atol=1e-9
+    )
+
+
+def _llama_hybrid(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from particles.nn import krausify
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        vocab_size=16,
+        attn_implementation="eager",
+    )
+    model = krausify(LlamaForCausalLM(cfg).eval(), window=3, top_k=2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.gate.weight.normal_()
+            layer.self_attn.krause.q_proj.weight.add_(
+                0.5 * torch.randn_like(layer.self_attn.krause.q_proj.weight)
+            )
+    return model
+
+
+def test_hf_krausified_hybrid_schema_and_reduce():
+    """attention = Σ_b g_ib a^b_ij, branch_attention (softmax, krause), gate (sample, layer, token,
+    branch); the softmax branch is what outputs.attentions would hold in the official code; reduce=True
+    gives the same metrics without any T×T map."""
+    model = _llama_hybrid()
+    ids = torch.randint(0, 16, (3, 9), generator=torch.Generator().manual_seed(0))
+    ds = extract(model, ids)
+    assert ds.attrs["attention_kind"] == "hybrid" and list(ds["branch"].values) == ["softmax", "krause"]
+    assert ds["branch_attention"].dims == ("sample", "branch", "layer", "head", "query", "key")
+    assert ds["gate"].dims == ("sample", "layer", "token", "branch")
+    g = attention_layers(ds["gate"]).values
+    b = attention_layers(ds["branch_attention"]).values
+    # g (S, L, T, 2), b (S, 2, L, H, T, T)
+    mix = g[:, :, None, :, 0, None] * b[:, 0] + g[:, :, None, :, 1, None] * b[:, 1]
+    np.testing.assert_allclose(attention_layers(ds["attention"]).values, mix, atol=1e-6)
+    np.testing.assert_allclose(g.sum(-1), 1.0, atol=1e-6)
+    a_k = b[:, 1]
+    i, j = np.indices((9, 9))
+    assert (a_k[..., (j > i) | (j <= i - 3)] == 0).all() and ((a_k > 0).sum(-1) <= 2).all()
+    np.testing.assert_allclose(ds["sigma"].isel(layer=0).values, 5.5, rtol=1e-6)
+    with torch.no_grad():
+        out = model(ids, output_attentions=True, output_hidden_states=True)
+    np.testing.assert_allclose(ds["attention"].isel(layer=0).values, out.attentions[0].numpy(), atol=1e-7)
+    np.testing.assert_array_equal(ds["x"].isel(layer=-1).values, out.hidden_states[-1].numpy())
+    before = _hook_count(model)  # transformers' own output-capturing hooks, installed once
+    red = extract(model, ids, reduce=True)
+    assert _hook_count(model) == before  # ours are gone
+    assert "attention" not in red and "branch_attention" not in red and "gate" in red
+    for name, fn in (
+        ("first_token_mass", analysis.first_token_mass),
+        ("attention_entropy", analysis.attention_entropy),
+    ):
+        np.testing.assert_allclose(
+            attention_layers(red[f"branch_{name}"]).values,
+            fn(attention_layers(ds["branch_attention"])).values,
+            atol=1e-6,
+        )
+
+
+def test_hf_padding_honoured_by_reductions_and_metrics():
+    """Left-padded batch: token_mask is a boolean coordinate on x, the in-hook reductions equal the
+    metrics of the full maps with that mask, and a padded sample's real part equals it alone."""
+    model = _llama_hybrid()
+    ids = torch.randint(3, 16, (2, 8), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    ds = extract(model, {"input_ids": ids, "attention_mask": am})
+    assert ds["x"]["token_mask"].dtype == bool
+    assert ds["token_mask"].values[1].tolist() == [False] * 3 + [True] * 5
+    red = extract(model, {"input_ids": ids, "attention_mask": am}, reduce=True)
+    full = attention_layers(ds["attention"])
+    np.testing.assert_allclose(
+        attention_layers(red["first_token_mass"]).values,
+        analysis.first_token_mass(full, token_mask=ds["token_mask"]).values,
+        atol=1e-6,
+    )
+    alone = extract(model, {"input_ids": ids[1:, 3:], "attention_mask": am[1:, 3:]}, reduce=True)
+    np.testing.assert_allclose(
+        attention_layers(red["first_token_mass"]).values[1],
+        attention_layers(alone["first_token_mass"]).values[0],
+        atol=1e-5,
+    )
+
+
+def test_hf_text_without_pad_token(tmp_path):
+    """GPT-2-style tokenizer (no pad token): one text and a batch of texts both extract; padding is
+    on the right with the end-of-text id and masked; the tokenizer is left as it was."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {
+        "<|endoftext|>": 0,
+        **{w: i + 1 for i, w in enumerate("the cat sat on a mat and dog ran".split())},
+    }
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    assert fast.pad_token is None
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, vocab_size=16)).eval()
+    one = extract(model, "the cat sat", tokenizer=fast)
+    assert one.sizes["token"] == 3 and one["token_mask"].values.all()
+    two = extract(model, ["the cat sat on a mat", "a dog"], tokenizer=fast, reduce=True)
+    assert two["token_mask"].values[1].tolist() == [True, True] + [False] * 4
+    assert two["token_id"].values[1, 2:].tolist() == [0] * 4 and fast.pad_token is None
+    np.testing.assert_allclose(
+        two["x"].isel(sample=1, token=slice(0, 2)).values,
+        extract(model, "a dog", tokenizer=fast)["x"].isel(sample=0).values,
+        atol=1e-5,
+    )
+
+
+def test_transformer_lens_hooked_transformer():
+    """A tiny HookedTransformer (built here, no download): layer l = blocks.l.hook_resid_pre, layer L
+    = ln_final.hook_normalized, attention = blocks.l.attn.hook_pattern, as run_with_cache gives them."""
+    tl = pytest.importorskip("transformer_lens")
+    cfg = tl.HookedTransformerConfig(
+        n_layers=2,
+        d_model=16,
+        n_ctx=16,
+        d_head=4,
+        n_heads=4,
+        d_vocab=20,
+        act_fn="gelu",
+        normalization_type="LN",
+    )
+    torch.manual_seed(0)
+    model = tl.HookedTransformer(cfg).eval()
+    ids = torch.randint(0, 20, (2, 7), generator=torch.Generator().manual_seed(0))
+    ds = extract(model, ids)
+    _, cache = model.run_with_cache(ids)
+    assert ds.attrs["source"] == "transformer_lens" and ds["x"].shape == (2, 3, 7, 16)
+    for layer in range(2):
+        np.testing.assert_array_equal(
+            ds["x"].isel(layer=layer).values, cache[f"blocks.{layer}.hook_resid_pre"].numpy()
+        )
+        np.testing.assert_array_equal(
+            ds["attention"].isel(layer=layer).values, cache[f"blocks.{layer}.attn.hook_pattern"].numpy()
+        )
+    np.testing.assert_array_equal(ds["x"].isel(layer=2).values, cache["ln_final.hook_normalized"].numpy())
+    assert np.isnan(ds["attention"].isel(layer=2)).all() and ds.attrs["causal"] == 1
+    red = extract(model, ids, reduce=True, representation="normalised")
+    np.testing.assert_array_equal(
+        red["x"].isel(layer=1).values, cache["blocks.1.ln1.hook_normalized"].numpy()
+    )
+    np.testing.assert_allclose(
+        attention_layers(red["first_token_mass"]).values,
+        analysis.first_token_mass(attention_layers(ds["attention"])).values,
+        atol=1e-6,
+    )
+    assert _no_hooks_left(model)

@@ -13,6 +13,8 @@ Hugging Face ``transformers`` models (load them offline with :func:`load_hf`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .compare import (
     as_interaction,
     compare,
@@ -26,21 +28,30 @@ from .core import REDUCTIONS, attention_layers
 from .hf import is_hf, load_hf, load_smollm2
 from .ours import is_ours
 
+if TYPE_CHECKING:  # annotations only
+    import torch
+    import xarray as xr
+
 
 def extract(
-    model,
+    model: torch.nn.Module,
     inputs,
     *,
     representation: str = "residual",
-    reduce=None,
+    reduce: bool | str | tuple[str, ...] | list[str] | None = None,
     sink_k: int = 0,
     attention: bool = True,
     tokenizer=None,
     labels=None,
-):
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> xr.Dataset:
     """Token trajectory of ``model`` on ``inputs`` as an xarray Dataset (layout: ``analysis.bridge.core``).
 
-    model: a ``particles.nn`` model (ViT / CausalLM) or a Hugging Face ``PreTrainedModel``.
+    model: a ``particles.nn`` model (ViT / CausalLM), a Hugging Face ``PreTrainedModel`` (krausified
+        Llama models included) or a TransformerLens ``HookedTransformer``. Layer mapping: layer 0 =
+        the embeddings; layer l = the input of block l; layer L = after the final norm for
+        GPT-2/Llama-style HF models and TransformerLens (the last block's output for ours and BERT).
     inputs: images (B, 8, 8) / token ids (B, T) as tensor or array, a dict of tensors from a
         tokenizer (``input_ids``, ``attention_mask``), or text (HF, with ``tokenizer``).
     representation: "residual" (the residual stream; HF: ``output_hidden_states``) or "normalised"
@@ -49,14 +60,29 @@ def extract(
         per-(sample, layer, head) metrics computed inside the hooks; no T×T map is kept.
     sink_k: the key k of the sink score α_k stored by ``reduce``.
     attention: False skips attention altogether (hidden states only).
+    batch_size: samples per forward pass (None: all at once); progress: a tqdm bar over the batches.
+
+    Capture goes through the named hook points (``particles.nn.hooks``, TransformerLens names), removed
+    after every pass. ``x`` carries the boolean coordinate ``token_mask`` (False = padding).
     """
-    kw = dict(representation=representation, reduce=reduce, sink_k=sink_k, attention=attention, labels=labels)
-    if is_ours(model):  # checked first: is_hf imports transformers (seconds)
+    kw = dict(
+        representation=representation,
+        reduce=reduce,
+        sink_k=sink_k,
+        attention=attention,
+        labels=labels,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    if is_tl(model):  # before is_ours: a HookedTransformer also has blocks and embed
+        return extract_tl(model, inputs, **kw)
+    if is_ours(model):  # checked before is_hf: is_hf imports transformers (seconds)
         return extract_ours(model, inputs, **kw)
     if is_hf(model):
         return extract_hf(model, inputs, tokenizer=tokenizer, **kw)
     raise TypeError(
-        f"model: expected a particles.nn model or a transformers PreTrainedModel, got {type(model).__name__}"
+        "model: expected a particles.nn model, a transformers PreTrainedModel or a TransformerLens "
+        f"HookedTransformer, got {type(model).__name__}"
     )
 
 
@@ -69,6 +95,7 @@ def make_compare(task: str, quick: bool = False, out="figures", progress: bool =
 
 from .hf import extract_hf  # noqa: E402
 from .ours import extract_ours  # noqa: E402
+from .tl import extract_tl, is_tl  # noqa: E402
 
 __all__ = [
     "extract",
@@ -86,4 +113,5 @@ __all__ = [
     "REDUCTIONS",
     "extract_hf",
     "extract_ours",
+    "extract_tl",
 ]

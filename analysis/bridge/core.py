@@ -10,8 +10,14 @@ Layout of an extracted Dataset (``S`` samples, ``L`` attention layers, ``T`` tok
   whose weights at a saved step are those of the state at that step. No block reads the final tokens,
   so ``attention[layer=L]`` is NaN; :func:`attention_layers` drops it.
 * with ``reduce=``: instead of ``attention``, the per-head reductions ``first_token_mass``,
-  ``sink_score`` (Gu et al. α_k) and ``attention_entropy`` (sample, layer, head), computed inside the
-  forward hooks so that no T×T map outlives its layer.
+  ``sink_score`` (Gu et al. α_k), ``sink_excess`` (α_k minus the uniform-over-visible-keys baseline)
+  and ``attention_entropy`` (sample, layer, head), computed as each layer's weights arrive at its
+  hook point, so that no T×T map outlives its layer (memory: the hidden states, O(S·L·T·D)).
+* hybrids (gated softmax + Krause): ``attention`` = Σ_b g_ib a^b_ij, ``branch_attention`` (or
+  ``branch_*`` reductions) with a ``branch`` axis (softmax, krause), ``gate`` (sample, layer, token,
+  branch).
+* ``token_mask`` (sample, token): a boolean coordinate (True = real token, False = padding), so
+  ``ds.x`` carries it; the reductions leave padding out (rows and keys) as the metrics do.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import xarray as xr
 from particles.conventions import encode_attrs
 
 #: Reductions ``reduce=`` can compute inside the hooks, each (B, H, T, T) → (B, H).
-REDUCTIONS = ("first_token_mass", "sink_score", "attention_entropy")
+REDUCTIONS = ("first_token_mass", "sink_score", "sink_excess", "attention_entropy")
 
 
 def check_reduce(reduce) -> tuple[str, ...]:
@@ -45,25 +51,50 @@ def check_representation(representation: str) -> str:
     return representation
 
 
-def reduce_attention(a: torch.Tensor, names, sink_k: int = 0) -> dict[str, np.ndarray]:
-    """Per-(sample, head) reductions of attention a (B, H, T, T), identical to ``analysis.sinks``:
-    first_token_mass = mean_i a_i0; sink_score = mean_{i ≥ k} a_ik; attention_entropy = mean over rows
-    with ≥ 2 visible keys (p > 0) of H_i / log m_i, rows divided by their sum first."""
+def reduce_attention(a: torch.Tensor, names, sink_k: int = 0, token_mask=None) -> dict[str, np.ndarray]:
+    """Per-(sample, head) reductions of attention a (B, H, T, T), as ``analysis.sinks`` defines them on
+    the real tokens (``token_mask`` (B, T), True = real; padding rows are left out, key k is the k-th
+    real token). With R_k the real queries at real position ≥ k and V_i = {j real : a_ij > 0}:
+    first_token_mass = α_0; sink_score = α_k = mean_{i∈R_k} a_ik; sink_excess = α_k − b_k with
+    b_k = mean_{i∈R_k} 1[k ∈ V_i]/|V_i| (uniform over the visible keys); attention_entropy = mean over
+    real rows with |V_i| ≥ 2 of H_i / log |V_i|, rows divided by their sum first."""
     a = a.detach().double()
+    B, H, T, _ = a.shape
+    mask = torch.ones(B, T, dtype=torch.bool) if token_mask is None else torch.as_tensor(token_mask).bool()
+    mask = mask.to(a.device)
+    a = a * mask[:, None, None, :]  # padding is never a key
+    position = mask.cumsum(-1) - 1  # real index of every token
+    n_real = mask.sum(-1)
+    visible = (a > 0).sum(-1)  # (B, H, T)
     out = {}
+
+    def alpha_baseline(k, baseline):
+        if (n_real <= k).any():
+            raise ValueError(f"sink_k must be smaller than every sample's number of tokens, got {k}")
+        key = (mask & (position == k)).double().argmax(-1)  # (B,) index of the k-th real token
+        col = a.gather(-1, key[:, None, None, None].expand(B, H, T, 1))[..., 0]  # (B, H, T)
+        rows = (mask & (position >= k))[:, None, :].double()
+        used = rows.sum(-1)
+        alpha = (col * rows).sum(-1) / used
+        if not baseline:
+            return alpha, None
+        share = torch.where(visible > 0, (col > 0).double() / visible.clamp_min(1), torch.zeros_like(col))
+        return alpha, (share * rows).sum(-1) / used
+
     if "first_token_mass" in names:
-        out["first_token_mass"] = a[..., :, 0].mean(-1)
-    if "sink_score" in names:
-        if not 0 <= sink_k < a.shape[-1]:
-            raise ValueError(f"sink_k must be in [0, {a.shape[-1]}), got {sink_k}")
-        out["sink_score"] = a[..., sink_k:, sink_k].mean(-1)
+        out["first_token_mass"] = alpha_baseline(0, False)[0]
+    if "sink_score" in names or "sink_excess" in names:
+        alpha, base = alpha_baseline(sink_k, "sink_excess" in names)
+        if "sink_score" in names:
+            out["sink_score"] = alpha
+        if "sink_excess" in names:
+            out["sink_excess"] = alpha - base
     if "attention_entropy" in names:
         a = a.clamp_min(0)
         total = a.sum(-1, keepdim=True)
         p = a / torch.where(total > 0, total, torch.ones_like(total))
-        visible = (p > 0).sum(-1)
         h = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)
-        keep = visible >= 2
+        keep = (visible >= 2) & mask[:, None, :]
         ratio = torch.where(keep, h / torch.log(visible.clamp_min(2).double()), torch.zeros_like(h))
         n = keep.sum(-1)
         out["attention_entropy"] = torch.where(
@@ -73,35 +104,138 @@ def reduce_attention(a: torch.Tensor, names, sink_k: int = 0) -> dict[str, np.nd
 
 
 class AttentionSink:
-    """Collects per-layer attention (B, H, T, T): stored whole, or reduced on arrival."""
+    """Collects per-layer attention (B, H, T, T) batch after batch: stored whole, or reduced on arrival
+    (then no T×T map outlives its layer)."""
 
     def __init__(self, n_layers: int, reduce=(), sink_k: int = 0):
         self.n_layers, self.reduce, self.sink_k = n_layers, tuple(reduce), sink_k
-        self.maps: list = [None] * n_layers
-        self.reduced: list = [None] * n_layers
+        self.parts: list[list] = [[] for _ in range(n_layers)]
 
-    def add(self, layer: int, a: torch.Tensor):
+    def add(self, layer: int, a: torch.Tensor, token_mask=None):
         if self.reduce:
-            self.reduced[layer] = reduce_attention(a, self.reduce, self.sink_k)
+            self.parts[layer].append(reduce_attention(a, self.reduce, self.sink_k, token_mask))
         else:
-            self.maps[layer] = a.detach().cpu()
+            self.parts[layer].append(a.detach().float().cpu().numpy())
 
     def variables(self, prefix: str = "") -> dict:
         """Data variables padded with NaN at layer L (no block reads the final tokens)."""
+        counts = {len(p) for p in self.parts}
+        if len(counts) != 1 or 0 in counts:
+            raise RuntimeError("attention was not captured for every layer")
         if self.reduce:
-            if any(r is None for r in self.reduced):
-                raise RuntimeError("attention was not captured for every layer")
             out = {}
             for name in self.reduce:
-                arr = np.stack([r[name] for r in self.reduced], 1)  # (B, L, H)
+                arr = np.stack([np.concatenate([r[name] for r in p]) for p in self.parts], 1)  # (B, L, H)
                 arr = np.concatenate([arr, np.full_like(arr[:, :1], np.nan)], 1)
                 out[prefix + name] = (("sample", "layer", "head"), arr)
             return out
-        if any(m is None for m in self.maps):
-            raise RuntimeError("attention was not captured for every layer")
-        arr = torch.stack(self.maps, 1).numpy()  # (B, L, H, T, T)
+        arr = np.stack([np.concatenate(p) for p in self.parts], 1)  # (B, L, H, T, T)
         arr = np.concatenate([arr, np.full_like(arr[:, :1], np.nan)], 1)
         return {prefix + "attention": (("sample", "layer", "head", "query", "key"), arr)}
+
+
+BRANCHES = ("softmax", "krause")
+
+
+def is_hybrid(sites: dict) -> bool:
+    """A hybrid (gated softmax + Krause) model: its attention has a ``hook_gate`` hook point."""
+    return "blocks.0.attn.hook_gate" in sites
+
+
+def run_hooks(
+    sites: dict,
+    forward,
+    batches,
+    *,
+    n_layers: int,
+    hidden_names=None,
+    attention: bool = True,
+    reduce=(),
+    sink_k: int = 0,
+    progress: bool = False,
+    desc: str = "extract",
+):
+    """One pass per batch with hooks on the named hook points; hooks removed after every batch.
+
+    batches: list of (batch, token_mask (B, T) bool or None); forward(batch) runs the model and may
+    return its L + 1 hidden states: they are used where ``hidden_names`` is None (all of them) or has a
+    None entry. Returns (x (S, L + 1, T, D) float32
+    array, attention variables: ``attention`` or the reductions; for hybrids also ``branch_*`` with a
+    ``branch`` axis and ``gate`` (sample, layer, token, branch)).
+    """
+    from tqdm.auto import tqdm
+
+    from particles.nn.hooks import capture
+
+    L = n_layers
+    hybrid = attention and is_hybrid(sites)
+    mix = AttentionSink(L, reduce, sink_k)
+    branch = {b: AttentionSink(L, reduce, sink_k) for b in BRANCHES} if hybrid else {}
+    gates: list[list] = [[] for _ in range(L)]
+    xs = []
+    names = [n for n in hidden_names or [] if n is not None]
+    if attention:
+        names += [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+    if hybrid:
+        names += [f"blocks.{l}.attn.hook_gate" for l in range(L)]
+        names += [f"blocks.{l}.attn.{b}.hook_pattern" for l in range(L) for b in BRANCHES]
+    slot = {n: i for i, n in enumerate(hidden_names or []) if n is not None}
+    for batch, mask in tqdm(batches, desc=desc, unit="batch", disable=not progress or len(batches) < 2):
+        hidden: list = [None] * len(hidden_names or [])
+
+        def on(name, value, mask=mask, hidden=hidden):
+            if name in slot:
+                hidden[slot[name]] = value.detach().float().cpu()
+                return
+            layer = int(name.split(".")[1])
+            if value is None:
+                raise ValueError(
+                    f"layer {layer} returned no attention weights: the model cannot produce attention "
+                    "weights as loaded (it needs attn_implementation='eager')"
+                )
+            if name.endswith("attn.hook_pattern"):
+                mix.add(layer, value, mask)
+            elif name.endswith("hook_gate"):
+                gates[layer].append(value.detach().float().cpu().numpy())
+            else:
+                branch[name.split(".")[3]].add(layer, value, mask)
+
+        with torch.no_grad(), capture(sites, names, on):
+            returned = forward(batch)
+        if hidden_names is None:
+            hidden = [h.detach().float().cpu() for h in returned]
+        else:  # None entries: the forward's own hidden state at that index
+            hidden = [
+                returned[i].detach().float().cpu() if n is None else hidden[i]
+                for i, n in enumerate(hidden_names)
+            ]
+        if any(h is None for h in hidden):
+            raise RuntimeError("a hidden state was not captured: the forward pass skipped a hook point")
+        xs.append(torch.stack(hidden, 1).numpy())
+    attn_vars = {}
+    if attention:
+        attn_vars.update(mix.variables())
+        if hybrid:
+            per = {b: branch[b].variables() for b in BRANCHES}
+            for name, (dims, _) in per["softmax"].items():
+                arr = np.stack([per[b][name][1] for b in BRANCHES], 1)
+                attn_vars[f"branch_{name}"] = (dims[:1] + ("branch",) + dims[1:], arr)
+            g = np.stack([np.concatenate(p) for p in gates], 1)  # (B, L, T, 2)
+            g = np.concatenate([g, np.full_like(g[:, :1], np.nan)], 1)
+            attn_vars["gate"] = (("sample", "layer", "token", "branch"), g)
+    return np.concatenate(xs), attn_vars
+
+
+def batches_of(tensors: dict, token_mask: torch.Tensor, batch_size: int | None):
+    """[(dict of tensor slices, token_mask slice)] in order; batch_size None: one batch."""
+    n = len(token_mask)
+    size = n if not batch_size else int(batch_size)
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [
+        ({k: v[s : s + size] for k, v in tensors.items()}, token_mask[s : s + size])
+        for s in range(0, n, size)
+    ]
 
 
 def attention_layers(ds_or_da):
@@ -116,14 +250,22 @@ def attention_layers(ds_or_da):
     return ds_or_da.isel(layer=slice(0, n))
 
 
-def build_dataset(hidden: list[torch.Tensor], attn_vars: dict, coords: dict, attrs: dict) -> xr.Dataset:
-    """Assemble the extracted Dataset; ``hidden`` is the list of L + 1 tensors (B, T, D)."""
-    x = torch.stack([h.detach().cpu() for h in hidden], 1).numpy()
+def build_dataset(hidden, attn_vars: dict, coords: dict, attrs: dict, token_mask=None) -> xr.Dataset:
+    """Assemble the extracted Dataset; ``hidden`` is the list of L + 1 tensors (B, T, D) or an array
+    (B, L + 1, T, D); ``token_mask`` (B, T) (True = real token) becomes the boolean coordinate
+    ``token_mask`` on ("sample", "token"), so ``ds.x`` carries it."""
+    if isinstance(hidden, np.ndarray):
+        x = hidden
+    else:
+        x = torch.stack([h.detach().cpu() for h in hidden], 1).numpy()
     S, n_layers, T, D = x.shape
     ds = xr.Dataset(
         {"x": (("sample", "layer", "token", "component"), x), **attn_vars},
         coords={"sample": np.arange(S), "layer": np.arange(n_layers), "token": np.arange(T), **coords},
     )
+    mask = np.ones((S, T), bool) if token_mask is None else np.asarray(token_mask, dtype=bool)
+    ds = ds.assign_coords(token_mask=(("sample", "token"), mask))
+    ds["token_mask"].attrs.update(long_name="real token (False = padding)")
     ds.attrs.update(encode_attrs({k: v for k, v in attrs.items() if v is not None}))
     ds.attrs["n_attention_layers"] = n_layers - 1
     ds.attrs["attention_convention"] = (

@@ -1,17 +1,19 @@
 """Extraction from our own torch models (``particles.nn``: ViT and CausalLM, softmax/Krause/hybrid).
 
-Forward hooks on the model's own modules record the residual stream during one ordinary forward
-pass, so the stored states are exactly what the model computes:
+Hooks on the models' named hook points (``particles.nn.hooks``, TransformerLens names) record the
+residual stream and the attention during ordinary forward passes, so the stored states are exactly
+what the model computes; the hooks are removed after every pass:
 
-* layer 0: the input of ``blocks[0]`` (= ``model.embed(inputs)``);
-* ``representation="residual"``: layer ℓ = output of ``blocks[ℓ-1]`` (before the final norm);
-* ``representation="normalised"``: layer ℓ < L = output of ``blocks[ℓ].norm1`` (what the attention
-  reads), layer L = output of ``model.norm`` (what the head reads; ``model.hidden(inputs)``).
+* layer 0: ``blocks.0.hook_resid_pre`` (= ``model.embed(inputs)``);
+* ``representation="residual"``: layer ℓ = ``blocks.{ℓ-1}.hook_resid_post`` (before the final norm);
+* ``representation="normalised"``: layer ℓ < L = ``blocks.{ℓ}.ln1.hook_normalized`` (what the
+  attention reads), layer L = ``ln_final.hook_normalized`` (what the head reads; ``model.hidden``).
 
-Attention comes from ``attn.last_attention`` (``store_attention`` is switched on for the pass and
-restored afterwards). For a hybrid attention, ``attention`` is the gated mixture
-Σ_b g_ib a^b_ij and each branch is kept along a "branch" axis in ``branch_attention`` (or the
-``branch_*`` reductions), with the gate in ``gate`` (sample, layer, token, branch).
+Attention: ``blocks.{ℓ}.attn.hook_pattern``. For a hybrid attention, ``attention`` is the gated
+mixture Σ_b g_ib a^b_ij and each branch (``attn.softmax.hook_pattern``, ``attn.krause.hook_pattern``)
+is kept along a "branch" axis in ``branch_attention`` (or the ``branch_*`` reductions), with the gate
+(``attn.hook_gate``) in ``gate`` (sample, layer, token, branch). Our models never pad: ``token_mask``
+is all True.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import AttentionSink, build_dataset, check_reduce, check_representation
-
-BRANCHES = ("softmax", "krause")
+from .core import BRANCHES, batches_of, build_dataset, check_reduce, check_representation, run_hooks
 
 
 def is_ours(model) -> bool:
@@ -46,6 +46,13 @@ def _hybrid(attn) -> bool:
     return getattr(attn, "kind", None) == "hybrid"
 
 
+def hidden_names(L: int, representation: str) -> list[str]:
+    """The L + 1 hook points of x[layer] (see the module docstring)."""
+    if representation == "residual":
+        return ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(L)]
+    return [f"blocks.{l}.ln1.hook_normalized" for l in range(L)] + ["ln_final.hook_normalized"]
+
+
 def extract_ours(
     model,
     inputs,
@@ -55,7 +62,11 @@ def extract_ours(
     sink_k: int = 0,
     attention: bool = True,
     labels=None,
+    batch_size: int | None = None,
+    progress: bool = False,
 ):
+    from particles.nn.hooks import hook_sites
+
     representation = check_representation(representation)
     names = check_reduce(reduce)
     x = _as_tensor(inputs)
@@ -64,67 +75,21 @@ def extract_ours(
     blocks = list(model.blocks)
     L = len(blocks)
     hybrid = any(_hybrid(b.attn) for b in blocks)
-    mix = AttentionSink(L, names, sink_k)
-    branch = {b: AttentionSink(L, names, sink_k) for b in BRANCHES} if hybrid else {}
-    gates: list = [None] * L
-    hidden: list = [None] * (L + 1)
-    handles, saved = [], []
-
-    def grab_input(_, args):
-        hidden[0] = args[0].detach()
-
-    def keep(slot):
-        def hook(_, __, out):
-            hidden[slot] = out.detach()
-
-        return hook
-
-    def grab_attention(layer):
-        def hook(module, _, __):
-            mix.add(layer, module.last_attention)
-            module.last_attention = None
-            if _hybrid(module):
-                for b in BRANCHES:
-                    branch[b].add(layer, module.last_branch_attention[b])
-                gates[layer] = module.last_gate.cpu()
-                module.last_branch_attention = module.last_gate = None
-
-        return hook
-
-    try:
-        if representation == "residual":
-            handles.append(blocks[0].register_forward_pre_hook(grab_input))
-        for i, block in enumerate(blocks):
-            if representation == "residual":
-                handles.append(block.register_forward_hook(keep(i + 1)))
-            elif i > 0:
-                handles.append(block.norm1.register_forward_hook(keep(i)))
-            if attention:
-                saved.append((block.attn, block.attn.store_attention))
-                block.attn.store_attention = True
-                handles.append(block.attn.register_forward_hook(grab_attention(i)))
-        if representation == "normalised":
-            handles.append(blocks[0].norm1.register_forward_hook(keep(0)))
-            handles.append(model.norm.register_forward_hook(keep(L)))
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for module, flag in saved:
-            module.store_attention = flag
-
-    attn_vars = {}
-    if attention:
-        attn_vars.update(mix.variables())
-        if hybrid:
-            for name, (dims, _) in branch["softmax"].variables().items():
-                arr = np.stack([branch[b].variables()[name][1] for b in BRANCHES], 1)
-                attn_vars[f"branch_{name}"] = (dims[:1] + ("branch",) + dims[1:], arr)
-            g = torch.stack(gates, 1).numpy()  # (B, L, T, 2)
-            g = np.concatenate([g, np.full_like(g[:, :1], np.nan)], 1)
-            attn_vars["gate"] = (("sample", "layer", "token", "branch"), g)
-    coords = _coords(model, x, len(hidden[0][0]), labels)
+    sites = hook_sites(model)
+    # the mask only sizes the batches here (our inputs have no padding); T is known after the pass
+    batches = batches_of({"x": x}, torch.ones(len(x), 1, dtype=torch.bool), batch_size)
+    hidden, attn_vars = run_hooks(
+        sites,
+        lambda b: model(b["x"]),
+        [(b, None) for b, _ in batches],
+        n_layers=L,
+        hidden_names=hidden_names(L, representation),
+        attention=attention,
+        reduce=names,
+        sink_k=sink_k,
+        progress=progress,
+    )
+    coords = _coords(model, x, hidden.shape[2], labels)
     if hybrid and attention:
         coords["branch"] = list(BRANCHES)
     attrs = _attrs(model, representation, hybrid)

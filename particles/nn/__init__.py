@@ -6,8 +6,9 @@ Attention (``particles.nn.attention``), for head h, q = W_q x, k = W_k x, v = W_
   HybridAttention    o = g_0 o^softmax + g_1 o^Krause, g = softmax(W_g[o^softmax; o^Krause] + b)
 then the support (``grid=(h, w)``: 4-neighbour patch grid + CLS row/column; ``causal=True`` with
 ``window=w``: 0 ≤ i − j < w), then ``top_k``, then softmax over the kept scores (0 elsewhere).
-``attn(x, return_attention=True)`` → (out, a (B, H, T, T)); ``attn.store_attention = True`` keeps
-``attn.last_attention``; ``model.store_attention(True)`` switches it on in every block.
+``attn(x, return_attention=True)`` → (out, a (B, H, T, T)); the weights, the residual stream and a
+hybrid's gate are read through named hook points (``particles.nn.hooks``: ``hook_sites(model)``,
+``capture(sites, names)``; TransformerLens names such as ``blocks.0.attn.hook_pattern``).
 
 Models: ``ViT`` (digits (B, 8, 8) floats 0–16 → logits (B, 10); tokens = CLS + 4×4 patches of 2×2)
 and ``CausalLM`` (pixel model with BOS, 64 tokens, 17 levels; char LM; recall).
@@ -21,7 +22,7 @@ Hooks for the bridge (every model):
   attn.sigma (Krause: tensor (H,)), attn.log_sigma, attn.beta (softmax: 1/√d_head),
   attn.window, attn.causal, attn.grid, attn.top_k, attn.support(T) (bool (T, T) or None)
   hybrid: attn.softmax / attn.krause are the two branch modules (each with the attributes above),
-          attn.last_gate (B, T, 2), attn.last_branch_attention {"softmax": a, "krause": a}
+          hook points attn.hook_gate (B, T, 2), attn.softmax.hook_pattern, attn.krause.hook_pattern
   model.norm, model.head      final LayerNorm and output layer; model.config, model.card (checkpoints)
 
 Checkpoints: ``load_checkpoint(path)`` (verifies sha256, weights only), ``save_checkpoint``.

@@ -11,8 +11,9 @@ locality — ``grid=(h, w)``: 4-neighbour patch grid plus the CLS row/column (to
 largest s_ij inside the locality support. Weights a_ij = exp(s_ij) / Σ_{l∈N(i)} exp(s_il) on N(i),
 exactly 0 elsewhere; output o_i = W_o [Σ_j a_ij v_j]_heads.
 
-``forward(x, return_attention=True)`` also returns a (B, H, T, T); with ``store_attention = True``
-the module keeps the last weights in ``last_attention``. Neither changes the output.
+``forward(x, return_attention=True)`` also returns a (B, H, T, T). The weights pass through the hook
+point ``attn.hook_pattern`` (``particles.nn.hooks``: TransformerLens names; read them with
+``hooks.capture``); the module keeps no state between calls.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .hooks import HookPoint
 
 
 def grid_mask(rows: int, cols: int, cls_token: bool = True) -> torch.Tensor:
@@ -47,8 +50,44 @@ def causal_mask(T: int, window: int | None = None, offset: int = 0) -> torch.Ten
     return keep
 
 
-class _Attention(nn.Module):
-    """Shared plumbing: projections, support mask, top-k, softmax, stored weights."""
+class _LegacyStore:
+    """Deprecated ``store_attention`` / ``last_attention`` / ``last_gate`` / ``last_branch_attention``,
+    kept only for callers not yet reading the hook points (analysis.findings.measure, tests/test_nn.py):
+    ``store_attention = True`` registers hooks on the hook points that keep the last values."""
+
+    last_attention = last_gate = last_branch_attention = None
+
+    @property
+    def store_attention(self) -> bool:
+        return bool(self.__dict__.get("_legacy_handles"))
+
+    @store_attention.setter
+    def store_attention(self, on: bool) -> None:
+        for h in self.__dict__.pop("_legacy_handles", ()):
+            h.remove()
+        if not on:
+            return
+
+        def keep(name, branch=None):
+            def hook(_, __, value):
+                if branch is None:
+                    self.__dict__[name] = value.detach()
+                else:
+                    stored = self.__dict__.get("last_branch_attention") or {}
+                    self.__dict__["last_branch_attention"] = dict(stored, **{branch: value.detach()})
+
+            return hook
+
+        handles = [self.hook_pattern.register_forward_hook(keep("last_attention"))]
+        if hasattr(self, "hook_gate"):
+            handles.append(self.hook_gate.register_forward_hook(keep("last_gate")))
+            for b in ("softmax", "krause"):
+                handles.append(getattr(self, b).hook_pattern.register_forward_hook(keep(None, b)))
+        self.__dict__["_legacy_handles"] = handles
+
+
+class _Attention(_LegacyStore, nn.Module):
+    """Shared plumbing: projections, support mask, top-k, softmax, the ``hook_pattern`` hook point."""
 
     kind = "base"
 
@@ -80,8 +119,7 @@ class _Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.store_attention = False
-        self.last_attention: torch.Tensor | None = None
+        self.hook_pattern = HookPoint()
 
     # -- pieces ------------------------------------------------------------------------------
     def support(self, T: int, device=None, offset: int = 0) -> torch.Tensor | None:
@@ -121,10 +159,8 @@ class _Attention(nn.Module):
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         B, T, D = x.shape
         q, k, v = (self._heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
-        a = self.weights(self.scores(q, k), self.support(T, x.device))
+        a = self.hook_pattern(self.weights(self.scores(q, k), self.support(T, x.device)))
         out = self.o_proj((a @ v).transpose(1, 2).reshape(B, T, D))
-        if self.store_attention:
-            self.last_attention = a.detach()
         return (out, a) if return_attention else out
 
     # -- incremental decoding ----------------------------------------------------------------
@@ -186,14 +222,14 @@ class KrauseAttention(_Attention):
         return -sq.clamp_min(0) / (2 * torch.exp(2 * self.log_sigma))
 
 
-class HybridAttention(nn.Module):
+class HybridAttention(_LegacyStore, nn.Module):
     """Gated softmax + Krause (the paper's LLM variant): o_i = g_i0 o_i^softmax + g_i1 o_i^Krause,
     g_i = softmax(W_g [o_i^softmax; o_i^Krause] + b), b initialised to (log 4, 0) (80 % softmax).
 
     Each branch is a full attention module with its own projections: ``attn.softmax``, ``attn.krause``.
-    ``last_attention`` is the gate-weighted mixture Σ_b g_ib a^b_ij (row-stochastic, a summary: the
-    branches have different value/output maps); per-branch weights in ``last_branch_attention`` and
-    the gate (B, T, 2) in ``last_gate``.
+    Hook points: ``hook_pattern`` sees the gate-weighted mixture Σ_b g_ib a^b_ij (row-stochastic, a
+    summary: the branches have different value/output maps), ``hook_gate`` the gate (B, T, 2), and
+    ``softmax.hook_pattern`` / ``krause.hook_pattern`` each branch's weights.
     """
 
     kind = "hybrid"
@@ -216,9 +252,8 @@ class HybridAttention(nn.Module):
         with torch.no_grad():
             nn.init.normal_(self.gate.weight, std=0.01)
             self.gate.bias.copy_(torch.tensor([math.log(gate_init / (1 - gate_init)), 0.0]))
-        self.store_attention = False
-        self.last_attention = self.last_gate = None
-        self.last_branch_attention: dict | None = None
+        self.hook_pattern = HookPoint()
+        self.hook_gate = HookPoint()
 
     @property
     def causal(self):
@@ -232,11 +267,8 @@ class HybridAttention(nn.Module):
         o_s, a_s = self.softmax(x, return_attention=True)
         o_k, a_k = self.krause(x, return_attention=True)
         out, g = self._mix(o_s, o_k)
-        a = g[:, None, :, :1] * a_s + g[:, None, :, 1:] * a_k
-        if self.store_attention:
-            self.last_attention = a.detach()
-            self.last_gate = g.detach()
-            self.last_branch_attention = {"softmax": a_s.detach(), "krause": a_k.detach()}
+        g = self.hook_gate(g)
+        a = self.hook_pattern(g[:, None, :, :1] * a_s + g[:, None, :, 1:] * a_k)
         return (out, a) if return_attention else out
 
     def step(self, x, cache: dict):

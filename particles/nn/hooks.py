@@ -76,9 +76,10 @@ def hook_sites(model) -> dict[str, HookSite]:
     (the output of ``block.norm1``) and ``ln_final.hook_normalized`` (the output of ``model.norm``).
     """
     sites = {name: HookSite(m) for name, m in model.named_modules() if is_hook_point(m)}
-    if hasattr(model, "blocks") and hasattr(model, "embed"):  # particles.nn
+    if hasattr(model, "blocks") and isinstance(getattr(model, "norm", None), nn.Module):  # particles.nn
         for layer, block in enumerate(model.blocks):
-            sites.setdefault(f"blocks.{layer}.ln1.hook_normalized", HookSite(block.norm1))
+            if hasattr(block, "norm1"):
+                sites.setdefault(f"blocks.{layer}.ln1.hook_normalized", HookSite(block.norm1))
         sites.setdefault("ln_final.hook_normalized", HookSite(model.norm))
     return sites
 

@@ -1,6 +1,8 @@
 """Small pre-LN transformers: a ViT for 8×8 digits and a causal LM (pixels, characters, recall).
 
 Block:  h ← h + attn(norm1(h));  h ← h + mlp(norm2(h)).   Layer-0 tokens: ``model.embed(inputs)``.
+Hook points (``particles.nn.hooks``): ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post`` (the block's
+input and output), ``blocks.{l}.attn.hook_pattern`` (+ ``hook_gate`` and the branches' for hybrids).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import make_attention
+from .hooks import HookPoint
 
 
 def layer_specs(spec: dict, n_layers: int) -> list[dict]:
@@ -38,10 +41,13 @@ class Block(nn.Module):
             nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model)
         )
         self.drop = nn.Dropout(dropout)
+        self.hook_resid_pre = HookPoint()
+        self.hook_resid_post = HookPoint()
 
     def forward(self, h):
+        h = self.hook_resid_pre(h)
         h = h + self.drop(self.attn(self.norm1(h)))
-        return h + self.drop(self.mlp(self.norm2(h)))
+        return self.hook_resid_post(h + self.drop(self.mlp(self.norm2(h))))
 
     def step(self, h, cache):
         h = h + self.attn.step(self.norm1(h), cache)
@@ -61,15 +67,6 @@ class _Transformer(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.norm(h)
-
-    def store_attention(self, on: bool = True):
-        """Make every attention module keep its last weights in ``block.attn.last_attention``."""
-        for block in self.blocks:
-            block.attn.store_attention = on
-            for branch in ("softmax", "krause"):
-                if hasattr(block.attn, branch):
-                    getattr(block.attn, branch).store_attention = on
-        return self
 
 
 class ViT(_Transformer):
