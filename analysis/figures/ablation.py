@@ -305,6 +305,7 @@ def make_sink_training(quick=False, out=None, progress=True) -> xr.Dataset:
     from analysis.figures._common import save
 
     ds = _load("causal-ablation")
+    long = _load("sink-long") if (DATA / "sink-long.nc").exists() else None
     L = int(ds.sizes["attn_layer"])
     rows = [
         ("probe_alpha0_excess", False, "α₀ − uniform (mean over heads)"),
@@ -326,6 +327,20 @@ def make_sink_training(quick=False, out=None, progress=True) -> xr.Dataset:
                 x = ci["probe_step"].values
                 _band(ax, x, ci, color=SCORE_COLOR[score], ls=ls, lw=1.4, label=label)
                 plotted.append(_tag(ci, variant=name, metric=var, block=b + 1))
+            if long is not None and not topk and "dot" in long["variant"].values:
+                ci = _ci_over_seeds(long[var].sel(variant="dot").isel(attn_layer=b))
+                n_long = int(long.sizes["seed"])
+                _band(
+                    ax,
+                    ci["probe_step"].values,
+                    ci,
+                    color="k",
+                    lw=1.0,
+                    label=f"dot, {int(long['steps'].max())} steps",
+                )
+                plotted.append(
+                    _tag(ci.rename(probe_step="long_step"), variant="dot-long", metric=var, block=b + 1)
+                )
             if "excess" in var:
                 ax.axhline(0, color="0.5", lw=0.8)
             ax.grid(alpha=0.3)
@@ -344,6 +359,7 @@ def make_sink_training(quick=False, out=None, progress=True) -> xr.Dataset:
         "100 steps; uniform = what equal weights over each query's visible keys would give BOS (a window of "
         "16 hides BOS from queries i ≥ 16, so the windowed cells' uniform baseline is lower). Mean over "
         f"n = {n} training seeds, shaded 95 % t-interval. A sink would show as α₀ rising far above uniform."
+        + (f" Black: the softmax cell trained longer (n = {n_long} seeds)." if long is not None else "")
     )
     return save(
         fig, _combine(plotted), "sink_training", out, "Does a first-token sink form during training?", caption

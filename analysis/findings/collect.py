@@ -160,7 +160,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="collect finished runs into one .nc per experiment")
     ap.add_argument("root")
     ap.add_argument("out")
-    ap.add_argument("--experiments", nargs="+", default=["vit-ablation", "causal-ablation", "recall"])
+    ap.add_argument(
+        "--experiments", nargs="+", default=["vit-ablation", "causal-ablation", "sink-long", "recall"]
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -260,6 +260,12 @@ def main(argv=None) -> int:
         print(sink_metric_table(ds, order), "\n")
         print(probe_table(ds), "\n")
         print(distance_table(ds, order), "\n")
+    if (d / "sink-long.nc").exists():
+        ds = xr.open_dataset(d / "sink-long.nc").load()
+        print(f"## sink-long (seeds: {list(ds['seed'].values)})\n")
+        steps = [s for s in ds["probe_step"].values if s % 1000 == 0 or s == ds["probe_step"].values.max()]
+        print(probe_table(ds, variants=("dot",), steps=steps), "\n")
+        print(cell_table(ds, ("dot",)), "\n")
     if (d / "vit-interventions.nc").exists():
         print("## vit-interventions (max |Δ logits| with rows set to uniform)\n")
         print(intervention_table(xr.open_dataset(d / "vit-interventions.nc").load()), "\n")
