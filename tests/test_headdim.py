@@ -146,3 +146,22 @@ def test_path_hooks_for_the_kernel_table():
             got = headdim.run_field(field, x, np.empty((60, d)))
         assert seen[-1] is symmetric
         assert relative_error(got, reference.velocity(x, it)) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_block_floor_and_sums(dtype):
+    """w = 2^(S + r_i + c_j), exactly 0 below the floor (no subnormal products in the BLAS), with
+    the row and column sums added."""
+    rng = np.random.default_rng(0)
+    S = rng.uniform(-200 if dtype == np.float32 else -1000, 5, (7, 9)).astype(dtype)
+    r, c = rng.uniform(-3, 0, 7).astype(dtype), rng.uniform(-3, 0, 9).astype(dtype)
+    y = S.astype(np.float64) + r[:, None] + c[None, :]
+    floor = headdim.weight_floor(9, dtype)
+    want = np.where(y >= floor, np.exp2(y), 0.0)
+    row, col = np.zeros(7, dtype), np.zeros(9, dtype)
+    headdim.exp_block(S, 7, 9, r, c, dtype(floor), row, col, True)
+    # (float32: y itself is rounded in float32, |y| ≤ 200 → relative 2e-5 in 2^y)
+    np.testing.assert_allclose(S, want, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=0)
+    assert np.all(S[y < floor] == 0) and np.any(y < floor)
+    np.testing.assert_allclose(row, want.sum(1), rtol=1e-4)
+    np.testing.assert_allclose(col, want.sum(0), rtol=1e-4)

@@ -30,8 +30,9 @@ and column sums of w; then out_I += W V_J (and, symmetric, out_J += Wᵀ V_I) by
 calls visit the block pairs I ≤ J of the upper triangle only: half the score products and half
 the exps of a general call. The shift of a symmetric softmax is one bound of every score,
 |β|·max‖q‖²; of a general one the Cauchy–Schwarz bound |β|·‖q_i‖·max‖k‖ of each row (0 for rbf).
-A row whose weight sum falls below ``tiny`` (the bound was too loose: weights that matter might
-have underflowed) is redone with its exact row max by :func:`exact_rows` (numpy).
+A row whose weight sum falls below 2^LOOSE_LOG2 (the bound was too loose: weights that matter might
+have underflowed) is redone with its exact row max by :func:`exact_rows` (a first pass of
+score products for the maxima, then the weighted sums).
 
 Threads: blocks are dealt to T = numba.get_num_threads() tasks of one numba parallel loop; each
 task calls a single-threaded BLAS (MKL's sgemm_/dgemm_ exported by torch's libtorch_cpu when
@@ -155,47 +156,64 @@ _N, _T = ord("N"), ord("T")
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def exp_block(S, rows, cols, r, c, row_sum, col_sum, with_cols):
-    """S[:rows, :cols] ← 2^(S + r_i + c_j) in place; row_sum[i] += Σ_j, col_sum[j] += Σ_i (if with_cols)."""
+def exp_block(S, rows, cols, r, c, floor, row_sum, col_sum, with_cols):
+    """S[:rows, :cols] ← w = 2^y, y = S + r_i + c_j, in place (0 where y < floor); row_sum[i] += Σ_j w,
+    col_sum[j] += Σ_i w (if with_cols). The floor keeps W free of the tiny values that would make
+    the BLAS products denormal (100× slower); what it drops is below the rounding of any row kept."""
     cv, csv = c[:cols], col_sum[:cols]
+    zero = S.dtype.type(0.0)
     for i in range(rows):
         ri = r[i]
         w_row = S[i, :cols]
-        tot = S.dtype.type(0.0)
+        tot = zero
         if with_cols:
             for j in range(cols):
-                w = exp2_sat(w_row[j] + ri + cv[j])
+                y = w_row[j] + ri + cv[j]
+                w = exp2_sat(y) if y >= floor else zero
                 w_row[j] = w
                 tot += w
                 csv[j] += w
         else:
             for j in range(cols):
-                w = exp2_sat(w_row[j] + ri + cv[j])
+                y = w_row[j] + ri + cv[j]
+                w = exp2_sat(y) if y >= floor else zero
                 w_row[j] = w
                 tot += w
         row_sum[i] += tot
 
 
 @njit(cache=True)
-def _pair(gemm, I, J, n, block, qs, k, v, r, c, S, acc, sums, symmetric):
+def _pair(gemm, I, J, block, qs, k, v, r, c, floor, S, acc, sums, symmetric):
     """Block pair (I, J): S = qs_I k_Jᵀ, W = 2^(S + r + c); acc_I += W v_J (and acc_J += Wᵀ v_I)."""
     d = qs.shape[1]
     i0, j0 = I * block, J * block
-    bi, bj = min(block, n - i0), min(block, n - j0)
+    bi, bj = min(block, qs.shape[0] - i0), min(block, k.shape[0] - j0)
     one, zero = qs.dtype.type(1.0), qs.dtype.type(0.0)
     ld = S.shape[1]
     # column-major view: Sᵀ (bj × bi) = k_J (bj × d) · qs_Iᵀ
     _gemm(gemm, _T, _N, bj, bi, d, one, k[j0:], d, qs[i0:], d, zero, S, ld)
     both = symmetric and I != J
-    exp_block(S, bi, bj, r[i0:i0 + bi], c[j0:j0 + bj], sums[i0:i0 + bi], sums[j0:j0 + bj], both)
+    exp_block(S, bi, bj, r[i0:i0 + bi], c[j0:j0 + bj], floor, sums[i0:i0 + bi], sums[j0:j0 + bj], both)
     # acc_Iᵀ (d × bi) += v_Jᵀ (d × bj) · Wᵀ (bj × bi)
     _gemm(gemm, _N, _N, d, bi, bj, one, v[j0:], d, S, ld, one, acc[i0:], d)
     if both:  # acc_Jᵀ (d × bj) += v_Iᵀ (d × bi) · W (bi × bj)
         _gemm(gemm, _N, _T, d, bj, bi, one, v[i0:], d, S, ld, one, acc[j0:], d)
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _max_block(S, rows, cols, c, m):
+    """m[i] ← max(m[i], max_j S[i, j] + c_j) over the block."""
+    cv = c[:cols]
+    for i in range(rows):
+        row = S[i, :cols]
+        best = m[i]
+        for j in range(cols):
+            best = max(best, row[j] + cv[j])
+        m[i] = best
+
+
 @njit(parallel=True, cache=True)
-def blocks_symmetric(gemm, set_threads, qs, k, v, r, block, partial, partial_sums):
+def blocks_symmetric(gemm, set_threads, qs, k, v, r, floor, block, partial, partial_sums):
     """Upper-triangle block pairs I ≤ J (k = the unscaled queries), dealt round-robin to
     T = partial.shape[0] tasks; task t accumulates Σ_j w_ij v_j into partial[t] and Σ_j w_ij into
     partial_sums[t] (both zeroed here). Pairs are numbered row by row, so consecutive pairs share
@@ -212,7 +230,7 @@ def blocks_symmetric(gemm, set_threads, qs, k, v, r, block, partial, partial_sum
         for I in range(nb):
             for J in range(I, nb):
                 if p % T == t:
-                    _pair(gemm, I, J, n, block, qs, k, v, r, r, S, partial[t], partial_sums[t], True)
+                    _pair(gemm, I, J, block, qs, k, v, r, r, floor, S, partial[t], partial_sums[t], True)
                 p += 1
         if set_threads != 0:
             _call_int(set_threads, previous)
@@ -220,24 +238,47 @@ def blocks_symmetric(gemm, set_threads, qs, k, v, r, block, partial, partial_sum
 
 
 @njit(parallel=True, cache=True)
-def blocks_rows(gemm, set_threads, qs, k, v, r, c, block, tasks, out, sums):
-    """General (q ≠ k) rows: row block I = t, t + T, … of task t against every key block J;
-    out (n, d) ← Σ_j w_ij v_j and sums (n,) ← Σ_j w_ij (both zeroed here), T = min(blocks, tasks)."""
-    n = qs.shape[0]
-    nb = (n + block - 1) // block
+def blocks_rows(gemm, set_threads, qs, k, v, r, c, floor, block, tasks, out, sums):
+    """General rows (q ≠ k; nq queries, nk keys): row block I = t, t + T, … of task t against every
+    key block; out (nq, d) ← Σ_j w_ij v_j and sums (nq,) ← Σ_j w_ij (both zeroed here)."""
+    nb, kb = (qs.shape[0] + block - 1) // block, (k.shape[0] + block - 1) // block
     T = min(nb, tasks)
     for t in prange(T):
         previous = _call_int(set_threads, 1) if set_threads != 0 else 0
         S = np.empty((block, block), qs.dtype)
         for I in range(t, nb, T):
-            i0, i1 = I * block, min(n, I * block + block)
+            i0, i1 = I * block, min(qs.shape[0], I * block + block)
             out[i0:i1] = 0.0
             sums[i0:i1] = 0.0
-            for J in range(nb):
-                _pair(gemm, I, J, n, block, qs, k, v, r, c, S, out, sums, False)
+            for J in range(kb):
+                _pair(gemm, I, J, block, qs, k, v, r, c, floor, S, out, sums, False)
         if set_threads != 0:
             _call_int(set_threads, previous)
     return out
+
+
+@njit(parallel=True, cache=True)
+def blocks_rowmax(gemm, set_threads, qs, k, c, block, tasks, m):
+    """m (nq,) ← max_j (qs_i·k_j + c_j): the exact row maxima of the log2 scores."""
+    nb, kb = (qs.shape[0] + block - 1) // block, (k.shape[0] + block - 1) // block
+    T = min(nb, tasks)
+    one, zero = qs.dtype.type(1.0), qs.dtype.type(0.0)
+    d = qs.shape[1]
+    for t in prange(T):
+        previous = _call_int(set_threads, 1) if set_threads != 0 else 0
+        S = np.empty((block, block), qs.dtype)
+        for I in range(t, nb, T):
+            i0 = I * block
+            bi = min(block, qs.shape[0] - i0)
+            m[i0:i0 + bi] = -np.inf
+            for J in range(kb):
+                j0 = J * block
+                bj = min(block, k.shape[0] - j0)
+                _gemm(gemm, _T, _N, bj, bi, d, one, k[j0:], d, qs[i0:], d, zero, S, S.shape[1])
+                _max_block(S, bi, bj, c[j0:j0 + bj], m[i0:i0 + bi])
+        if set_threads != 0:
+            _call_int(set_threads, previous)
+    return m
 
 
 # --- the path-table hooks (particles.kernels.PATH_TABLE) ---------------------------------------
@@ -298,36 +339,25 @@ def velocity_headdim(q, k, v, *, score, beta=1.0, inv2s2=0.5, normalise=True, sy
         raise ValueError("symmetric=True needs k == q")
     blas = blas_addresses()
     block = min(BLOCK[dtype], n)
-    sq = np.einsum("nd,nd->n", q, q)
-    if score == "softmax":
-        scale = beta * LOG2E
-        if symmetric:
-            shift = abs(beta) * sq.max() if normalise else 0.0
-            r = np.full(n, -0.5 * LOG2E * shift, dtype)
-        else:
-            kmax = np.sqrt(np.einsum("nd,nd->n", k, k).max())
-            r = (-LOG2E * abs(beta) * kmax * np.sqrt(sq)).astype(dtype) if normalise else np.zeros(n, dtype)
-        c = r if symmetric else np.zeros(n, dtype)
-    else:
-        scale = 2.0 * inv2s2 * LOG2E
-        r = (-LOG2E * inv2s2 * sq).astype(dtype)
-        c = r if symmetric else (-LOG2E * inv2s2 * np.einsum("nd,nd->n", k, k)).astype(dtype)
+    scale, r, c = log2_terms(q, k, score, beta, inv2s2, normalise, symmetric)
     qs = q * t(scale)
+    floor = weight_floor(n, dtype) if normalise else -np.inf
     if symmetric:
         nb = -(-n // block)
         T = max(1, min(numba.get_num_threads(), nb * (nb + 1) // 2))
         partial, partial_sums = np.empty((T, n, d), dtype), np.empty((T, n), dtype)
-        blocks_symmetric(blas[dtype.name], blas["threads"], qs, q, v, r, block, partial, partial_sums)
+        blocks_symmetric(blas[dtype.name], blas["threads"], qs, q, v, r, floor, block, partial, partial_sums)
         acc, sums = partial.sum(0), partial_sums.sum(0)
     else:
         acc, sums = out, np.empty(n, dtype)
-        blocks_rows(blas[dtype.name], blas["threads"], qs, k, v, r, c, block, numba.get_num_threads(),
+        blocks_rows(blas[dtype.name], blas["threads"], qs, k, v, r, c, floor, block, numba.get_num_threads(),
                     acc, sums)
     if normalise:
-        np.multiply(acc, (1.0 / sums)[:, None], out=out)
-        loose = np.flatnonzero(~(sums >= tiny_sum(n, dtype)))
+        with np.errstate(divide="ignore", invalid="ignore"):  # Σ w = 0: a loose row, redone below
+            np.multiply(acc, (1.0 / sums)[:, None], out=out)
+        loose = np.flatnonzero(~(sums >= 2.0 ** LOOSE_LOG2[dtype]))
         if len(loose):
-            out[loose] = exact_rows(q[loose], k, v, score, beta, inv2s2)
+            out[loose] = exact_rows(np.ascontiguousarray(q[loose]), k, v, score, beta, inv2s2)
         return out
     np.multiply(acc, t(1.0 / n), out=out)
     if not np.all(np.isfinite(out)):
@@ -336,20 +366,45 @@ def velocity_headdim(q, k, v, *, score, beta=1.0, inv2s2=0.5, normalise=True, sy
     return out
 
 
-def tiny_sum(n, dtype) -> float:
-    """A row's Σ w below this (n²·smallest normal·e^40) means its shift bound was too loose."""
-    return float(n) ** 2 * float(np.finfo(dtype).tiny) * np.exp(40.0)
+def log2_terms(q, k, score, beta, inv2s2, normalise, symmetric):
+    """(scale, r, c) of y_ij = scale·⟨q_i, k_j⟩ + r_i + c_j = log2(e)·(s_ij − shift_i) (module docstring)."""
+    dtype = q.dtype
+    sq = np.einsum("nd,nd->n", q, q)
+    if score == "rbf":
+        r = (-LOG2E * inv2s2 * sq).astype(dtype)
+        c = r if symmetric else (-LOG2E * inv2s2 * np.einsum("nd,nd->n", k, k)).astype(dtype)
+        return 2.0 * inv2s2 * LOG2E, r, c
+    if not normalise:
+        r = np.zeros(len(q), dtype)
+    elif symmetric:
+        r = np.full(len(q), -0.5 * LOG2E * abs(beta) * sq.max(), dtype)
+    else:
+        kmax = np.sqrt(np.einsum("nd,nd->n", k, k).max())
+        r = (-LOG2E * abs(beta) * kmax * np.sqrt(sq)).astype(dtype)
+    return beta * LOG2E, r, r if symmetric else np.zeros(len(k), dtype)
 
 
-def exact_rows(q, k, v, score, beta, inv2s2, chunk=1 << 22):
-    """Normalised rows with the exact row max (numpy, rows in chunks of ≤ `chunk` scores): the redo
-    of rows whose shared bound was too loose."""
-    out = np.empty(q.shape, q.dtype)
-    k_sq = np.einsum("nd,nd->n", k, k)
-    rows = max(1, chunk // max(1, k.shape[0]))
-    for a in range(0, len(q), rows):
-        s = q[a:a + rows] @ k.T
-        s = beta * s if score == "softmax" else (2.0 * inv2s2) * s - inv2s2 * k_sq  # −‖q‖² cancels
-        e = np.exp(s - s.max(axis=1, keepdims=True))
-        out[a:a + rows] = (e @ v) / e.sum(axis=1, keepdims=True)
-    return out
+#: A row whose Σ w is below 2^LOOSE_LOG2 (w = 2^y, y ≤ 0 at the shift) had too loose a bound: its
+#: weights may have underflowed, so it is redone with its exact row max.
+LOOSE_LOG2 = {np.dtype(np.float32): -60.0, np.dtype(np.float64): -600.0}
+
+
+def weight_floor(n, dtype) -> float:
+    """log2 weights below this are set to 0: n of them add less than one rounding unit of any row sum
+    ≥ 2^LOOSE_LOG2 (a row below that is redone anyway)."""
+    return LOOSE_LOG2[np.dtype(dtype)] - np.finfo(dtype).nmant - 1 - np.log2(max(n, 1))
+
+
+def exact_rows(q, k, v, score, beta, inv2s2):
+    """Normalised rows of the queries q (m, d) against every key with the exact row max: a first
+    pass of score products for max_j y_ij, then the weighted sums with r_i = −max (row sum ≥ 1).
+    The redo of rows whose bound was too loose."""
+    blas, dtype = blas_addresses(), q.dtype
+    block, tasks = min(BLOCK[dtype], max(len(q), len(k))), numba.get_num_threads()
+    scale, _, c = log2_terms(q, k, score, beta, inv2s2, True, False)
+    qs = q * dtype.type(scale)
+    m = blocks_rowmax(blas[dtype.name], blas["threads"], qs, k, c, block, tasks, np.empty(len(q), dtype))
+    out, sums = np.empty(q.shape, dtype), np.empty(len(q), dtype)
+    blocks_rows(blas[dtype.name], blas["threads"], qs, k, v, -m, c, weight_floor(len(k), dtype), block, tasks,
+                out, sums)
+    return out / sums[:, None]
