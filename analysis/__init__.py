@@ -14,8 +14,9 @@ from analysis.metrics import *  # noqa: F403  (the names in analysis.metrics.__a
 
 __all__ = list(_metrics.__all__)
 
-# Parameter sweeps (dask.distributed). Note: this makes ``analysis.sweep`` the function; the module
-# stays importable as ``from analysis.sweep import ...``.
-from analysis.sweep import open_sweep, plot_sweep, sweep  # noqa: E402
+# Parameter sweeps (dask.distributed): ``analysis.sweep`` is a module that can be called,
+# ``analysis.sweep(model, axes=...)``; the package is analysis.sweeps.
+from analysis import sweep  # noqa: E402
+from analysis.sweeps import open_sweep, plot_sweep  # noqa: E402
 
 __all__ += ["sweep", "plot_sweep", "open_sweep"]

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analysis._store import SweepStore
 from analysis.cli import main
 from analysis.sweep import open_sweep, sweep
+from analysis.sweeps.store import SweepStore
 from particles import simulate
 from particles.store import (
     MARKER,
@@ -418,7 +418,7 @@ def test_bad_spec_leaves_nothing_and_the_corrected_spec_runs(tmp_path, capsys):
     assert run_cli(argv, capsys)[0] == 0
     assert open_sweep(store).attrs["points_done"] == 4
     # the API too: steps as an axis value
-    with pytest.raises(ValueError, match="steps must be an integer >= 0.*steps=-1"):
+    with pytest.raises(ValueError, match="steps must be >= 0.*steps=-1"):
         sweep("hk", {"steps": [2, -1]}, radius=0.1, dt=1.0, n=5, d=1, scheduler="sync",
               store=tmp_path / "api.zarr", metrics=["final_clusters"])
     assert not (tmp_path / "api.zarr").exists()
@@ -451,11 +451,23 @@ def _hostile(tmp_path, name, card):
     return tmp_path / name
 
 
-def test_hostile_checkpoint_cards_are_refused_before_allocation(tmp_path, capsys):
-    import tracemalloc
+def test_hostile_checkpoint_cards_are_refused_before_allocation(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    import torch
 
     from particles.nn import CheckpointError, load_checkpoint
 
+    train_module = importlib.import_module("particles.nn.train")  # (particles.nn.train is the function)
+
+    built = []  # devices on which a model was built
+    real_build = train_module.build_model
+
+    def recording_build(config):
+        built.append(str(torch.get_default_device()))
+        return real_build(config)
+
+    monkeypatch.setattr(train_module, "build_model", recording_build)
     card = json.loads(CHECKPOINT.with_suffix(".json").read_text())
     cases = {
         "a-list": ([card], "JSON object"),
@@ -468,15 +480,15 @@ def test_hostile_checkpoint_cards_are_refused_before_allocation(tmp_path, capsys
     }
     for name, (bad, message) in cases.items():
         path = _hostile(tmp_path, name, bad)
-        tracemalloc.start()
+        built.clear()
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(path)
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        assert peak < 50 * 2**20, f"{name}: {peak / 2**20:.0f} MiB allocated before refusing"
+        assert all(device == "meta" for device in built), f"{name}: a model was built on {built}"
         rc, err = run_cli(["extract", "--checkpoint", path, "-o", tmp_path / f"{name}.nc"], capsys)
         assert_one_line(rc, err, "extract")
+    built.clear()
     assert load_checkpoint(_hostile(tmp_path, "fine", card)).config == card["config"]
+    assert built == ["meta", "cpu"]  # checked on the meta device first, then built for real
 
 
 # -- 5. a scheduler address that is not dask -------------------------------------------------------
@@ -560,3 +572,28 @@ def test_train_refuses_to_overwrite_a_checkpoint(tmp_path, capsys):
     rc, err = run_cli(["train", "ablations", "--out", tmp_path], capsys)
     assert_one_line(rc, err, "train")
     assert tree(tmp_path) == {**before, "ablations.json": b"{}"}
+
+
+# -- the one checkpoint-card scanner ---------------------------------------------------------------
+def test_list_cards_skips_what_is_not_a_card(tmp_path):
+    from particles.nn.checkpoint import list_cards
+
+    card = json.loads(CHECKPOINT.with_suffix(".json").read_text())
+    shutil.copy(CHECKPOINT.with_suffix(".pt"), tmp_path / "a.pt")
+    (tmp_path / "a.json").write_text(json.dumps(card))
+    (tmp_path / "b.json").write_text(json.dumps(dict(card, task="digits-vit")))  # no weights
+    (tmp_path / "ablations.json").write_text(json.dumps({"task": "digits-vit", "results": {}}))
+    (tmp_path / "list.json").write_text(json.dumps([card]))
+    (tmp_path / "junk.json").write_bytes(os.urandom(40))
+    assert [p.name for p, _ in list_cards(tmp_path)] == ["a.json", "b.json"]
+    assert [p.name for p, _ in list_cards(tmp_path, with_weights=True)] == ["a.json"]
+    assert [p.name for p, _ in list_cards(tmp_path, task="digits-vit")] == ["b.json"]
+    assert list_cards(tmp_path / "missing") == []
+
+
+def test_checkpoint_folders_are_scanned_in_one_place():
+    """Every listing of checkpoint cards goes through particles.nn.checkpoint.list_cards."""
+    scanners = [str(p.relative_to(ROOT)) for folder in ("analysis", "particles")
+                for p in (ROOT / folder).rglob("*.py")
+                if 'glob("*.json")' in p.read_text()]
+    assert scanners == ["particles/nn/checkpoint.py"]

@@ -7,11 +7,13 @@ by the module; simulations are small.
 
 import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +21,12 @@ import pytest
 import xarray as xr
 
 import analysis
-from analysis import _store
 from analysis.cli import main
 from analysis.sweep import LOOPBACK_HTTP, SweepError, load_spec, make_plan, open_sweep, plot_sweep, sweep
+from analysis.sweeps import execution
+from analysis.sweeps import store as _store
 from particles import simulate
 
-SWEEP = importlib.import_module("analysis.sweep")  # the module (analysis.sweep may be the function)
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("sweep_*.toml"))
 
@@ -135,7 +137,7 @@ def test_localcluster_equals_sync_and_store_round_trips(cluster, reference, tmp_
     xr.testing.assert_identical(ds2, ds)
 
 
-def test_scheduler_none_starts_and_closes_a_local_cluster():
+def test_scheduler_none_starts_and_closes_a_local_cluster(capsys):
     import psutil
 
     def children():  # worker/nanny processes (multiprocessing's resource tracker lives on by design)
@@ -144,10 +146,31 @@ def test_scheduler_none_starts_and_closes_a_local_cluster():
 
     before = children()
     kw = dict(model="hk", axes={"radius": [0.1, 0.3]}, metrics=["final_clusters"], steps=5, dt=1.0,
-              n=20, d=1, progress=False)
-    ds = sweep(**kw, scheduler=None, workers=1)
-    assert_same_across_processes(ds, sweep(**kw, scheduler="sync"))
+              n=20, d=1)
+    ds = sweep(**kw, scheduler=None, workers=1, progress=True)
+    assert_same_across_processes(ds, sweep(**kw, scheduler="sync", progress=False))
     assert children() <= before
+    # the dashboard link is printed, and serves the dask dashboard while the cluster runs
+    assert re.search(r"dask dashboard: http://127\.0\.0\.1:\d+/status", capsys.readouterr().err)
+    said = []
+    client, close = execution._connect(None, 1, 1, announce=said.append)
+    try:
+        link = re.search(r"http://\S+", said[0]).group()
+        assert urllib.request.urlopen(link, timeout=30).status == 200
+    finally:
+        close()
+
+
+def test_sweep_module_is_callable_and_not_shadowed():
+    import analysis.sweeps
+
+    module = importlib.import_module("analysis.sweep")
+    assert analysis.sweep is module and callable(module)
+    assert module.sweep is analysis.sweeps.sweep and module.open_sweep is analysis.open_sweep
+    ds = analysis.sweep("hk", {"radius": [0.1, 0.3]}, metrics=["final_clusters"], steps=3, dt=1.0, n=8, d=1,
+                        scheduler="sync", progress=False)
+    xr.testing.assert_identical(ds, sweep("hk", {"radius": [0.1, 0.3]}, metrics=["final_clusters"], steps=3,
+                                          dt=1.0, n=8, d=1, scheduler="sync", progress=False))
 
 
 def test_progress_bar_counts_points(capsys):
@@ -160,7 +183,7 @@ def test_progress_bar_counts_points(capsys):
 def test_resume_skips_finished_points_and_discards_unfinished_writes(tmp_path, reference, monkeypatch):
     store = tmp_path / "r.zarr"
     calls = []
-    real = SWEEP.run_point
+    real = execution.run_point
 
     def fail_after_three(params, seed, metrics):
         if len(calls) == 3:
@@ -168,16 +191,16 @@ def test_resume_skips_finished_points_and_discards_unfinished_writes(tmp_path, r
         calls.append((params, seed))
         return real(params, seed, metrics)
 
-    monkeypatch.setattr(SWEEP, "run_point", fail_after_three)
+    monkeypatch.setattr(execution, "run_point", fail_after_three)
     with pytest.raises(KeyboardInterrupt):
         sweep(**SPEC, scheduler="sync", store=store, progress=False)
     assert len(_points(store)) == 3
     # a write killed halfway leaves only a staging directory, which is not a finished point
     (store / ".tmp" / "0_0_0-dead").mkdir()
     (store / ".tmp" / "0_0_0-dead" / "zarr.json").write_text("{")
-    monkeypatch.setattr(SWEEP, "run_point", real)
+    monkeypatch.setattr(execution, "run_point", real)
     counted = []
-    monkeypatch.setattr(SWEEP, "run_point", lambda *a: counted.append(1) or real(*a))
+    monkeypatch.setattr(execution, "run_point", lambda *a: counted.append(1) or real(*a))
     ds = sweep(**SPEC, scheduler="sync", store=store, progress=False)
     assert len(counted) == 8 - 3
     xr.testing.assert_identical(ds, reference)

@@ -42,16 +42,12 @@ PANELS = (
 
 def find_checkpoints(task: str, root="checkpoints") -> dict:
     """{attention: path} of the checkpoints whose card names ``task`` (lowest seed per attention)."""
-    from particles.nn import read_card
+    from particles.nn.checkpoint import list_cards
 
     found = {}
-    for card_path in sorted(Path(root).glob("*.json")):
-        try:
-            card = read_card(card_path)
-        except (OSError, ValueError):
-            continue
+    for card_path, card in list_cards(root, task=task, with_weights=True):
         att = card.get("attention")
-        if card.get("task") != task or att not in ATTENTIONS or not card_path.with_suffix(".pt").exists():
+        if att not in ATTENTIONS:
             continue
         seed = card.get("seed", 0)
         if att not in found or seed < found[att][0]:

@@ -1,4 +1,4 @@
-"""`ksync sweep SPEC.toml -o results.zarr`: a resumable parameter sweep (see analysis.sweep)."""
+"""`ksync sweep SPEC.toml -o results.zarr`: a resumable parameter sweep (see analysis.sweeps)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _positive_int(text):
 def register(sub):
     p = sub.add_parser("sweep", help="run a parameter sweep on dask.distributed (resumable zarr store)",
                        description="Run the sweep described by SPEC.toml (format: the docstring of "
-                                   "analysis.sweep, or examples/sweep_*.toml). Rerunning the same "
+                                   "analysis.sweeps, or examples/sweep_*.toml). Rerunning the same "
                                    "command resumes an interrupted sweep.")
     p.add_argument("spec", metavar="SPEC.toml", help="sweep specification (TOML)")
     p.add_argument("-o", "--output", required=True, help="zarr store for the results, e.g. results.zarr")
@@ -37,8 +37,8 @@ def register(sub):
 
 
 def run(args) -> int:
-    from analysis._store import SweepStore
-    from analysis.sweep import SweepError, load_spec, make_plan, sweep
+    from analysis.sweeps.store import SweepStore
+    from analysis.sweeps import SweepError, load_spec, make_plan, sweep
 
     if args.workers is not None and args.scheduler is not None:
         raise UsageError("--workers only applies to the LocalCluster started without --scheduler")

@@ -6,7 +6,6 @@ Each is :func:`analysis.bridge.make_compare` on the checkpoints in the repositor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from analysis.figures._registry import register
@@ -16,10 +15,11 @@ CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 def shipped_tasks(root=CHECKPOINTS) -> list[str]:
     """Tasks with at least two trained attention kinds under ``root`` (read from the JSON cards)."""
+    from particles.nn.checkpoint import list_cards
+
     kinds: dict[str, set] = {}
-    for card in sorted(Path(root).glob("*.json")):
-        meta = json.loads(card.read_text())
-        if meta.get("attention") and card.with_suffix(".pt").exists():
+    for _, meta in list_cards(root, with_weights=True):
+        if meta.get("attention"):
             kinds.setdefault(meta["task"], set()).add(meta["attention"])
     return [task for task, found in kinds.items() if len(found) >= 2]
 

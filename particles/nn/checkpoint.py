@@ -110,9 +110,10 @@ def list_cards(root: str | os.PathLike, *, task: str | None = None,
                with_weights: bool = False) -> list[tuple[Path, dict]]:
     """``[(card path, card)]`` of the checkpoint cards in folder ``root``, sorted by file name.
 
-    A card is a JSON object with a "task" next to its ``.pt`` (other JSON files such as
-    ``ablations.json`` and unreadable files are skipped). ``task``: keep only that task;
-    ``with_weights``: keep only cards whose weights file exists. A missing folder gives [].
+    A card is a JSON object with a "task" (string), a "config" (object) and the "sha256" of its
+    weights, as :func:`save_checkpoint` writes it; other JSON files (``ablations.json``) and
+    unreadable files are skipped. ``task``: keep only that task; ``with_weights``: keep only
+    cards whose ``.pt`` exists. A missing folder gives [].
     """
     root = Path(root)
     if not root.is_dir():
@@ -123,7 +124,8 @@ def list_cards(root: str | os.PathLike, *, task: str | None = None,
             card = json.loads(card_path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(card, dict) or not isinstance(card.get("task"), str):
+        if not (isinstance(card, dict) and isinstance(card.get("task"), str)
+                and isinstance(card.get("config"), dict) and "sha256" in card):
             continue
         if task is not None and card["task"] != task:
             continue

@@ -16,12 +16,9 @@ ORDER = ("krause", "softmax", "hybrid")
 
 
 def cards(directory) -> dict:
-    out = {}
-    for path in sorted(Path(directory).glob("*.json")):
-        card = json.loads(path.read_text())
-        if "task" in card and "sha256" in card:
-            out[(card["task"], card["attention"])] = card
-    return out
+    from .checkpoint import list_cards
+
+    return {(card["task"], card.get("attention")): card for _, card in list_cards(directory)}
 
 
 def main_table(c: dict) -> str:
