@@ -79,7 +79,7 @@ def test_ksync_bench_headdim_writes_json_and_markdown(tmp_path, monkeypatch):
         torch.set_num_threads(threads[0])
         numba.set_num_threads(threads[1])
     data = json.loads(out.read_text())
-    assert data["complete"] and data["clock"] == "process CPU time" and len(data["cases"]) == 2
+    assert data["complete"] and data["clock"].startswith("CPU time") and len(data["cases"]) == 2
     first = data["cases"][0]
     assert {"auto_s", "headdim_s", "numba-dense_s", "sdpa_s", "x_sdpa", "fastest", "rounds"} <= set(first)
     assert first["x_sdpa"] == pytest.approx(first["sdpa_s"] / first["ours_s"])

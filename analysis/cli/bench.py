@@ -34,8 +34,9 @@ def register(subparsers):
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch and numba threads (default: all cores)")
     p.add_argument("--cpu-time", action="store_true",
-                   help="with --headdim: time by process CPU time instead of wall time (robust on a "
-                        "loaded machine, meaningful with --threads 1)")
+                   help="with --headdim and --threads 1: time by the CPU time of the calling thread, which "
+                        "does all the work then (robust on a loaded machine: time descheduled is not "
+                        "counted, nor other threads spinning)")
     p.set_defaults(func=run)
 
 
@@ -45,8 +46,14 @@ def run(args) -> int:
 
     from analysis import bench
     threads = args.threads or os.cpu_count() or 1
+    if args.cpu_time and threads != 1:
+        raise ValueError("--cpu-time needs --threads 1 (it times the calling thread only)")
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    if args.threads:  # numpy's and scipy's OpenBLAS too (their idle threads spin for ~0.1 s)
+        import threadpoolctl
+
+        threadpoolctl.threadpool_limits(threads)
     repeats = args.repeats or (2 if args.quick else 5)
     if repeats < 1:
         raise ValueError("--repeats must be >= 1")
@@ -115,8 +122,8 @@ def print_machine(machine):
 def run_headdim(args, bench, repeats, budget, start) -> int:
     cases = bench.headdim_cases(quick=args.quick)
     rounds = 1 if args.quick else 3
-    clock = time.process_time if args.cpu_time else time.perf_counter
-    clock_name = "process CPU time" if args.cpu_time else "wall time"
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    clock_name = "CPU time of the calling thread (1 thread)" if args.cpu_time else "wall time"
     command = " ".join(["ksync bench --headdim"] + ["--quick"] * args.quick + ["--cpu-time"] * args.cpu_time
                        + ([f"--threads {args.threads}"] if args.threads else []))
 
