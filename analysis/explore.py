@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-MODELS = ("sa", "usa", "krause", "hk")
+from particles.interaction import MODELS
+from particles.params import PARAMS, applies_to  # the one description of simulate's parameters
+
 SPHERE_MODELS = ("sa", "usa", "krause")
 
 
@@ -33,15 +35,15 @@ def model_params(model: str, *, beta=1.0, sigma=1.0, radius=None, window=None, c
     """The keyword arguments of :func:`particles.simulate` that apply to `model`.
 
     Widget conventions: ``radius``/``window``/``top_k`` of ``None`` or ``0`` mean "off"; ``beta``
-    applies to the softmax models (sa, usa), ``sigma`` to krause; hk needs a radius (> 0).
+    and ``sigma`` are passed only to the models they apply to (``particles.params.applies_to``:
+    beta for sa/usa, sigma for krause); hk needs a radius (> 0).
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     params: dict = {}
-    if model in ("sa", "usa"):
-        params["beta"] = float(beta)
-    elif model == "krause":
-        params["sigma"] = float(sigma)
+    for name, value in (("beta", beta), ("sigma", sigma)):
+        if name in applies_to(model):
+            params[name] = float(value)
     if radius:
         params["radius"] = float(radius)
     elif model == "hk":
@@ -216,9 +218,11 @@ def panel(model: str = "krause", *, n: int = 48, d: int = 3, steps: int = 150, d
         "dt": W.FloatSlider(value=dt, min=0.01, max=1.0, step=0.01, description="dt"),
         "seed": W.IntText(value=seed, description="seed"),
     }
-    for w in c.values():
+    for name, w in c.items():
         w.style = style
         w.layout = layout
+        if name in PARAMS:  # hover text: the parameter's own description
+            w.tooltip = PARAMS[name].help
         if hasattr(w, "continuous_update"):
             w.continuous_update = False
     frame = W.IntSlider(value=0, min=0, max=1, description="frame (time)", continuous_update=False,

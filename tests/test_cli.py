@@ -146,8 +146,43 @@ def _action(command, dest):
 
 
 # -- generic cases over every subcommand ---------------------------------------------------------
-def test_subcommands_found():
-    assert {"simulate", "sweep"} <= set(COMMANDS)
+def test_subcommands_found(monkeypatch):
+    import analysis.cli
+
+    assert COMMANDS == sorted(["simulate", "bench", "figures", "train", "extract", "compare", "sweep"])
+    assert sorted(analysis.cli.SUBCOMMANDS) == COMMANDS
+    for command in COMMANDS:  # each module registered a parser that runs something
+        assert callable(SUBPARSERS[command].get_default("func")), command
+    # a subcommand whose module is missing is an error, not silently left out of the CLI
+    monkeypatch.setattr(analysis.cli, "SUBCOMMANDS", (*analysis.cli.SUBCOMMANDS, "no_such_subcommand"))
+    with pytest.raises(ModuleNotFoundError, match="no_such_subcommand"):
+        build_parser()
+
+
+def test_simulate_flags_come_from_the_parameter_table(capsys):
+    """Every run and interaction parameter of simulate is a flag with its help text and default."""
+    from particles.params import PARAMS
+
+    flags = SUBPARSERS["simulate"]._option_string_actions
+    for name, param in PARAMS.items():
+        if param.group == "output":
+            continue
+        action = flags["--" + name.replace("_", "-")]
+        assert action.help.startswith(param.help), name
+        if name not in ("steps", "dt"):
+            assert f"(default: {param.default if param.default is not None else 'off'})" in action.help, name
+        if param.choices:
+            assert set(action.choices) == {c for c in param.choices if c is not None}
+    # the table's validators check the values while parsing
+    cases = [("--sigma", "1e-300", "too small"), ("--window", "0", "window"), ("--seed", "-1", "seed"),
+             ("--noise", "nan", "finite"), ("--Q", "[[1, 2]]", "square")]
+    for flag, bad, message in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            SUBPARSERS["simulate"].parse_args(["--model", "sa", "--steps", "1", "--dt", "0.1", "-o", "x.nc",
+                                               flag, bad])
+        err = capsys.readouterr().err
+        assert flag in err and message in err, err
 
 
 @pytest.mark.parametrize("command", COMMANDS)

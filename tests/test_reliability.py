@@ -365,12 +365,7 @@ def _spec(tmp_path, text):
     return path
 
 
-TINY_SIGMA = pytest.param("tiny-sigma", marks=pytest.mark.xfail(
-    reason="core: particles/params.py _sigma computes 1/(2σ²) with Python floats, so σ = 1e-300 raises "
-           "ZeroDivisionError (one line, exit 2, but the message does not name sigma)", strict=False))
-
-
-@pytest.mark.parametrize("case", ["usa-overflow", "floating-point", TINY_SIGMA,
+@pytest.mark.parametrize("case", ["usa-overflow", "floating-point", "tiny-sigma",
     "steps-negative",
                                   "steps-inf", "steps-text", "dt-text", "axis-value"])
 def test_cli_failures_are_one_line(case, tmp_path, capsys):
