@@ -20,15 +20,14 @@ import importlib
 import json
 import os
 import shutil
-import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from test_cli import time_limit  # tests/ is on sys.path (as for conftest)
 
 import analysis
 from analysis.cli import build_parser, main
@@ -50,24 +49,6 @@ class Stubbed(RuntimeError):
 
 def _stub(*args, **kwargs):
     raise Stubbed("long work replaced by the fuzz test")
-
-
-class StillRunning(BaseException):
-    pass
-
-
-@contextmanager
-def time_limit(seconds):
-    def alarm(signum, frame):
-        raise StillRunning(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # -- the sandbox: inputs of every kind, foreign and own outputs ------------------------------------

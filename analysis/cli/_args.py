@@ -12,12 +12,14 @@ import numpy as np
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def _number(text, cast, what):
+def _number(text, cast, what, low=None, strict=False):
+    """``cast(text)``, finite, and > low (strict) or >= low; ArgumentTypeError saying ``what`` else."""
     try:
         value = cast(text)
     except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if isinstance(value, float) and not math.isfinite(value):
+    bad = isinstance(value, float) and not math.isfinite(value)
+    if bad or (low is not None and (value <= low if strict else value < low)):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
@@ -28,31 +30,19 @@ def finite_float(text) -> float:
 
 
 def positive_float(text) -> float:
-    value = _number(text, float, "a finite number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+    return _number(text, float, "a finite number > 0", 0, strict=True)
 
 
 def nonnegative_float(text) -> float:
-    value = _number(text, float, "a finite number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+    return _number(text, float, "a finite number >= 0", 0)
 
 
 def positive_int(text) -> int:
-    value = _number(text, int, "an integer >= 1")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+    return _number(text, int, "an integer >= 1", 1)
 
 
 def nonnegative_int(text) -> int:
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _number(text, int, "an integer >= 0", 0)
 
 
 def load_npy(path, option: str) -> np.ndarray:

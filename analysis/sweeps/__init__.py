@@ -38,17 +38,9 @@ first one's pid (a lock left by a killed sweep is taken over). A path that is no
 (a folder we did not write, a trajectory store) is refused, never emptied (``particles.store``).
 The whole specification (steps, dt and every axis value) is validated before the store is created.
 
-Metrics (name → value per point; options with defaults, overridable per metric):
-    final_clusters          count_clusters(x(T), eps, method)           eps=1e-2, method="graph"
-    cluster_count_curve     count_clusters(x(t), eps, method) per saved time
-    time_to_one_cluster     first saved time with one cluster, NaN if never (eps, method)
-    time_to_clusters        first saved time with ≤ k clusters (k=1, eps, method)
-    final_effective_rank, effective_rank_curve
-    final_rank_collapse, rank_collapse_curve
-    final_mean_cosine, mean_cosine_curve
-    final_first_token_mass, first_token_mass_curve     (runs simulate with return_weights=True)
-    final_attention_entropy, attention_entropy_curve   (idem)
-:func:`register_metric` adds more (the function must be importable or picklable on workers).
+Metrics: the names of :mod:`analysis.sweeps.registry` (final_clusters, time_to_one_cluster,
+effective_rank_curve, …; options such as eps overridable per metric); :func:`register_metric`
+adds more (the function must be importable or picklable on workers).
 
 SPEC.toml (``ksync sweep SPEC.toml -o results.zarr [--scheduler ADDRESS|sync] [--workers N]``)::
 
