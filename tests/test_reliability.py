@@ -592,3 +592,15 @@ def test_checkpoint_folders_are_scanned_in_one_place():
                 for p in (ROOT / folder).rglob("*.py")
                 if 'glob("*.json")' in p.read_text()]
     assert scanners == ["particles/nn/checkpoint.py"]
+
+
+def test_failed_streaming_simulate_leaves_nothing(tmp_path):
+    """A run that fails half-way releases the lock and removes its partial store: a retry is not
+    refused as 'being written by this process'."""
+    path = tmp_path / "ov.zarr"
+    for _ in range(2):
+        with pytest.raises(OverflowError, match="beta"):
+            simulate("usa", n=50, d=3, steps=5, dt=0.1, beta=1e3, store=path)
+        assert list(tmp_path.iterdir()) == []
+    ds = simulate("usa", n=5, d=3, steps=2, dt=0.1, store=path)
+    assert store_kind(path) == "trajectory" and ds.sizes["time"] == 3
