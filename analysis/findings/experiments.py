@@ -7,8 +7,9 @@ a. ``vit-ablation``: digits-vit, the 2 × 2 × 2 cells (score dot/RBF × patch-g
 b. ``sink``: text-bos (character LM, BOS at every window start), plain softmax ("dot") and the full
    Krause attention ("rbf+window+topk": window 16, top-k 8, σ per head init 2.5), 3 seeds each,
    2500 steps, α₀ per layer on 64 fixed held-out windows every 100 steps; measured on 256 windows.
-f. ``sink-long``: the plain softmax cell of b trained 8000 steps (its ≤ 10-minute budget), 3 seeds —
-   added when no sink had formed by 2500 steps (α₀ below uniform from step ~600 on).
+f. ``sink-long``: the plain softmax cell of b trained 8000 steps (its ≤ 10-minute budget on a quiet
+   machine), seed 0 — added when no sink had formed by 2500 steps (α₀ below uniform from step ~600
+   on); g: seeds 1 and 2 of it, last (the shared machine made each run take 24 minutes).
 c. ``causal-ablation``: the other six cells of the same 2 × 2 × 2 on text-bos, same budget (so b ∪ c
    is the full causal ablation).
 e. trained vs simulated (:mod:`analysis.findings.distances`) for the runs of ``DISTANCE_CELLS``, on 128
@@ -108,7 +109,14 @@ def recall(seeds=SEEDS, steps=RECALL_STEPS):
     return runs
 
 
-PLANS = {"a": vit_ablation, "b": sink, "f": sink_long, "c": causal_ablation, "d": recall}
+PLANS = {
+    "a": vit_ablation,
+    "b": sink,
+    "f": lambda: sink_long((0,)),
+    "c": causal_ablation,
+    "d": recall,
+    "g": lambda: sink_long((1, 2)),
+}
 N_DISTANCES = 128
 
 
@@ -141,7 +149,7 @@ def distances_missing(runs, root, *, n: int = N_DISTANCES, log=print) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", help="run store directory")
-    ap.add_argument("--parts", default="aebfced", help="stages in order (default aebfced; e = distances)")
+    ap.add_argument("--parts", default="aebfcedg", help="stages in order (default aebfcedg; e = distances)")
     args = ap.parse_args(argv)
     import torch
 
