@@ -2,7 +2,8 @@
 
 A subcommand module adds its parser and sets ``func(args) -> int``. Every failure — bad arguments,
 missing files, a refused output path, an error inside the computation — ends with exit status 2
-and a one-line message on stderr, never a traceback; ``--debug`` (anywhere on the command line, or
+and a one-line message on stderr, never a traceback (``main(argv)`` returns 2; only ``--help`` and
+``--version`` raise SystemExit(0)); ``--debug`` (anywhere on the command line, or
 the environment variable ``KSYNC_DEBUG=1``) prints the traceback before that line. Ctrl-C exits
 with status 130.
 
@@ -85,6 +86,10 @@ def main(argv=None) -> int:
             if extra:  # reported by the subcommand's parser, so the message names the subcommand
                 subparsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
             rc = int(args.func(args) or 0)
+        except SystemExit as stop:  # argparse: a usage error (already printed) returns its status;
+            if stop.code in (0, None):  # --help and --version still exit
+                raise
+            return stop.code if isinstance(stop.code, int) else 2
         except KeyboardInterrupt:
             print(f"{where}: interrupted", file=sys.stderr)
             return 130
