@@ -389,3 +389,45 @@ def test_load_hf_gguf_file_missing(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="gguf_file"):
         load_hf(tmp_path, gguf_file="missing.gguf", causal_lm=True)
+
+
+def test_llm_figure_from_synthetic_runs(tmp_path):
+    """The llm_sinks layout and error bars on made-up numbers: mean over seeds, sd over seeds, the
+    95 % half-width over windows; the figure and its .nc are written."""
+    from analysis.figures import llm as fig
+    from analysis.figures._common import save
+
+    rng = np.random.default_rng(0)
+    W, L = 6, 4
+
+    def per(hybrid, level):
+        d = {k: level + 0.01 * rng.standard_normal((W, L)) for k in ("alpha0", "sink_rate", "sink_excess")}
+        if hybrid:
+            d.update({f"branch_{k}": np.stack([v, v / 2], 1) for k, v in list(d.items())})
+            d["gate_softmax"] = np.full((W, L), 0.8)
+        for k in ("first_token_norm", "median_token_norm", "clusters", "effective_rank", "mean_cosine"):
+            d[k] = 1 + rng.random((W, L + 1))
+        return d
+
+    fit = dict(effective_rank=[1.0] * (L + 1), clusters=[2.0] * (L + 1), value=4.0, at_boundary=False)
+    specs = [
+        ("base", -1, 0.6),
+        ("control", 0, 0.5),
+        ("control", 1, 0.7),
+        ("krause", 0, 0.2),
+        ("krause", 1, 0.4),
+    ]
+    rows = [(per(arm == "krause", lvl), fit) for arm, _, lvl in specs]
+    meta = [dict(arm=a, seed=s, ppl=10.0 + s, ppl_windows=3, seconds=1.0) for a, s, _ in specs]
+    ds = fig._assemble(rows, [f"{a}-{s}" for a, s, _ in specs], meta, W)
+    m, sd, half = fig.arm_curves(ds, "alpha0", "control")
+    seed_means = np.stack([rows[1][0]["alpha0"].mean(0), rows[2][0]["alpha0"].mean(0)])
+    np.testing.assert_allclose(m.values, seed_means.mean(0))
+    np.testing.assert_allclose(sd.values, seed_means.std(0, ddof=1))
+    want = np.mean([1.96 * r[0]["alpha0"].std(0, ddof=1) / np.sqrt(W) for r in rows[1:3]], 0)
+    np.testing.assert_allclose(half.values, want)
+    m, _, _ = fig.arm_curves(ds, "branch_alpha0", "krause", branch="krause")
+    np.testing.assert_allclose(m.values, np.mean([r[0]["alpha0"].mean(0) / 2 for r in rows[3:]], 0))
+    assert np.isnan(ds["gate_softmax"].sel(run="base--1")).all()
+    out = save(fig._plot(ds), ds, "llm_sinks", tmp_path, "t", "c")
+    assert (tmp_path / "llm_sinks.png").stat().st_size > 0 and out.attrs["figure"] == "llm_sinks"

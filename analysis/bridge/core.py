@@ -58,11 +58,14 @@ def reduce_attention(a: torch.Tensor, names, sink_k: int = 0, token_mask=None) -
     first_token_mass = α_0; sink_score = α_k = mean_{i∈R_k} a_ik; sink_excess = α_k − b_k with
     b_k = mean_{i∈R_k} 1[k ∈ V_i]/|V_i| (uniform over the visible keys); attention_entropy = mean over
     real rows with |V_i| ≥ 2 of H_i / log |V_i|, rows divided by their sum first."""
-    a = a.detach().double()
+    a = a.detach()  # elementwise work in the weights' dtype, every sum in float64
+    if a.dtype not in (torch.float32, torch.float64):
+        a = a.float()
     B, H, T, _ = a.shape
     mask = torch.ones(B, T, dtype=torch.bool) if token_mask is None else torch.as_tensor(token_mask).bool()
     mask = mask.to(a.device)
-    a = a * mask[:, None, None, :]  # padding is never a key
+    if not bool(mask.all()):
+        a = a * mask[:, None, None, :]  # padding is never a key
     position = mask.cumsum(-1) - 1  # real index of every token
     n_real = mask.sum(-1)
     visible = (a > 0).sum(-1)  # (B, H, T)
@@ -72,7 +75,7 @@ def reduce_attention(a: torch.Tensor, names, sink_k: int = 0, token_mask=None) -
         if (n_real <= k).any():
             raise ValueError(f"sink_k must be smaller than every sample's number of tokens, got {k}")
         key = (mask & (position == k)).double().argmax(-1)  # (B,) index of the k-th real token
-        col = a.gather(-1, key[:, None, None, None].expand(B, H, T, 1))[..., 0]  # (B, H, T)
+        col = a.gather(-1, key[:, None, None, None].expand(B, H, T, 1))[..., 0].double()  # (B, H, T)
         rows = (mask & (position >= k))[:, None, :].double()
         used = rows.sum(-1)
         alpha = (col * rows).sum(-1) / used
@@ -91,9 +94,9 @@ def reduce_attention(a: torch.Tensor, names, sink_k: int = 0, token_mask=None) -
             out["sink_excess"] = alpha - base
     if "attention_entropy" in names:
         a = a.clamp_min(0)
-        total = a.sum(-1, keepdim=True)
+        total = a.sum(-1, keepdim=True, dtype=torch.float64).to(a.dtype)
         p = a / torch.where(total > 0, total, torch.ones_like(total))
-        h = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)
+        h = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1, dtype=torch.float64)
         keep = (visible >= 2) & mask[:, None, :]
         ratio = torch.where(keep, h / torch.log(visible.clamp_min(2).double()), torch.zeros_like(h))
         n = keep.sum(-1)
@@ -172,7 +175,8 @@ def run_hooks(
     mix = AttentionSink(L, reduce, sink_k)
     branch = {b: AttentionSink(L, reduce, sink_k) for b in BRANCHES} if hybrid else {}
     gates: list[list] = [[] for _ in range(L)]
-    xs = []
+    sizes = [len(mask) if mask is not None else len(next(iter(b.values()))) for b, mask in batches]
+    x, start = None, 0  # filled batch by batch: no second copy of the hidden states
     names = [n for n in hidden_names or [] if n is not None]
     if attention:
         names += [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
@@ -211,7 +215,11 @@ def run_hooks(
             ]
         if any(h is None for h in hidden):
             raise RuntimeError("a hidden state was not captured: the forward pass skipped a hook point")
-        xs.append(torch.stack(hidden, 1).numpy())
+        block = torch.stack(hidden, 1).numpy()
+        if x is None:
+            x = np.empty((sum(sizes),) + block.shape[1:], dtype=np.float32)
+        x[start : start + len(block)] = block
+        start += len(block)
     attn_vars = {}
     if attention:
         attn_vars.update(mix.variables())
@@ -223,7 +231,7 @@ def run_hooks(
             g = np.stack([np.concatenate(p) for p in gates], 1)  # (B, L, T, 2)
             g = np.concatenate([g, np.full_like(g[:, :1], np.nan)], 1)
             attn_vars["gate"] = (("sample", "layer", "token", "branch"), g)
-    return np.concatenate(xs), attn_vars
+    return x, attn_vars
 
 
 def batches_of(tensors: dict, token_mask: torch.Tensor, batch_size: int | None):
