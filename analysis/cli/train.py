@@ -155,5 +155,6 @@ def _smollm2(args) -> int:
         force=args.force,
     )
     m = card["metrics"]
-    print(f"smollm2/{args.attention} seed {args.seed}: held-out ppl {m['heldout_ppl']:.3f} -> {Path(args.out) / card['file']}")
+    target = Path(args.out) / card["file"]
+    print(f"smollm2/{args.attention} seed {args.seed}: held-out ppl {m['heldout_ppl']:.3f} -> {target}")
     return 0
