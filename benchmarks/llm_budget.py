@@ -1,4 +1,4 @@
-"""Budgets of the SmolLM2 experiments (issue 15), measured, not asserted (run: python benchmarks/llm_budget.py).
+"""Budgets of the SmolLM2 experiments (issue 15), measured, not asserted: python benchmarks/llm_budget.py
 
 * extraction of 64 held-out windows × 128 tokens with ``reduce=True`` (batches of 8), base model and
   krausified model: wall time and the process's peak resident memory (``ru_maxrss``, model included);
@@ -72,7 +72,8 @@ def main(argv=None):
         from particles.nn.llm_train import step_time
 
         res["train_step_4x256_seconds"] = {
-            arm: round(step_time(arm, threads=1, attn_implementation="sdpa"), 2) for arm in ("softmax", "krause")
+            arm: round(step_time(arm, threads=1, attn_implementation="sdpa"), 2)
+            for arm in ("softmax", "krause")
         }
     res["loadavg_end"] = list(os.getloadavg())
     Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

@@ -47,6 +47,7 @@ MODULES = (
     "analysis.figures.hk",  # hk_2r
     "analysis.figures.krause",  # krause_phase, causal_sink
     "analysis.figures.compare",  # compare_<task>, one per task with shipped checkpoints
+    "analysis.figures.llm",  # llm_sinks (registered when shipped smollm2 adapters exist)
     "analysis.figures.ablation",  # ablation_bridge, sink_training, recall_sweep, trained_vs_simulated
 )
 
