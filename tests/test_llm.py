@@ -429,5 +429,8 @@ def test_llm_figure_from_synthetic_runs(tmp_path):
     m, _, _ = fig.arm_curves(ds, "branch_alpha0", "krause", branch="krause")
     np.testing.assert_allclose(m.values, np.mean([r[0]["alpha0"].mean(0) / 2 for r in rows[3:]], 0))
     assert np.isnan(ds["gate_softmax"].sel(run="base--1")).all()
+    text = fig.summary(ds)
+    assert "Krause LoRA — krause branch" in text and "| 2 |" in text
+    assert fig._over_seeds([1.0, 3.0]) == f"2.000 ± {np.std([1.0, 3.0], ddof=1):.3f}"
     out = save(fig._plot(ds), ds, "llm_sinks", tmp_path, "t", "c")
     assert (tmp_path / "llm_sinks.png").stat().st_size > 0 and out.attrs["figure"] == "llm_sinks"

