@@ -169,14 +169,16 @@ def exp_block(S, rows, cols, r, c, floor, row_sum, col_sum, with_cols):
         if with_cols:
             for j in range(cols):
                 y = w_row[j] + ri + cv[j]
-                w = exp2_sat(y) if y >= floor else zero
+                w = exp2_sat(y)
+                w = w if y >= floor else zero  # (a select: both sides computed)
                 w_row[j] = w
                 tot += w
                 csv[j] += w
         else:
             for j in range(cols):
                 y = w_row[j] + ri + cv[j]
-                w = exp2_sat(y) if y >= floor else zero
+                w = exp2_sat(y)
+                w = w if y >= floor else zero  # (a select: both sides computed)
                 w_row[j] = w
                 tot += w
         row_sum[i] += tot
