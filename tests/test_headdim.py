@@ -146,6 +146,15 @@ def test_path_hooks_for_the_kernel_table():
             got = headdim.run_field(field, x, np.empty((60, d)))
         assert seen[-1] is symmetric
         assert relative_error(got, reference.velocity(x, it)) < 1e-10
+    for score in ("softmax", "rbf"):  # the SDPA route of general float32 cases, and directly
+        it = make_interaction("sa" if score == "softmax" else "krause", Q=M, sigma=0.8)
+        field = SimpleNamespace(interaction=it, dtype=np.dtype(np.float32), Q=M.astype(np.float32),
+                                K=np.eye(d, dtype=np.float32), V=np.eye(d, dtype=np.float32))
+        got = headdim.run_field(field, x.astype(np.float32), np.empty((60, d), np.float32))
+        assert relative_error(got, reference.velocity(x, it)) < FP32_RTOL
+        q = np.ascontiguousarray(x @ M.T)
+        got = headdim.velocity_sdpa(q, x, x, score=score, beta=it.beta, inv2s2=1 / (2 * it.sigma**2))
+        assert relative_error(got, reference.velocity(x, it)) < 1e-10
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

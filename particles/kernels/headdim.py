@@ -15,7 +15,9 @@ Entry point (plain arrays, no Interaction)::
 
 For the path table of particles.kernels: ``applies(it, n, d)`` (dense softmax/rbf, d ≥ 5),
 ``auto(it, n, d)`` (also n ≥ MIN_N, the measured crossover), ``work(n, d)`` (for threads_for) and
-``run_field(field, x, out)`` (a VelocityField's interaction and matrices; symmetric when Q = K).
+``run_field(field, x, out)`` (a VelocityField's interaction and matrices; symmetric when Q = K; the
+general cases listed in GENERAL_VIA_SDPA go to torch's fused attention, :func:`velocity_sdpa`,
+where it measured faster).
 
 Method. Scores are the BLAS product of a block of queries with a block of keys, written as log2
 weights y_ij = log2(e)·(s_ij − shift_i) through one scale and additive row/column terms:
@@ -309,8 +311,33 @@ def run_field(field, x, out):
     q = x if it.Q is None else np.ascontiguousarray(x @ field.Q.T)
     k = q if symmetric else (x if it.K is None else np.ascontiguousarray(x @ field.K.T))
     v = x if it.V is None else np.ascontiguousarray(x @ field.V.T)
-    return velocity_headdim(q, k, v, score=it.score, beta=it.beta, inv2s2=1.0 / (2.0 * it.sigma**2),
+    inv2s2 = 1.0 / (2.0 * it.sigma**2)
+    if not symmetric and it.normalise and (it.score, field.dtype.name) in GENERAL_VIA_SDPA:
+        return velocity_sdpa(q, k, v, score=it.score, beta=it.beta, inv2s2=inv2s2, out=out)
+    return velocity_headdim(q, k, v, score=it.score, beta=it.beta, inv2s2=inv2s2,
                             normalise=it.normalise, symmetric=symmetric, out=out)
+
+
+#: General (Q ≠ K) normalised cases that run_field sends to torch's fused attention: measured faster
+#: than the general block kernel there (benchmarks/headdim.md, "general" rows).
+GENERAL_VIA_SDPA = {("softmax", "float32")}
+
+
+def velocity_sdpa(q, k, v, *, score, beta=1.0, inv2s2=0.5, out=None):
+    """The same normalised rows by torch.nn.functional.scaled_dot_product_attention on zero-copy
+    (1, 1, n, d) views: scale β, or for rbf scale 2·inv2s2 with the key bias −inv2s2·‖k‖² as mask."""
+    import torch
+    import torch.nn.functional as F
+
+    qt, kt, vt = (torch.from_numpy(a)[None, None] for a in (q, k, v))
+    if score == "softmax":
+        res = F.scaled_dot_product_attention(qt, kt, vt, scale=beta)
+    else:
+        mask = (-inv2s2 * (kt * kt).sum(-1))[..., None, :]
+        res = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=2.0 * inv2s2)
+    out = np.empty(q.shape, q.dtype) if out is None else out
+    out[:] = res[0, 0].numpy()
+    return out
 
 
 # --- entry point -------------------------------------------------------------------------------
