@@ -609,11 +609,28 @@ def headdim_markdown(records, machine, *, command, clock):
             f"## Crossover (measured dispatch)\n\n{crossover_markdown(records)}\n")
 
 
+def measured_dispatch(records):
+    """What the measurements say the d ≥ 5 dispatch should be: min_n (the largest crossover n over the
+    Q = K = I cases, None if headdim never wins somewhere) and general_via_sdpa, the (score, dtype)
+    whose general-Q,K,V cases SDPA won at most d."""
+    cross = [n for (score, qkv, dtype, d), n in headdim_crossover(records).items() if qkv == "identity"]
+    min_n = None if not cross or None in cross else max(cross)
+    general = {}
+    for r in records:
+        if r["qkv"] == "general" and "headdim_s" in r:
+            general.setdefault((r["score"], r["dtype"]), []).append(r["sdpa_s"] < r["headdim_s"])
+    return dict(min_n=min_n, general_via_sdpa={k for k, wins in general.items() if 2 * sum(wins) > len(wins)})
+
+
 def crossover_markdown(records):
     table = headdim_crossover(records)
     lines = ["| score | Q,K,V | dtype | d | headdim fastest from n = |", "|---|---|---|---|---|"]
     for (score, qkv, dtype, d), n in table.items():
         lines.append(f"| {score} | {qkv} | {dtype} | {d} | {n if n is not None else 'never (measured n)'} |")
+    dispatch = measured_dispatch(records)
+    general = ", ".join(f"{s} {t}" for s, t in sorted(dispatch["general_via_sdpa"])) or "none"
+    lines += ["", f"Measured dispatch: headdim from n = {dispatch['min_n']} (Q = K = I, every d ≥ 5); "
+              f"general Q, K, V sent to SDPA: {general}."]
     return "\n".join(lines)
 
 

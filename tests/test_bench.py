@@ -106,3 +106,33 @@ def test_device_section_smoke_on_cpu(tmp_path):
     assert [c["path"] for c in cases] == ["sdpa", "sdpa", "rows"]
     assert "x_sdpa" in cases[0] and "x_sdpa" not in cases[2]
     assert "| krause |" in (tmp_path / "d.md").read_text()
+
+
+def test_measured_dispatch_from_records():
+    def rec(n, fastest, d=16, qkv="identity", score="softmax", dtype="float32", sdpa=2.0, headdim=1.0):
+        return dict(score=score, qkv=qkv, dtype=dtype, d=d, n=n, fastest=fastest, headdim_s=headdim,
+                    sdpa_s=sdpa)
+
+    records = [rec(256, "auto"), rec(1024, "headdim"), rec(256, "headdim", 64), rec(1024, "headdim", 64),
+               rec(4096, "sdpa", 16, "general", sdpa=0.9), rec(4096, "sdpa", 64, "general", sdpa=0.9),
+               rec(4096, "headdim", 16, "general", "rbf")]
+    assert bench.measured_dispatch(records) == dict(min_n=1024, general_via_sdpa={("softmax", "float32")})
+
+
+def test_headdim_dispatch_constants_come_from_the_recorded_measurements():
+    """particles.kernels.headdim's MIN_N and GENERAL_VIA_SDPA are what benchmarks/headdim*.json
+    measured (the 2-thread wall-time run when there is one, else the 1-thread CPU-time run)."""
+    from pathlib import Path
+
+    from particles.kernels import headdim
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    files = [p for p in (root / "headdim.json", root / "headdim_1thread.json") if p.exists()]
+    if not files:
+        pytest.skip("no head-dimension measurements recorded")
+    data = json.loads(files[0].read_text())
+    if not data.get("complete"):
+        pytest.skip(f"{files[0].name} is a partial run")
+    measured = bench.measured_dispatch(data["cases"])
+    assert headdim.MIN_N == measured["min_n"], files[0].name
+    assert headdim.GENERAL_VIA_SDPA == measured["general_via_sdpa"], files[0].name
