@@ -49,7 +49,8 @@ def extract(
     """Token trajectory of ``model`` on ``inputs`` as an xarray Dataset (layout: ``analysis.bridge.core``).
 
     model: a ``particles.nn`` model (ViT / CausalLM), a Hugging Face ``PreTrainedModel`` (krausified
-        Llama models included) or a TransformerLens ``HookedTransformer``. Layer mapping: layer 0 =
+        Llama models included), a TransformerLens ``HookedTransformer`` or its ``ActivationCache``
+        (from ``run_with_cache(inputs)``; pass the same ``inputs``, or None). Layer mapping: layer 0 =
         the embeddings; layer l = the input of block l; layer L = after the final norm for
         GPT-2/Llama-style HF models and TransformerLens (the last block's output for ours and BERT).
     inputs: images (B, 8, 8) / token ids (B, T) as tensor or array, a dict of tensors from a
@@ -74,6 +75,8 @@ def extract(
         batch_size=batch_size,
         progress=progress,
     )
+    if is_tl_cache(model):
+        return extract_cache(model, inputs, **kw)
     if is_tl(model):  # before is_ours: a HookedTransformer also has blocks and embed
         return extract_tl(model, inputs, **kw)
     if is_ours(model):  # checked before is_hf: is_hf imports transformers (seconds)
@@ -82,7 +85,7 @@ def extract(
         return extract_hf(model, inputs, tokenizer=tokenizer, **kw)
     raise TypeError(
         "model: expected a particles.nn model, a transformers PreTrainedModel or a TransformerLens "
-        f"HookedTransformer, got {type(model).__name__}"
+        f"HookedTransformer or ActivationCache, got {type(model).__name__}"
     )
 
 
@@ -96,6 +99,7 @@ def make_compare(task: str, quick: bool = False, out="figures", progress: bool =
 from .hf import extract_hf  # noqa: E402
 from .ours import extract_ours  # noqa: E402
 from .tl import extract_tl, is_tl  # noqa: E402
+from .tlens import extract_cache, is_tl_cache  # noqa: E402
 
 __all__ = [
     "extract",
@@ -114,4 +118,5 @@ __all__ = [
     "extract_hf",
     "extract_ours",
     "extract_tl",
+    "extract_cache",
 ]

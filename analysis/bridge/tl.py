@@ -3,11 +3,14 @@
 
 TransformerLens names its hook points as the bridge does (``particles.nn.hooks``), so a
 HookedTransformer is read through its own HookPoints, removed after every pass. Layer mapping (the
-one of GPT-2/Llama-style Hugging Face models): x[layer = l] = ``blocks.{l}.hook_resid_pre`` for
-l = 0..L−1 (layer 0 = token + position embeddings), x[layer = L] = ``ln_final.hook_normalized`` (after
-the final norm; a model without one: ``blocks.{L−1}.hook_resid_post``). ``representation=
-"normalised"``: ``blocks.{l}.ln1.hook_normalized`` and the final-norm output. Attention:
-``blocks.{l}.attn.hook_pattern``.
+one of GPT-2/Llama-style Hugging Face models; details and the ActivationCache path in
+``analysis.bridge.tlens``): x[layer = l] = ``blocks.{l}.hook_resid_pre`` for l = 0..L−1 (layer 0 =
+token + position embeddings), x[layer = L] = the output of ``ln_final`` (after the final norm, gain
+and bias included: ``unembed.hook_in``; a model without one: ``blocks.{L−1}.hook_resid_post``).
+``representation="normalised"``: the output of ``blocks.{l}.ln1`` and the final-norm output (not
+``*.hook_normalized``, which TransformerLens takes before the gain and bias). Attention:
+``blocks.{l}.attn.hook_pattern``. Text is tokenised text by text and padded on the right with an exact
+mask (``tlens.text_tokens``).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ def _tokens(model, inputs):
     if isinstance(inputs, str) or (
         isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)
     ):
-        if getattr(model, "tokenizer", None) is None:
-            raise ValueError("inputs: text needs a HookedTransformer with a tokenizer; pass token ids")
-        return {"input": model.to_tokens(inputs)}
+        from .tlens import text_tokens
+
+        return text_tokens(model, inputs)
     if hasattr(inputs, "keys"):
         enc = {k: v for k, v in dict(inputs).items() if isinstance(v, torch.Tensor)}
         if "input_ids" not in enc:
@@ -68,18 +71,10 @@ def extract_tl(
     enc = _tokens(model, inputs)
     cfg = model.cfg
     L = int(cfg.n_layers)
-    sites = hook_sites(model)
-    last = (
-        "ln_final.hook_normalized"
-        if "ln_final.hook_normalized" in sites
-        else f"blocks.{L - 1}.hook_resid_post"
-    )
-    if representation == "residual":
-        hidden_names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [last]
-    else:
-        if "blocks.0.ln1.hook_normalized" not in sites:
-            raise ValueError("representation='normalised' needs a HookedTransformer with layer norms")
-        hidden_names = [f"blocks.{l}.ln1.hook_normalized" for l in range(L)] + [last]
+    from .tlens import layer_names, norm_sites, tl_attrs
+
+    sites = {**hook_sites(model), **norm_sites(model)}
+    hidden_names, last = layer_names(L, representation, sites)
     ids = enc["input"]
     mask = enc.get("attention_mask", torch.ones_like(ids)).bool()
     hidden, attn_vars = run_hooks(
@@ -100,19 +95,5 @@ def extract_tl(
     coords = {"token_id": (("sample", "token"), ids.cpu().numpy().astype(np.int64))}
     if labels is not None:
         coords["label"] = ("sample", np.asarray(labels))
-    attrs = dict(
-        source="transformer_lens",
-        model_class=type(model).__name__,
-        model_name=str(getattr(cfg, "model_name", "")),
-        n_layers=L,
-        n_heads=int(cfg.n_heads),
-        d_model=int(cfg.d_model),
-        d_head=int(cfg.d_head),
-        representation=representation,
-        attention_kind="softmax",
-        causal=getattr(cfg, "attention_dir", "causal") == "causal",
-        normalization_type=str(getattr(cfg, "normalization_type", None)),
-        last_layer_note=f"layer L = {last}",
-        sink_k=sink_k if (names and attention) else None,
-    )
+    attrs = tl_attrs(model, representation, last, sink_k if (names and attention) else None)
     return build_dataset(hidden, attn_vars, coords, attrs, token_mask=mask.cpu().numpy())
