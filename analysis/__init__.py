@@ -20,3 +20,8 @@ from analysis import sweep  # noqa: E402
 from analysis.sweeps import open_sweep, plot_sweep  # noqa: E402
 
 __all__ += ["sweep", "plot_sweep", "open_sweep"]
+
+# Phase diagrams over (parameter, time) of ensembles (issue 20)
+from analysis.phase import phase_diagram  # noqa: E402
+
+__all__ += ["phase_diagram"]

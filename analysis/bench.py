@@ -760,3 +760,135 @@ def format_table(records):
                      f"{fmt(r, 'x_numpy')} {fmt(r, 'x_sdpa')} {fmt(r, naive)}  "
                      + "; ".join(other))
     return "\n".join(lines)
+
+
+# --- ensembles and small systems: whole trajectories through simulate (issue 20) ---------------
+# (This section is the simulator core's: ensemble_cases … ensemble_markdown. ``ksync bench``
+# runs it with --ensembles once analysis/cli/bench.py calls run_ensembles.)
+
+
+def torch_ensemble_loop(x, beta, dt, steps):
+    """The loop of Geshkovski et al.'s phase-diagrams.py on a batch (S, n, d) tensor:
+    X ← normalise(X + dt·softmax(βXXᵀ)X) (the tangent projection would cost the same)."""
+    import torch
+
+    for _ in range(steps):
+        a = torch.softmax(beta * (x @ x.transpose(1, 2)), dim=-1)
+        x = torch.nn.functional.normalize(x + dt * (a @ x), dim=-1)
+    return x
+
+
+def numpy_ensemble_loop(x, beta, dt, steps):
+    """The same batched step in numpy (stable softmax)."""
+    for _ in range(steps):
+        s = beta * (x @ np.swapaxes(x, 1, 2))
+        s = np.exp(s - s.max(-1, keepdims=True))
+        v = (s @ x) / s.sum(-1, keepdims=True)
+        x = x + dt * v
+        x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    return x
+
+
+def numpy_sphere_loop(x, beta, dt, steps):
+    """A plain numpy loop of one SA system: x ← normalise(x + dt·P_x softmax(βxxᵀ)x)."""
+    for _ in range(steps):
+        s = beta * (x @ x.T)
+        s = np.exp(s - s.max(1, keepdims=True))
+        v = (s @ x) / s.sum(1, keepdims=True)
+        v = v - (v * x).sum(1, keepdims=True) * x
+        x = x + dt * v
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def numpy_hk_loop(x, radius, steps):
+    """`steps` vectorised numpy 1-D HK steps (argsort + cumsum + searchsorted each step)."""
+    for _ in range(steps):
+        x = numpy_hk_sorted(x, radius)
+    return x
+
+
+def ensemble_cases(quick=False):
+    """The targets of issue 20: (name, simulate arguments, baseline names)."""
+    S = 256 if quick else 2048
+    hk_n = 10**5 if quick else 10**6
+    ens = dict(model="sa", n=32, d=2, samples=S, steps=100, dt=0.1, beta=4.0, baselines=("torch", "numpy"))
+    return [
+        dict(name=f"SA ensemble {S}x32x2 fp64, 100 steps", dtype="float64", **ens),
+        dict(name=f"SA ensemble {S}x32x2 fp32, 100 steps", dtype="float32", **ens),
+        dict(name="SA n=64 d=3 fp64, 500 steps", model="sa", n=64, d=3, samples=None, steps=500, dt=0.1,
+             beta=1.0, dtype="float64", baselines=("numpy",)),
+        dict(name=f"HK 1-D n={hk_n:.0e} fp64, 10 steps", model="hk", n=hk_n, d=1, samples=None, steps=10,
+             dt=1.0, radius=0.01, dtype="float64", baselines=("numpy",)),
+    ]
+
+
+def _ensemble_x0(case, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (case["n"], case["d"]) if case["samples"] is None else (case["samples"], case["n"], case["d"])
+    if case["model"] == "hk":
+        return rng.random(shape).astype(case["dtype"])
+    x = rng.standard_normal(shape)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(case["dtype"])
+
+
+def run_ensemble_case(case, *, repeats=3, budget=2.0, clock=time.perf_counter, torch_threads=(2, 1)):
+    """Time simulate (every step saved, as by default) against the case's baselines in one process.
+    The torch loop is timed with each thread count of `torch_threads`; the fastest counts."""
+    import torch
+
+    from particles import simulate
+
+    x0 = _ensemble_x0(case)
+    params = {k: case[k] for k in ("beta", "radius") if k in case}
+    run = dict(steps=case["steps"], dt=case["dt"], dtype=case["dtype"], **params)
+    rec = dict(case=case["name"], model=case["model"], n=case["n"], d=case["d"], samples=case["samples"],
+               steps=case["steps"], dtype=case["dtype"])
+    rec["ours_s"] = best_time(lambda: simulate(case["model"], x0, **run), repeats=repeats, budget=budget,
+                              clock=clock)
+    if "torch" in case["baselines"]:
+        previous, times = torch.get_num_threads(), {}
+        try:
+            for threads in torch_threads:
+                torch.set_num_threads(threads)
+                xt, beta, dt, steps = torch.from_numpy(x0), case["beta"], case["dt"], case["steps"]
+                times[threads] = best_time(lambda: torch_ensemble_loop(xt, beta, dt, steps),  # noqa: B023
+                                           repeats=repeats, budget=budget, clock=clock)
+        finally:
+            torch.set_num_threads(previous)
+        rec["torch_threads"] = min(times, key=times.get)
+        rec["torch_s"] = min(times.values())
+    if "numpy" in case["baselines"]:
+        if case["model"] == "hk":
+            fn = lambda: numpy_hk_loop(x0, case["radius"], case["steps"])  # noqa: E731
+        elif case["samples"] is None:
+            fn = lambda: numpy_sphere_loop(x0, case["beta"], case["dt"], case["steps"])  # noqa: E731
+        else:
+            fn = lambda: numpy_ensemble_loop(x0, case["beta"], case["dt"], case["steps"])  # noqa: E731
+        rec["numpy_s"] = best_time(fn, repeats=max(1, repeats - 1), budget=budget, clock=clock)
+    for key in ("torch_s", "numpy_s"):
+        if key in rec:
+            rec["x_" + key[:-2]] = rec[key] / rec["ours_s"]
+    return rec
+
+
+def run_ensembles(quick=False, *, repeats=3, budget=2.0, clock=time.perf_counter, progress=True):
+    """Every ensemble case (see run_ensemble_case); records in case order."""
+    records = []
+    for case in ensemble_cases(quick):
+        records.append(run_ensemble_case(case, repeats=repeats, budget=budget, clock=clock))
+        if progress:
+            print(ensemble_table(records[-1:], head=not records[:-1]), flush=True)
+    return records
+
+
+def ensemble_table(records, head=True):
+    """Console/markdown rows: our time and the baselines' time over ours."""
+    lines = ["| case | ours [ms] | torch [ms] (threads) | x torch | numpy [ms] | x numpy |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"] if head else []
+    for r in records:
+        torch_cell = f"{1e3 * r['torch_s']:.0f} ({r['torch_threads']})" if "torch_s" in r else "–"
+        lines.append(f"| {r['case']} | {1e3 * r['ours_s']:.1f} | {torch_cell} | "
+                     f"{r.get('x_torch', float('nan')):.1f} | {1e3 * r.get('numpy_s', float('nan')):.0f} | "
+                     f"{r.get('x_numpy', float('nan')):.1f} |")
+    return "\n".join(lines)

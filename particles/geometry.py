@@ -6,6 +6,9 @@ the state on its manifold:
 * ``SPHERE``     tangent(x, v) = P_x v = v − ⟨x, v⟩ x   retract(x) = x/‖x‖ (rows)   sample: uniform on S^{d−1}
 * ``EUCLIDEAN``  tangent(x, v) = v − x                  retract(x) = x             sample: uniform on [0, 1]^d
 
+``project(x, v)`` is the tangent-space projection that noise gets (P_x v on the sphere, v in
+euclidean space — there the vector field v − x is the consensus form, not a projection).
+
 (and ``place(x)``, which puts a given initial state on the manifold: unit rows on the sphere).
 
 Every method works row-wise on the last axis of numpy arrays and of torch tensors (any leading
@@ -35,6 +38,10 @@ class Geometry:
     def tangent(self, x, v):
         raise NotImplementedError
 
+    def project(self, x, v):
+        """The component of v in the tangent space at x (where noise lives)."""
+        raise NotImplementedError
+
     def retract(self, x):
         raise NotImplementedError
 
@@ -60,6 +67,10 @@ class Sphere(Geometry):
     def tangent(self, x, v):
         """P_x v = v − ⟨x, v⟩ x."""
         return v - _row_dot(x, v) * x
+
+    def project(self, x, v):
+        """P_x v (on the sphere the vector field is the projected velocity)."""
+        return self.tangent(x, v)
 
     def retract(self, x):
         """x_i/‖x_i‖ for every row."""
@@ -97,6 +108,10 @@ class Euclidean(Geometry):
     def tangent(self, x, v):
         """v − x."""
         return v - x
+
+    def project(self, x, v):
+        """v: every direction is tangent."""
+        return v
 
     def retract(self, x):
         """The identity."""

@@ -15,7 +15,7 @@ manifold, so it keeps its order 4 while the interaction only ever sees points on
 
 A user callable ``step(f, x, dt) -> x`` is accepted too; its result is retracted. With noise > 0
 the step is Euler–Maruyama, x ← R(x + dt f(x) + √dt·noise·T_x ξ), ξ standard normal and T_x the
-tangent projection on the sphere (kernels/noise.py draws ξ).
+tangent-space projection (geometry.project: P_x on the sphere; kernels/noise.py draws ξ).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def make_stepper(velocity, geometry, integrator, dt: float, noise: float = 0.0, 
     def advance(x, index, order=None):
         if noise == 0:
             return step(f, x, dt, geometry).astype(x.dtype, copy=False)
-        xi = geometry.tangent(x, normals(key, index, x.shape, x.dtype, order))
+        xi = geometry.project(x, normals(key, index, x.shape, x.dtype, order))
         y = x + dt * f(x) + (np.sqrt(dt) * noise) * xi
         return geometry.retract(y).astype(x.dtype, copy=False)
 

@@ -162,7 +162,8 @@ def simulate(model: str | Interaction | Callable[[np.ndarray], np.ndarray], x0: 
         weights = np.empty((S, len(keep), n, n), dtype=dtype) if return_weights else None
         desc = f"simulate {field.model if isinstance(field, Interaction) else field.name}"
         with tqdm(total=S * steps, disable=not progress, desc=desc, unit="step") as bar:
-            _run_stepped(run, x0, sink, weights, bar)
+            if not _run_compiled(run, x0, sink, weights, bar if progress else None, store is not None):
+                _run_stepped(run, x0, sink, weights, bar)
         traj = sink if store is None else sink.lazy()
     run_attrs = dict(dt=dt, steps=steps, save_every=save_every, seed=seed,
                      integrator=get_integrator(integrator)[0], dtype=str(dtype), noise=noise, n=n, d=d,
@@ -250,6 +251,43 @@ def _run_stepped(run: Run, x0, sink, weights, bar):
             if weights is not None:
                 weights[s, slot] = field.weights(saved)
                 check_weights(weights[s, slot], run, target)
+
+
+#: saved steps per compiled call when streaming to a store, in bytes of the (sample, n, d) states
+STORE_BLOCK_BYTES = 64 * 2**20
+PROGRESS_TICKS = 20  # compiled calls (at least, when the steps allow) behind a progress bar
+
+
+def _run_compiled(run: Run, x0, sink, weights, bar, streaming: bool) -> bool:
+    """The whole trajectory in compiled code (kernels/trajectory.py) when the field is one of ours,
+    the integrator a built-in one and the path has a plan; False otherwise (nothing done)."""
+    import numba
+
+    from .kernels import SERIAL_WORK, trajectory
+
+    if isinstance(run.field, CustomField) or run.integrator not in ("euler", "rk4"):
+        return False
+    S, n, d = x0.shape
+    field = velocity_field(run.field, n, d, x0.dtype)
+    parallel = S < numba.get_num_threads() and field.work(n) >= SERIAL_WORK
+    plan = field.trajectory_plan(parallel, S)
+    if plan is None:
+        return False
+    st = trajectory.stepping(run.geometry.code, run.integrator, run.dt, run.noise, run.field.identity_qkv,
+                             x0.dtype)
+    per_slot = S * n * d * x0.dtype.itemsize
+    status = trajectory.run(field, plan, st, x0, run.keep, run.keys, sink, weights=weights, parallel=parallel,
+                            ticks=PROGRESS_TICKS if bar is not None else 1, bar=bar,
+                            max_slots=max(1, STORE_BLOCK_BYTES // per_slot) if streaming else None)
+    failed = np.flatnonzero(status[:, 0])
+    if len(failed):
+        code, step = status[failed[np.argmin(status[failed, 1])]]
+        if code == trajectory.USA_OVERFLOW:
+            raise OverflowError(usa_overflow_message(run.field, int(step), run.dt, x0.dtype))
+        check_state(np.array([np.nan]), run, int(step))
+    if weights is not None:
+        check_weights(weights, run, 0 if not np.all(np.isfinite(weights[:, 0])) else int(run.keep[-1]))
+    return True
 
 
 def _run_torch(run: Run, x0, device):

@@ -57,8 +57,10 @@ def test_automatic_choice():
     assert choose_path(make_interaction("krause", Q=np.eye(3) * 2, K=np.eye(3) * 2), 4096, 3) == "symmetric"
     assert choose_path(make_interaction("sa", Q=np.eye(3) * 2), 4096, 3) == "fused"  # Q ≠ K
     assert choose_path(make_interaction("sa"), 100, 3) == "fused"
-    assert choose_path(make_interaction("sa"), 4096, 64) == "blas"
-    assert choose_path(make_interaction("krause"), 4096, 64) == "range"
+    assert choose_path(make_interaction("sa"), 4096, 64) == "headdim"
+    assert choose_path(make_interaction("sa"), 100, 64) == "blas"
+    assert choose_path(make_interaction("krause"), 4096, 64) == "headdim"
+    assert choose_path(make_interaction("krause", window=9), 4096, 64) == "range"
     assert choose_path(make_interaction("sa", causal=True), 4096, 64) == "range"
     assert choose_path(make_interaction("krause", window=128, causal=True, top_k=32), 10**6, 3) == "range"
     assert choose_path(make_interaction("krause", window=128, causal=True), 10**6, 3) == "fused"

@@ -105,22 +105,18 @@ def test_hk_dt1_is_the_synchronous_hk_map():
         np.testing.assert_allclose(ds.x.values[t], x, atol=1e-12)
 
 
-def test_hk_1d_is_integrated_in_sorted_order_and_saved_in_particle_order(monkeypatch):
-    """The 1-D sweep sees sorted opinions at every step (no gather/scatter, never a re-sort), and
-    the saved trajectory is the HK map applied in the caller's particle order."""
-    from particles.kernels import hk1d
+def test_hk_1d_is_integrated_in_sorted_order_and_saved_in_particle_order():
+    """The 1-D HK field's prepare hook sorts the opinions (the compiled sweep then needs no
+    gather/scatter) and restore puts them back; the saved trajectory is the HK map applied in the
+    caller's particle order."""
+    from particles.kernels import trajectory
 
-    calls = []
-    original = hk1d.SortedSweep.__call__
-
-    def spy(self, x, r2):
-        calls.append(bool(np.all(np.diff(x[:, 0]) >= 0)))
-        return original(self, x, r2)
-
-    monkeypatch.setattr(hk1d.SortedSweep, "__call__", spy)
     x0 = np.random.default_rng(7).random((300, 1))
+    field = velocity_field(make_interaction("hk", radius=0.05), 300, 1)
+    xs, order = field.prepare(x0)
+    assert np.all(np.diff(xs[:, 0]) >= 0) and np.array_equal(field.restore(xs, order), x0)
+    assert field.trajectory_plan().kind == (0,) * trajectory.HK1D
     ds = simulate("hk", x0, steps=6, dt=1.0, save_every=2, radius=0.05)
-    assert calls == [True] * 6
     x = x0
     for t in range(1, 7):
         x = reference.hk_map(x, 0.05)

@@ -46,6 +46,7 @@ MODULES = (
     "analysis.figures.sa",  # sa_sphere, metastability, energy_staircase, collapse_vs_clustering
     "analysis.figures.hk",  # hk_2r
     "analysis.figures.krause",  # krause_phase, causal_sink
+    "analysis.figures.phase",  # phase_diagram
     "analysis.figures.compare",  # compare_<task>, one per task with shipped checkpoints
     "analysis.figures.llm",  # llm_sinks (registered when shipped smollm2 adapters exist)
     "analysis.figures.ablation",  # ablation_bridge, sink_training, recall_sweep, trained_vs_simulated

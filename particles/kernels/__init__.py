@@ -17,6 +17,8 @@ row maths lives once, in :mod:`.rows`. Paths (``VelocityField.path``):
 * ``"fused"``      d ≤ 4 and no top-k (dense, causal or windowed, radius masked): one fused
                    vectorised pass per row (scores, exp, Σ w·v) with a bound of the row max as the
                    shift (:func:`.dense.velocity_fused`) — the dense softmax/RBF fast path.
+* ``"headdim"``    d ≥ 5, dense softmax/rbf (no restriction), n ≥ headdim.MIN_N: blocks of BLAS
+                   products around a vectorised exp (Q = K: the upper triangle only) (:mod:`.headdim`).
 * ``"blas"``       softmax score, d > 4, no restriction: row blocks of BLAS matmuls around the
                    shared row weights (:mod:`.blas`).
 * ``"range"``      everything else (top-k, or d > 4 with another score or a restriction): each
@@ -41,7 +43,7 @@ import numba
 import numpy as np
 
 from ..interaction import Interaction, radius_bound_sq
-from . import blas, dense, hk1d, neighbours, rows
+from . import blas, dense, headdim, hk1d, neighbours, rows, trajectory
 
 #: Below this many scored pairs a call runs on one thread: waking the second numba thread costs more
 #: than it saves, and on a busy machine the wait for it can take a whole scheduler tick (4 ms).
@@ -49,6 +51,8 @@ SERIAL_WORK = 1 << 21
 HK1D_WORK_PER_OPINION = 16  # the sweep's cost per opinion, in the same units
 RANGE_TOP_K_COST = 4  # a scored pair of the range kernel with top-k, in the same units
 SYMMETRIC_MIN_N = 512
+LANES_MIN_SAMPLES = 16  # ensembles this large integrate tiles of samples vectorised over the samples
+LANES_MAX = 64
 
 
 @contextmanager
@@ -141,6 +145,12 @@ def _run_fused(f, x, proj, out):
     return "fused"
 
 
+def _run_headdim(f, x, proj, out):
+    with threads_for(headdim.work(x.shape[0], x.shape[1])):
+        headdim.run_field(f, x, out)  # row-major q, k, v from x and f.Q, f.K, f.V
+    return "headdim"
+
+
 def _run_blas(f, x, proj, out):
     _, qT, kT, vT = proj
     n = qT.shape[1]
@@ -157,29 +167,54 @@ def _run_range(f, x, proj, out):
     return "range"
 
 
+# -- plans of the compiled trajectories (kernels/trajectory.py); None: the Python stepping loop ----
+def _plan_hk1d(f, parallel):
+    return trajectory.make_plan(trajectory.HK1D, vscale=1.0 if f.interaction.V is None else f.V[0, 0])
+
+
+def _plan_symmetric(f, parallel):
+    return trajectory.make_plan(trajectory.SYMMETRIC, f.dims, f.score_s, f.radius_s)
+
+
+def _plan_fused(f, parallel):
+    return trajectory.make_plan(trajectory.FUSED, f.dims, f.score_s, f.radius_s)
+
+
+def _plan_range(f, parallel):
+    return trajectory.make_plan(trajectory.RANGE, f.small_dims)
+
+
+def _plan_blas(f, parallel):  # one thread per sample: the range rows (BLAS threads would compete)
+    return None if parallel else _plan_range(f, parallel)
+
+
 @dataclass(frozen=True)
 class Path:
     """One way of computing v: `applies(it, n, d)` says it may be used (forced), `auto(it, n, d)`
     that it is the automatic choice when no earlier path is, `run(field, x, proj, out)` computes
-    out ← v (proj: the component-major projections) and returns the path it actually took."""
+    out ← v (proj: the component-major projections) and returns the path it actually took, and
+    `plan(field, parallel)` is its compiled-trajectory plan (None: the Python stepping loop — the
+    neighbour lists are built by scipy's kd-tree, headdim calls BLAS per block, each call ≥ 0.1 ms)."""
 
     name: str
     applies: Callable
     auto: Callable
     run: Callable
+    plan: Callable = lambda f, parallel: None
 
 
 #: The paths in the order of preference (see the module docstring).
 PATH_TABLE = (
-    Path("hk1d", _is_hk1d, _is_hk1d, _run_hk1d),
+    Path("hk1d", _is_hk1d, _is_hk1d, _run_hk1d, _plan_hk1d),
     Path("neighbours", lambda it, n, d: it.radius is not None,
          lambda it, n, d: it.radius is not None and it.window is None and d <= neighbours.MAX_DIM
          and n >= neighbours.MIN_N, _run_neighbours),
     Path("symmetric", lambda it, n, d: symmetric_scores(it, d),
-         lambda it, n, d: n >= SYMMETRIC_MIN_N and symmetric_scores(it, d), _run_symmetric),
-    Path("fused", _fused_applies, _fused_applies, _run_fused),
-    Path("blas", _blas_applies, _blas_applies, _run_blas),
-    Path("range", lambda it, n, d: True, lambda it, n, d: True, _run_range),
+         lambda it, n, d: n >= SYMMETRIC_MIN_N and symmetric_scores(it, d), _run_symmetric, _plan_symmetric),
+    Path("fused", _fused_applies, _fused_applies, _run_fused, _plan_fused),
+    Path("headdim", headdim.applies, headdim.auto, _run_headdim),
+    Path("blas", _blas_applies, _blas_applies, _run_blas, _plan_blas),
+    Path("range", lambda it, n, d: True, lambda it, n, d: True, _run_range, _plan_range),
 )
 PATHS = tuple(p.name for p in PATH_TABLE)
 _BY_NAME = {p.name: p for p in PATH_TABLE}
@@ -261,11 +296,32 @@ class VelocityField:
 
     # -- trajectory hooks ---------------------------------------------------------------------
     def prepare(self, x: np.ndarray):
-        """(state to integrate, order): 1-D HK opinions sorted (order = the sorting permutation)."""
+        """(state to integrate, order): 1-D HK opinions sorted (order = the sorting permutation;
+        tied opinions are interchangeable, so any sort will do)."""
         if self.path != "hk1d":
             return x, None
-        order = np.argsort(x[:, 0], kind="stable")
+        order = np.argsort(x[:, 0])
         return x[order], order
+
+    def trajectory_plan(self, parallel: bool = False, samples: int = 1):
+        """The plan of kernels/trajectory.py for this field and `samples` systems (None: no
+        compiled trajectory). Ensembles of at least LANES_MIN_SAMPLES systems on the dense,
+        windowed or causal rows (no top-k, d ≤ 4) run LANES tiles: up to LANES_MAX samples per
+        tile, vectorised over the samples, enough tiles for every thread."""
+        if samples >= LANES_MIN_SAMPLES and self.path in ("fused", "symmetric"):
+            lanes = min(LANES_MAX, -(-samples // numba.get_num_threads()))
+            symmetric = symmetric_scores(self.interaction, len(self.dims))
+            kind = trajectory.SYMMETRIC_LANES if symmetric else trajectory.LANES
+            return trajectory.make_plan(kind, self.dims, self.score_s, self.radius_s, lanes=lanes)
+        return _BY_NAME[self.path].plan(self, parallel)
+
+    def work(self, n: int) -> int:
+        """Scored pairs of one evaluation, in the units of SERIAL_WORK."""
+        it = self.interaction
+        if self.path == "hk1d":
+            return HK1D_WORK_PER_OPINION * n
+        pairs = n * rows.buffer_len(n, it.window or 0, bool(it.causal))
+        return pairs * (RANGE_TOP_K_COST if it.top_k else 1)
 
     def restore(self, x: np.ndarray, order) -> np.ndarray:
         """A state held in the order `order` (from prepare) back in particle order."""

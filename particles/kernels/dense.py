@@ -237,15 +237,42 @@ def velocity_symmetric(dims, score_s, spec, qT, vT, shift, partial, sums):
             if blocks - 1 - pair != pair:
                 _symmetric_column(dims, score_s, qT, vT, b, g, y_shift, blocks - 1 - pair, col, acc)
     for i in prange(n):  # the diagonal w_ii, then the tasks' partial sums
-        y = y_shift
-        if score == SOFTMAX:
-            for c in range(D):
-                y += b * qT[c, i] * qT[c, i]
-        w = exp2_sat(y)
+        w = _diagonal_weight(score, D, qT, b, y_shift, i)
         sums[0, i] = w
         for c in range(D):
             sums[1 + c, i] = w * vT[c, i]
         for task in range(T):
             for c in range(D + 1):
                 sums[c, i] += partial[task, c, i]
+    return sums
+
+
+@njit(cache=True, inline="always")
+def _diagonal_weight(score, D, qT, b, y_shift, i):
+    """w_ii = 2^(y_ii) of the symmetric kernels (softmax: y = b‖q_i‖² + y_shift; rbf: y_shift)."""
+    y = y_shift
+    if score == SOFTMAX:
+        for c in range(D):
+            y += b * qT[c, i] * qT[c, i]
+    return exp2_sat(y)
+
+
+@njit(cache=True)
+def symmetric_serial(dims, score_s, spec, qT, vT, shift, sums, col):
+    """:func:`velocity_symmetric` for one system on the calling thread (one task, every column
+    block in order): sums (D + 1, n) ← (Σ_j w_ij, Σ_j w_ij v_j), diagonal included; col is the
+    (D + 1, SYMMETRIC_BLOCK) column scratch."""
+    D, score = len(dims), len(score_s) - 1
+    n = qT.shape[1]
+    t = qT.dtype.type
+    b, g = t(spec.beta) * t(LOG2E), -t(spec.inv2s2) * t(LOG2E)
+    y_shift = -t(shift) * t(LOG2E) if spec.normalise else t(0.0)
+    sums[:, :] = 0.0
+    for blk in range((n + SYMMETRIC_BLOCK - 1) // SYMMETRIC_BLOCK):
+        _symmetric_column(dims, score_s, qT, vT, b, g, y_shift, blk, col, sums)
+    for i in range(n):
+        w = _diagonal_weight(score, D, qT, b, y_shift, i)
+        sums[0, i] += w
+        for c in range(D):
+            sums[1 + c, i] += w * vT[c, i]
     return sums

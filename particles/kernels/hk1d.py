@@ -124,21 +124,31 @@ def _window_mean(p_hi, p_lo, lo, hi):
     return ((p_hi[hi + 1] - p_hi[lo]) + (p_lo[hi + 1] - p_lo[lo])) / (hi - lo + 1)
 
 
+@njit(cache=True)
+def sweep_task(xs, n, p_hi, p_lo, r2, out, task):
+    """Positions task·CHUNK … of :func:`sweep`: the neighbour interval [lo, hi] of the first position
+    by bisection, then advanced position by position (:func:`_advance`); the window sum is the
+    difference of the compensated prefix sums."""
+    start = task * CHUNK
+    lo, hi = _first_near(xs, start, r2), _last_near(xs, n, start, r2)
+    for p in range(start, min(n, start + CHUNK)):
+        lo, hi = _advance(xs, p, lo, hi, r2)
+        out[p] = _window_mean(p_hi, p_lo, lo, hi)
+
+
 @njit(parallel=True, cache=True)
 def sweep(xs, n, p_hi, p_lo, r2, out):
-    """out[p] = mean{xs[j] : (xs[j] − xs[p])² ≤ r2} for sorted xs[:n] (xs[n:n + LOOKAHEAD] = +inf).
+    """out[p] = mean{xs[j] : (xs[j] − xs[p])² ≤ r2} for sorted xs[:n] (xs[n:n + LOOKAHEAD] = +inf),
+    in parallel tasks of CHUNK positions (:func:`sweep_task`)."""
+    for task in prange((n + CHUNK - 1) // CHUNK):
+        sweep_task(xs, n, p_hi, p_lo, r2, out, task)
 
-    Each task finds the neighbour interval [lo, hi] of its first position by bisection, then
-    advances it position by position (:func:`_advance`); the window sum is the difference of the
-    compensated prefix sums.
-    """
-    tasks = (n + CHUNK - 1) // CHUNK
-    for task in prange(tasks):
-        start = task * CHUNK
-        lo, hi = _first_near(xs, start, r2), _last_near(xs, n, start, r2)
-        for p in range(start, min(n, start + CHUNK)):
-            lo, hi = _advance(xs, p, lo, hi, r2)
-            out[p] = _window_mean(p_hi, p_lo, lo, hi)
+
+@njit(cache=True)
+def sweep_serial(xs, n, p_hi, p_lo, r2, out):
+    """:func:`sweep` on the calling thread (the same tasks, so the same numbers)."""
+    for task in range((n + CHUNK - 1) // CHUNK):
+        sweep_task(xs, n, p_hi, p_lo, r2, out, task)
 
 
 @njit(parallel=True, cache=True)

@@ -1,0 +1,801 @@
+"""Whole trajectories in compiled code: stepping loop, integrator stages, noise and saving in numba.
+
+:func:`run` integrates S systems (an ensemble, or one system) from x0 (S, n, d) to every saved
+step of `keep` and returns their states, with no Python per step:
+
+* tiles of samples (one sample, or `lanes` of them for the LANES plans), each tile's whole
+  trajectory on one thread with the serial kernels, the tiles shared out to
+  numba.get_num_threads() threads (integrate_one releases the GIL) — ensembles, small systems;
+* one sample after the other with every field evaluation parallel over rows (the kernels of
+  VelocityField) — a single large system.
+
+Both call :func:`integrate_one` (the one compiled entry point, from Python once per tile and
+block of saved steps): the state is held component-major (d, n); per stage, v = Σ_j a_ij
+V x_j by the path's kernel, then one fused pass per particle does the tangent projection, the
+stage combination and the retraction (the arithmetic of particles/integrate.py, in the same
+order): Euler x ← R(x + dt f), RK4 with retracted stage points, Euler–Maruyama with the
+counter-based normals of :mod:`.noise` (the same numbers as the Python stepper).
+
+The kernel path is a *plan*, a named tuple whose type tells the compiler which velocity
+implementation to use (:func:`velocity` is a numba overload chosen at compile time from the plan
+type; :func:`workspace` allocates its scratch once per sample). Results do not depend on the
+number of threads: a sample is integrated by one thread (samples), or rows are split into fixed
+tasks (steps; the symmetric kernel's per-task partial sums differ in the last bit only).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from numba import njit, prange
+from numba.extending import overload
+
+from . import hk1d
+from .dense import (
+    SYMMETRIC_BLOCK,
+    fused_task,
+    range_task,
+    rows_range,
+    symmetric_serial,
+    velocity_fused,
+    velocity_symmetric,
+)
+from .fastexp import LOG2E, exp2_sat
+from .noise import normal, step_key
+from .rows import FASTMATH, RBF, SOFTMAX, _dot4, _sqdist4, buffer_len, candidate_range
+
+SPHERE, EUCLIDEAN = 0, 1  # geometry codes (particles.geometry: Geometry.code)
+EULER, RK4 = 0, 1
+OK, USA_OVERFLOW, NONFINITE = 0, 1, 2  # status codes
+SERIAL, PARALLEL = (0,), (0, 0)  # compile-time modes of the velocity (see velocity)
+
+
+FUSED, SYMMETRIC, RANGE, HK1D, LANES, SYMMETRIC_LANES = 1, 2, 3, 4, 5, 6  # plan kinds
+
+
+class Plan(NamedTuple):
+    """A kernel path for the compiled trajectories. Its numba type selects the velocity
+    implementation at compile time: kind = (0,)·code with code FUSED (dense.fused_task rows: no
+    top-k, d ≤ 4), SYMMETRIC (Q = K without restriction: one exp per pair), RANGE (range_task
+    rows: top-k, or any d with dims = ()), HK1D (the sorted 1-D sweep, v = vscale·mean) or LANES
+    (what FUSED computes, for `lanes` samples at once: the innermost, vectorised loop runs over the
+    samples of an ensemble instead of over keys — :func:`_lanes_velocity`) or SYMMETRIC_LANES (the
+    same for symmetric scores, one exp per pair — :func:`_symmetric_lanes_velocity`). dims,
+    score_s, radius_s are the rows.static tuples (canonical (0,) where the kind ignores them, so
+    that they add no compiled specialisations).
+
+    (numba's parallel loops cannot capture a tuple holding tuples, so the drivers take the fields
+    one by one and rebuild the Plan inside the loop body.)"""
+
+    kind: tuple
+    dims: tuple
+    score_s: tuple
+    radius_s: tuple
+    vscale: float
+    lanes: int  # samples per tile (LANES), else 1
+
+
+def make_plan(kind: int, dims=(), score_s=(0,), radius_s=(0,), vscale=1.0, lanes=1) -> Plan:
+    return Plan((0,) * kind, tuple(dims), tuple(score_s), tuple(radius_s), float(vscale), int(lanes))
+
+
+class Stepping(NamedTuple):
+    """The integrator's numbers, in the storage dtype as numpy would round them."""
+
+    geometry: int
+    integrator: int
+    dt: float
+    half: float  # dt/2
+    sixth: float  # dt/6
+    noise_scale: float  # √dt·noise
+    noisy: bool
+    identity: bool  # Q = K = V = I: no projections
+
+
+# -- per-plan workspace and velocity (compile-time dispatch on the plan type) ----------------------
+def workspace(plan, mode, spec, xT, lanes):  # pragma: no cover - numba overload below
+    """Scratch arrays of the plan's velocity for systems shaped like xT (d, n)."""
+    raise NotImplementedError
+
+
+def velocity(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):  # pragma: no cover - numba overload below
+    """out (n, d) ← v_i = Σ_j a_ij V x_j for the component-major projections (d, n)."""
+    raise NotImplementedError
+
+
+def _plan_kind(plan):
+    """The kind code of a Plan's numba type (the length of its first field)."""
+    if getattr(plan, "instance_class", None) is not Plan:
+        return None
+    return plan.types[0].count
+
+
+@njit(cache=True)
+def _norms(qT, kT, qnorm):
+    """qnorm[i] ← ‖q_i‖; returns max_j ‖k_j‖²."""
+    d, n = qT.shape
+    kmax2 = qT.dtype.type(0.0)
+    for i in range(n):
+        a = qT.dtype.type(0.0)
+        b = qT.dtype.type(0.0)
+        for c in range(d):
+            a += qT[c, i] * qT[c, i]
+            b += kT[c, i] * kT[c, i]
+        qnorm[i] = np.sqrt(a)
+        kmax2 = max(kmax2, b)
+    return kmax2
+
+
+@njit(cache=True)
+def _finish_symmetric(plan, spec, sums, which, redo, s, dist, qnorm, kmax, xT, qT, vT, out):
+    """out ← sums / Σ w (or /n); rows whose Σ w underflowed the shared shift redone by fused_task."""
+    d, n = xT.shape
+    t = xT.dtype.type
+    loose = 0
+    for i in range(n):
+        f = t(1.0) / sums[0, i] if spec.normalise else t(1.0 / n)
+        for c in range(d):
+            out[i, c] = sums[1 + c, i] * f
+        if spec.normalise and sums[0, i] < spec.tiny:
+            which[loose] = i
+            loose += 1
+    if loose:
+        fused_task(plan.dims, plan.score_s, plan.radius_s, spec, 0, loose, which, xT, qT, qT, vT, qnorm, kmax,
+                   s, dist, redo)
+        for r in range(loose):
+            for c in range(d):
+                out[which[r], c] = redo[r, c]
+
+
+@overload(workspace)
+def _workspace(plan, mode, spec, xT, lanes):
+    kind = _plan_kind(plan)
+    if kind == FUSED:
+        def impl(plan, mode, spec, xT, lanes):
+            n = xT.shape[1]
+            m = buffer_len(n, spec.window, spec.causal)
+            return (np.empty(m, xT.dtype), np.empty(m if spec.use_radius else 1, xT.dtype), np.arange(n),
+                    np.empty(n, xT.dtype))
+        return impl
+    if kind == SYMMETRIC:
+        def impl(plan, mode, spec, xT, lanes):
+            d, n = xT.shape
+            tasks = 1
+            if len(mode) == 2:  # the parallel kernel's per-task partial sums
+                blocks = (n + SYMMETRIC_BLOCK - 1) // SYMMETRIC_BLOCK
+                tasks = max(1, min((blocks + 1) // 2, 2 * numba.get_num_threads()))
+            return (np.empty((d + 1, n), xT.dtype), np.empty((d + 1, SYMMETRIC_BLOCK), xT.dtype),
+                    np.empty((tasks, d + 1, n), xT.dtype), np.empty(n, np.int64), np.empty((n, d), xT.dtype),
+                    np.empty(n, xT.dtype), np.empty(1, xT.dtype), np.empty(n, xT.dtype))
+        return impl
+    if kind == RANGE:
+        def impl(plan, mode, spec, xT, lanes):
+            m = buffer_len(xT.shape[1], spec.window, spec.causal)
+            dist = np.empty(m if spec.use_radius else 1, xT.dtype)
+            return np.empty(m, xT.dtype), np.empty(m, np.int64), dist
+        return impl
+    if kind == LANES:
+        def impl(plan, mode, spec, xT, lanes):
+            d = xT.shape[0]
+            return (np.empty(lanes, xT.dtype), np.empty(lanes, xT.dtype), np.empty((d, lanes), xT.dtype),
+                    np.empty(lanes, xT.dtype), np.empty((d, lanes), xT.dtype))
+        return impl
+    if kind == SYMMETRIC_LANES:
+        def impl(plan, mode, spec, xT, lanes):
+            d, N = xT.shape
+            return np.empty((d + 1, N // lanes, lanes), xT.dtype), np.empty(lanes, xT.dtype)
+        return impl
+    if kind == HK1D:
+        def impl(plan, mode, spec, xT, lanes):
+            n = xT.shape[1]
+            xs = np.empty(n + hk1d.LOOKAHEAD, xT.dtype)
+            xs[n:] = np.inf
+            return xs, np.empty(n + 1), np.empty(n + 1), np.empty(n, xT.dtype), np.empty(n, np.int64)
+        return impl
+    return None
+
+
+@njit(cache=True)
+def _hk1d_velocity(plan, parallel, spec, ws, xT, out):
+    """The sorted sweep on opinions xT[0]: directly if they are sorted (simulate holds them so),
+    else through their sorting permutation."""
+    xs, p_hi, p_lo, tmp, perm = ws
+    n = xT.shape[1]
+    x = xT[0]
+    ordered = hk1d.is_sorted(x)
+    if ordered:
+        xs[:n] = x
+    else:
+        perm[:] = np.argsort(x, kind="mergesort")
+        for p in range(n):
+            xs[p] = x[perm[p]]
+    hk1d.prefix_sums(xs, n, p_hi, p_lo)
+    if parallel:
+        hk1d.sweep(xs, n, p_hi, p_lo, spec.r2, tmp)
+    else:
+        hk1d.sweep_serial(xs, n, p_hi, p_lo, spec.r2, tmp)
+    for p in range(n):
+        out[p if ordered else perm[p], 0] = tmp[p] * plan.vscale
+
+
+def _fused_serial(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
+    s, dist, which, qnorm = ws
+    kmax = np.sqrt(_norms(qT, kT, qnorm))
+    fused_task(plan.dims, plan.score_s, plan.radius_s, spec, 0, xT.shape[1], which, xT, qT, kT, vT, qnorm,
+               kmax, s, dist, out)
+
+
+def _fused_parallel(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
+    s, dist, which, qnorm = ws
+    kmax = np.sqrt(_norms(qT, kT, qnorm))
+    velocity_fused(plan.dims, plan.score_s, plan.radius_s, spec, which, xT, qT, kT, vT, qnorm, kmax, out)
+
+
+@njit(cache=True)
+def _symmetric_shift(spec, qT, qnorm):
+    """(max_i ‖q_i‖², the shared shift |β|·max‖q‖² of a symmetric softmax, 0 otherwise); qnorm ← ‖q_i‖."""
+    max_sq = _norms(qT, qT, qnorm)
+    return max_sq, abs(spec.beta) * max_sq if spec.score == SOFTMAX else qT.dtype.type(0.0)
+
+
+def _symmetric_serial(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
+    sums, col, partial, which, redo, s, dist, qnorm = ws
+    max_sq, shift = _symmetric_shift(spec, qT, qnorm)
+    symmetric_serial(plan.dims, plan.score_s, spec, qT, vT, shift, sums, col)
+    _finish_symmetric(plan, spec, sums, which, redo, s, dist, qnorm, np.sqrt(max_sq), xT, qT, vT, out)
+
+
+def _symmetric_parallel(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
+    sums, col, partial, which, redo, s, dist, qnorm = ws
+    max_sq, shift = _symmetric_shift(spec, qT, qnorm)
+    velocity_symmetric(plan.dims, plan.score_s, spec, qT, vT, shift, partial, sums)
+    _finish_symmetric(plan, spec, sums, which, redo, s, dist, qnorm, np.sqrt(max_sq), xT, qT, vT, out)
+
+
+def _range_serial(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
+    s, idx, dist = ws
+    range_task(plan.dims, spec, 0, xT.shape[1], xT, qT, kT, vT, False, s, idx, dist, out)
+
+
+def _range_parallel(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
+    rows_range(plan.dims, spec, xT, qT, kT, vT, False, out)
+
+
+def _hk1d_serial(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
+    _hk1d_velocity(plan, False, spec, ws, xT, out)
+
+
+def _hk1d_parallel(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
+    _hk1d_velocity(plan, True, spec, ws, xT, out)
+
+
+@njit(cache=True, inline="always")
+def _lane_score(score, D, q3, k3, i, j, lane, beta, inv2s2):
+    """s_ij of sample `lane` (scalar; the exact-max redo of _lanes_velocity)."""
+    acc = q3.dtype.type(0.0)
+    if score == SOFTMAX:
+        for c in range(D):
+            acc += q3[c, i, lane] * k3[c, j, lane]
+        return beta * acc
+    if score == RBF:
+        for c in range(D):
+            u = q3[c, i, lane] - k3[c, j, lane]
+            acc += u * u
+        return -inv2s2 * acc
+    return acc
+
+
+@njit(cache=True, inline="always")
+def _lane_sqdist(D, x3, i, j, lane):
+    acc = x3.dtype.type(0.0)
+    for c in range(D):
+        u = x3[c, i, lane] - x3[c, j, lane]
+        acc += u * u
+    return acc
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _lanes_velocity(plan, spec, ws, L, xT, qT, kT, vT, out):
+    """v for L samples at once (the rows of fused_task: dense, causal or windowed, radius-masked;
+    d = len(dims) ≤ 4). Column p of the (d, n·L) arrays is particle p // L of sample p % L; for each
+    query i and key j the innermost loop runs over the L samples (unit stride, vectorised), with
+    w = 2^(log2(e)·(s_ij − shift_i)), shift_i = |β|·‖q_i‖·max_j‖k_j‖ per sample as in fused_task
+    (0 for rbf, flat and usa); a sample whose Σ w falls below tiny is redone with its exact max."""
+    D, score, use_radius = len(plan.dims), len(plan.score_s) - 1, len(plan.radius_s) - 1
+    d, N = xT.shape
+    n = N // L
+    shape = (d, n, L)
+    x3, q3, k3, v3 = xT.reshape(shape), qT.reshape(shape), kT.reshape(shape), vT.reshape(shape)
+    kmax, ysh, bq, tot, acc = ws
+    t = xT.dtype.type
+    log2e = t(LOG2E)
+    beta, inv2s2, r2, normalise = spec.beta, spec.inv2s2, spec.r2, spec.normalise
+    b, g = beta * log2e, -inv2s2 * log2e
+    bounded = score == SOFTMAX and normalise
+    row = np.empty(D + 1, xT.dtype)
+    if bounded:
+        _lane_max_sq(D, k3, kmax)
+        for lane in range(L):
+            kmax[lane] = np.sqrt(kmax[lane])
+    for i in range(n):
+        lo, hi = candidate_range(i, n, spec.window, spec.causal)
+        for lane in range(L):
+            q2 = t(0.0)
+            for c in range(D):
+                q2 += q3[c, i, lane] * q3[c, i, lane]
+                bq[c, lane] = b * q3[c, i, lane] if score == SOFTMAX else q3[c, i, lane]
+                acc[c, lane] = 0.0
+            ysh[lane] = -abs(beta) * np.sqrt(q2) * kmax[lane] * log2e if bounded else t(0.0)
+            tot[lane] = 0.0
+        e1, e2, e3 = min(1, D - 1), min(2, D - 1), min(3, D - 1)
+        b0, b1, b2, b3 = bq[0], bq[e1], bq[e2], bq[e3]
+        y0, y1, y2, y3 = x3[0, i], x3[e1, i], x3[e2, i], x3[e3, i]
+        a0, a1, a2, a3 = acc[0], acc[e1], acc[e2], acc[e3]
+        for j in range(lo, hi):  # 1-D views: unit-stride loops over the samples that vectorise
+            k0, k1, k2, k3_ = k3[0, j], k3[e1, j], k3[e2, j], k3[e3, j]
+            v0, v1, v2, v3_ = v3[0, j], v3[e1, j], v3[e2, j], v3[e3, j]
+            x0, x1, x2, x3_ = x3[0, j], x3[e1, j], x3[e2, j], x3[e3, j]
+            for lane in range(L):
+                y = ysh[lane]
+                if score == SOFTMAX:
+                    y += _dot4(D, lane, b0[lane], b1[lane], b2[lane], b3[lane], k0, k1, k2, k3_)
+                elif score == RBF:
+                    y += g * _sqdist4(D, lane, b0[lane], b1[lane], b2[lane], b3[lane], k0, k1, k2, k3_)
+                w = exp2_sat(y)
+                if use_radius:
+                    far = _sqdist4(D, lane, y0[lane], y1[lane], y2[lane], y3[lane], x0, x1, x2, x3_) > r2
+                    w = t(0.0) if far else w
+                tot[lane] += w
+                a0[lane] += w * v0[lane]
+                if D > 1:
+                    a1[lane] += w * v1[lane]
+                if D > 2:
+                    a2[lane] += w * v2[lane]
+                if D > 3:
+                    a3[lane] += w * v3_[lane]
+        for lane in range(L):
+            if normalise and tot[lane] < spec.tiny:  # loose bound: this sample's row with its exact max
+                _redo_lane(score, D, use_radius, spec, x3, q3, k3, v3, i, lo, hi, lane, row)
+                tot[lane] = row[0]
+                for c in range(D):
+                    acc[c, lane] = row[1 + c]
+            f = t(1.0) / tot[lane] if normalise else t(1.0 / n)
+            for c in range(D):
+                out[i * L + lane, c] = acc[c, lane] * f
+
+
+@njit(cache=True)
+def _lane_max_sq(D, a3, out):
+    """out[lane] ← max_j ‖a_j‖² of each sample (a3: (d, n, L))."""
+    out[:] = 0.0
+    for j in range(a3.shape[1]):
+        for lane in range(a3.shape[2]):
+            s2 = a3.dtype.type(0.0)
+            for c in range(D):
+                s2 += a3[c, j, lane] * a3[c, j, lane]
+            out[lane] = max(out[lane], s2)
+
+
+@njit(cache=True)
+def _redo_lane(score, D, use_radius, spec, x3, q3, k3, v3, i, lo, hi, lane, acc):
+    """acc[0] ← Σ w, acc[1 + c] ← Σ w·v_c over keys lo..hi−1 of query i in sample `lane`, with
+    w = exp(s_ij − max_j s_ij) (the exact row max: no underflow of the weights that matter)."""
+    t = x3.dtype.type
+    log2e = t(LOG2E)
+    mx = t(-np.inf)
+    for j in range(lo, hi):
+        if not use_radius or _lane_sqdist(D, x3, i, j, lane) <= spec.r2:
+            mx = max(mx, _lane_score(score, D, q3, k3, i, j, lane, spec.beta, spec.inv2s2))
+    for c in range(D + 1):
+        acc[c] = 0.0
+    for j in range(lo, hi):
+        if not use_radius or _lane_sqdist(D, x3, i, j, lane) <= spec.r2:
+            w = exp2_sat((_lane_score(score, D, q3, k3, i, j, lane, spec.beta, spec.inv2s2) - mx) * log2e)
+            acc[0] += w
+            for c in range(D):
+                acc[1 + c] += w * v3[c, j, lane]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _symmetric_lanes_velocity(plan, spec, ws, L, xT, qT, vT, out):
+    """v for L samples at once with symmetric scores (Q = K, no restriction; d = len(dims) ≤ 4):
+    each w_ij = 2^(log2(e)·(s_ij − shift)) computed once for i > j and added to both rows, the
+    innermost loop over the samples; shift = |β|·max_i‖q_i‖² per sample (0 for rbf and usa), as
+    in dense.velocity_symmetric. Rows whose Σ w falls below tiny are redone with their exact max."""
+    D, score = len(plan.dims), len(plan.score_s) - 1
+    d, N = xT.shape
+    n = N // L
+    x3, q3, v3 = xT.reshape((d, n, L)), qT.reshape((d, n, L)), vT.reshape((d, n, L))
+    acc, ysh = ws
+    t = xT.dtype.type
+    log2e = t(LOG2E)
+    b, g = spec.beta * log2e, -spec.inv2s2 * log2e
+    _lane_max_sq(D, q3, ysh)
+    for lane in range(L):
+        ysh[lane] = -abs(spec.beta) * ysh[lane] * log2e if score == SOFTMAX and spec.normalise else t(0.0)
+    for i in range(n):
+        for lane in range(L):  # the diagonal
+            y = ysh[lane]
+            if score == SOFTMAX:
+                for c in range(D):
+                    y += b * q3[c, i, lane] * q3[c, i, lane]
+            w = exp2_sat(y)
+            acc[0, i, lane] = w
+            for c in range(D):
+                acc[1 + c, i, lane] = w * v3[c, i, lane]
+        e1, e2, e3 = min(1, D - 1), min(2, D - 1), min(3, D - 1)
+        qi0, qi1, qi2, qi3 = q3[0, i], q3[e1, i], q3[e2, i], q3[e3, i]
+        vi0, vi1, vi2, vi3 = v3[0, i], v3[e1, i], v3[e2, i], v3[e3, i]
+        ti, ai0, ai1, ai2, ai3 = acc[0, i], acc[1, i], acc[1 + e1, i], acc[1 + e2, i], acc[1 + e3, i]
+        for j in range(i):  # 1-D views: unit-stride loops over the samples that vectorise
+            qj0, qj1, qj2, qj3 = q3[0, j], q3[e1, j], q3[e2, j], q3[e3, j]
+            vj0, vj1, vj2, vj3 = v3[0, j], v3[e1, j], v3[e2, j], v3[e3, j]
+            tj, aj0, aj1, aj2, aj3 = acc[0, j], acc[1, j], acc[1 + e1, j], acc[1 + e2, j], acc[1 + e3, j]
+            for lane in range(L):
+                p0, p1, p2, p3 = qi0[lane], qi1[lane], qi2[lane], qi3[lane]
+                if score == SOFTMAX:
+                    y = ysh[lane] + b * _dot4(D, lane, p0, p1, p2, p3, qj0, qj1, qj2, qj3)
+                else:
+                    y = ysh[lane] + g * _sqdist4(D, lane, p0, p1, p2, p3, qj0, qj1, qj2, qj3)
+                w = exp2_sat(y)
+                ti[lane] += w
+                tj[lane] += w
+                ai0[lane] += w * vj0[lane]
+                aj0[lane] += w * vi0[lane]
+                if D > 1:
+                    ai1[lane] += w * vj1[lane]
+                    aj1[lane] += w * vi1[lane]
+                if D > 2:
+                    ai2[lane] += w * vj2[lane]
+                    aj2[lane] += w * vi2[lane]
+                if D > 3:
+                    ai3[lane] += w * vj3[lane]
+                    aj3[lane] += w * vi3[lane]
+    row = np.empty(D + 1, xT.dtype)
+    for i in range(n):
+        for lane in range(L):
+            f = t(1.0 / n)
+            if spec.normalise:
+                if acc[0, i, lane] < spec.tiny:
+                    _redo_lane(score, D, False, spec, x3, q3, q3, v3, i, 0, n, lane, row)
+                    for c in range(D + 1):
+                        acc[c, i, lane] = row[c]
+                f = t(1.0) / acc[0, i, lane]
+            for c in range(D):
+                out[i * L + lane, c] = acc[1 + c, i, lane] * f
+
+
+def _symmetric_lanes(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
+    _symmetric_lanes_velocity(plan, spec, ws, lanes, xT, qT, vT, out)
+
+
+def _lanes(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
+    _lanes_velocity(plan, spec, ws, lanes, xT, qT, kT, vT, out)
+
+
+_VELOCITY = {LANES: (_lanes, _lanes), SYMMETRIC_LANES: (_symmetric_lanes, _symmetric_lanes),
+             FUSED: (_fused_serial, _fused_parallel), SYMMETRIC: (_symmetric_serial, _symmetric_parallel),
+             RANGE: (_range_serial, _range_parallel), HK1D: (_hk1d_serial, _hk1d_parallel)}
+
+
+@overload(velocity)
+def _velocity(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
+    impls = _VELOCITY.get(_plan_kind(plan))
+    return None if impls is None else impls[len(mode) == 2]
+
+
+# -- one sample's trajectory -------------------------------------------------------------------------
+@njit(cache=True)
+def _project(M, src, dst):
+    """dst ← M src for component-major (d, n) arrays."""
+    d, n = src.shape
+    for a in range(d):
+        for i in range(n):
+            acc = src.dtype.type(0.0)
+            for b in range(d):
+                acc += M[a, b] * src[b, i]
+            dst[a, i] = acc
+
+
+@njit(cache=True)
+def _field(plan, mode, spec, st, ws, lanes, Q, K, V, src, qb, kb, vb, v):
+    """v ← velocity at the state src; False when a usa weight overflowed (v not finite)."""
+    if st.identity:
+        velocity(plan, mode, spec, ws, lanes, src, src, src, src, v)
+    else:
+        _project(Q, src, qb)
+        _project(K, src, kb)
+        _project(V, src, vb)
+        velocity(plan, mode, spec, ws, lanes, src, qb, kb, vb, v)
+    if spec.normalise:
+        return True
+    chk = v.dtype.type(0.0)
+    for i in range(v.shape[0]):
+        for c in range(v.shape[1]):
+            chk += v[i, c] * 0.0  # 0·inf and 0·NaN are NaN
+    return chk == 0.0
+
+
+@njit(cache=True, inline="always")
+def _dim(dims, x):
+    """d as a compile-time constant when the plan carries it (dims = (0,)·d for d ≤ 4)."""
+    return len(dims) if len(dims) > 0 else x.shape[0]
+
+
+@njit(cache=True, inline="always")
+def _tangent_dot(st, x, v, i, d):
+    """⟨x_i, v_i⟩ on the sphere (0 in euclidean space, where f = v − x)."""
+    dot = x.dtype.type(0.0)
+    if st.geometry == SPHERE:
+        for c in range(d):
+            dot += x[c, i] * v[i, c]
+    return dot
+
+
+@njit(cache=True, inline="always")
+def _f(st, x, v, dot, i, c):
+    """f_ic = (P_x v)_ic (sphere) or v_ic − x_ic (euclidean)."""
+    if st.geometry == SPHERE:
+        return v[i, c] - dot * x[c, i]
+    return v[i, c] - x[c, i]
+
+
+@njit(cache=True, inline="always")
+def _retract(st, y, i, d):
+    """y_i ← y_i/‖y_i‖ on the sphere (the identity in euclidean space)."""
+    if st.geometry == SPHERE:
+        nrm2 = y.dtype.type(0.0)
+        for c in range(d):
+            nrm2 += y[c, i] * y[c, i]
+        nrm = np.sqrt(nrm2)
+        for c in range(d):
+            y[c, i] = y[c, i] / nrm
+
+
+@njit(cache=True)
+def _euler_update(dims, st, x, v, keys, lanes, step, order, xi):
+    """x ← R(x + dt f(x) [+ √dt·noise·T_x ξ]), f from the velocity v at x. Column p of x is particle
+    p // lanes of sample p % lanes (its noise: keys[p % lanes], element particle·d + c)."""
+    d, N = x.shape
+    d = _dim(dims, x)
+    t = x.dtype.type
+    h = step_key(keys[0], step)
+    for p in range(N):
+        dot = _tangent_dot(st, x, v, p, d)
+        if st.noisy:
+            particle = p // lanes if order.shape[0] == 0 else order[p]
+            if lanes > 1:
+                h = step_key(keys[p % lanes], step)
+            xdot = t(0.0)
+            for c in range(d):
+                xi[c] = t(normal(h, particle * d + c))
+                xdot += x[c, p] * xi[c]
+            for c in range(d):
+                noise_c = xi[c] - xdot * x[c, p] if st.geometry == SPHERE else xi[c]
+                x[c, p] = (x[c, p] + st.dt * _f(st, x, v, dot, p, c)) + st.noise_scale * noise_c
+        else:
+            for c in range(d):
+                x[c, p] = x[c, p] + st.dt * _f(st, x, v, dot, p, c)
+        _retract(st, x, p, d)
+
+
+@njit(cache=True)
+def _rk4_stage(dims, st, stage, x, src, v, acc, y):
+    """Stage `stage` (0..3) of RK4, f evaluated at src with velocity v: acc += w·f and the next stage
+    point y ← R(x + c·f) (stages 0-2), or x ← R(x + dt/6·acc) (stage 3)."""
+    d, N = x.shape
+    d = _dim(dims, x)
+    weight = x.dtype.type(1.0 if stage == 0 or stage == 3 else 2.0)
+    step = st.half if stage < 2 else st.dt
+    for p in range(N):
+        dot = _tangent_dot(st, src, v, p, d)
+        for c in range(d):
+            f = _f(st, src, v, dot, p, c)
+            if stage == 0:
+                acc[c, p] = f
+            else:
+                acc[c, p] = acc[c, p] + weight * f
+            if stage < 3:
+                y[c, p] = x[c, p] + step * f
+            else:
+                x[c, p] = x[c, p] + st.sixth * acc[c, p]
+        _retract(st, y if stage < 3 else x, p, d)
+
+
+@njit(cache=True)
+def _finite(x):
+    """True if every entry of x is finite (0·inf and 0·NaN are NaN)."""
+    chk = x.dtype.type(0.0)
+    for c in range(x.shape[0]):
+        for p in range(x.shape[1]):
+            chk += x[c, p] * 0.0
+    return chk == 0.0
+
+
+@njit(cache=True)
+def _save(x, order, lanes, out, slot):
+    """out[lane, slot] (n, d) ← the component-major state x (column p: particle p // lanes, or
+    order[p], of sample p % lanes), in particle order."""
+    d, N = x.shape
+    for p in range(N):
+        lane = p % lanes
+        row = p // lanes if order.shape[0] == 0 else order[p]
+        for c in range(d):
+            out[lane, slot, row, c] = x[c, p]
+
+
+@njit(cache=True, nogil=True)
+def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, keys, out, x_end, status):
+    """A tile of L = x0.shape[0] samples (one, or the lanes of a LANES plan) from step0 to stop:
+    out[lane, slot] ← the state at step keep[slot] (particle order), x_end[lane] ← the state at
+    stop, status[lane] ← (code, step) on failure.
+
+    The tile is held as one component-major state (d, n·L), column p = particle p // L of sample
+    p % L. order (n,) maps working columns to particles (the 1-D HK sweep holds them sorted, L = 1)
+    or is empty. Finiteness is checked at saved steps (NaN and inf persist), usa weights at every
+    evaluation (an overflow there is reported at the step it happened).
+    """
+    L, n, d = x0.shape
+    N = n * L
+    x = np.empty((d, N), x0.dtype)
+    for p in range(N):
+        row = p // L if order.shape[0] == 0 else order[p]
+        for c in range(d):
+            x[c, p] = x0[p % L, row, c]
+    y, acc = np.empty_like(x), np.empty_like(x)
+    m = 0 if st.identity else N
+    qb, kb, vb = np.empty((d, m), x0.dtype), np.empty((d, m), x0.dtype), np.empty((d, m), x0.dtype)
+    v = np.empty((N, d), x0.dtype)
+    xi = np.empty(d, x0.dtype)
+    ws = workspace(plan, mode, spec, x, L)
+    slot = 0
+    if keep.shape[0] > 0 and keep[0] == step0:
+        _save(x, order, L, out, 0)
+        slot = 1
+    for step in range(step0, stop):
+        ok = True
+        if st.integrator == EULER:
+            ok = _field(plan, mode, spec, st, ws, L, Q, K, V, x, qb, kb, vb, v)
+            if ok:
+                _euler_update(plan.dims, st, x, v, keys, L, step, order, xi)
+        else:
+            for stage in range(4):
+                ok = _field(plan, mode, spec, st, ws, L, Q, K, V, x if stage == 0 else y, qb, kb, vb, v)
+                if not ok:
+                    break
+                _rk4_stage(plan.dims, st, stage, x, x if stage == 0 else y, v, acc, y)
+        saving = slot < keep.shape[0] and step + 1 == keep[slot]
+        if not ok or ((saving or step + 1 == stop) and not _finite(x)):
+            code, at = (USA_OVERFLOW, step) if not ok else (NONFINITE, step + 1)
+            for lane in range(L):
+                status[lane, 0], status[lane, 1] = code, at
+            return
+        if saving:
+            _save(x, order, L, out, slot)
+            slot += 1
+    for p in range(N):
+        row = p // L if order.shape[0] == 0 else order[p]
+        for c in range(d):
+            x_end[p % L, row, c] = x[c, p]
+
+
+# -- weights at saved steps ------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def weights_all(dims, spec, identity, Q, K, traj, out):
+    """out[s, t] ← a_ij of the saved state traj[s, t] (n, n) for every sample and saved step."""
+    S, T, n, d = traj.shape
+    m = buffer_len(n, spec.window, spec.causal)
+    for job in prange(S * T):
+        s, t = job // T, job % T
+        xT = np.ascontiguousarray(traj[s, t].T)
+        qT, kT = xT, xT
+        if not identity:
+            qT, kT = np.empty_like(xT), np.empty_like(xT)
+            _project(Q, xT, qT)
+            _project(K, xT, kT)
+        range_task(dims, spec, 0, n, xT, qT, kT, xT, True, np.empty(m, xT.dtype), np.empty(m, np.int64),
+                   np.empty(m if spec.use_radius else 1, xT.dtype), out[s, t])
+
+
+
+# -- the Python side: blocks of saved steps, one compiled call each ----------------------------------
+def stepping(geometry_code: int, integrator: str, dt: float, noise: float, identity: bool, dtype) -> Stepping:
+    """The Stepping tuple, with dt/2, dt/6 and √dt·noise rounded to `dtype` as numpy would."""
+    t = np.dtype(dtype).type
+    return Stepping(geometry=int(geometry_code), integrator=EULER if integrator == "euler" else RK4,
+                    dt=t(dt), half=t(0.5 * dt), sixth=t(dt / 6.0), noise_scale=t(np.sqrt(dt) * noise),
+                    noisy=bool(noise > 0), identity=bool(identity))
+
+
+def blocks(keep: np.ndarray, ticks: int = 1, max_slots: int | None = None):
+    """[(step0, stop, a, b)]: compiled calls from step0 to stop saving slots a..b−1 (slot 0 in the
+    first); at most `max_slots` slots per call, and at least `ticks` calls when steps allow (for a
+    progress bar)."""
+    steps = int(keep[-1])
+    ends = set(int(s) for s in np.linspace(0, steps, ticks + 1)[1:].round())
+    if max_slots is not None:
+        ends.update(int(e) for e in keep[max_slots - 1::max_slots])
+    ends = sorted(e for e in ends | {steps} if e > 0) or [0]
+    out, step0, a = [], 0, 0
+    for stop in ends:
+        b = int(np.searchsorted(keep, stop, side="right"))
+        out.append((step0, stop, a, b))
+        step0, a = stop, b
+    return out
+
+
+def run(field, plan, st: Stepping, x0: np.ndarray, keep: np.ndarray, keys: np.ndarray, sink, *,
+        weights=None, parallel=False, ticks=1, max_slots=None, bar=None):
+    """Integrate x0 (S, n, d) to every step of keep with `plan`; sink[s, slot] ← the saved states
+    (an array or a TrajectoryStore), weights[s, slot] ← a_ij if given. Returns (status (S, 2), slot
+    count written): status rows (code, step) with code OK, USA_OVERFLOW or NONFINITE."""
+    S, n, d = x0.shape
+    Q, K, V = field.Q, field.K, field.V
+    x = np.ascontiguousarray(x0)
+    keep = np.ascontiguousarray(keep, dtype=np.int64)
+    for step0, stop, a, b in blocks(keep, ticks, max_slots):
+        orders = _orders(field, x)
+        direct = isinstance(sink, np.ndarray) and sink[:, a:b].flags.c_contiguous
+        out = sink[:, a:b] if direct else np.empty((S, b - a, n, d), x0.dtype)
+        x_end = np.empty_like(x)
+        status = np.zeros((S, 2), np.int64)
+        args = (field.spec, st, Q, K, V, x, orders, np.int64(step0), np.int64(stop), keep[a:b], keys, out,
+                x_end, status)
+        _integrate(Plan(*plan), PARALLEL if parallel else SERIAL, args)
+        if status[:, 0].any():
+            return status
+        if not direct:
+            _write(sink, out, a)
+        if weights is not None and b > a:
+            w = np.empty((S, b - a, n, n), x0.dtype)
+            weights_all(field.small_dims, field.spec, bool(st.identity), field.Q, field.K, out, w)
+            weights[:, a:b] = w
+        if bar is not None:
+            bar.update(S * (stop - step0))
+        x = x_end
+    return np.zeros((S, 2), np.int64)
+
+
+def _integrate(plan, mode, args):
+    """integrate_one over every tile of `plan.lanes` samples; SERIAL: the tiles split into
+    contiguous shares, one per thread (at most numba.get_num_threads()), each tile computed by one
+    thread whatever the thread count; PARALLEL: the samples in turn, the kernels parallel."""
+    spec, st, Q, K, V, x, orders, step0, stop, keep, keys, out, x_end, status = args
+    S, L = x.shape[0], plan.lanes
+
+    def tiles(first, last):
+        for tile in range(first, last):
+            a, b = tile * L, min(S, (tile + 1) * L)
+            integrate_one(plan, mode, spec, st, Q, K, V, x[a:b], orders[a], step0, stop, keep, keys[a:b],
+                          out[a:b], x_end[a:b], status[a:b])
+
+    count = -(-S // L)
+    threads = 1 if mode == PARALLEL else max(1, min(numba.get_num_threads(), count))
+    if threads == 1:
+        tiles(0, count)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounds = np.linspace(0, count, threads + 1).round().astype(int)
+    with ThreadPoolExecutor(threads) as pool:
+        for job in [pool.submit(tiles, bounds[k], bounds[k + 1]) for k in range(threads)]:
+            job.result()
+
+
+def _write(sink, out, a):
+    if isinstance(sink, np.ndarray):
+        sink[:, a:a + out.shape[1]] = out
+        return
+    for s in range(out.shape[0]):  # a TrajectoryStore takes one (sample, slot) at a time
+        for k in range(out.shape[1]):
+            sink[s, a + k] = out[s, k]
+
+
+def _orders(field, x):
+    """The working order of each sample (the field's prepare hook: sorted 1-D HK), or (S, 0)."""
+    orders = [field.prepare(xs)[1] for xs in x]
+    if orders[0] is None:
+        return np.empty((x.shape[0], 0), np.int64)
+    return np.ascontiguousarray(np.stack(orders), dtype=np.int64)

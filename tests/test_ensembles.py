@@ -1,0 +1,142 @@
+"""Whole trajectories in compiled code (issue 20): every plan of kernels/trajectory.py against the
+Python stepper around the numpy reference, ensembles against per-sample runs, thread counts."""
+
+import numba
+import numpy as np
+import pytest
+from conftest import sphere_points
+
+from particles import make_interaction, reference, simulate
+from particles.kernels import trajectory, velocity_field
+
+# (model, params, n, d, samples, plan kind the ensemble takes)
+CASES = [
+    ("sa", dict(beta=2.0), 20, 3, 1, trajectory.FUSED),
+    ("krause", dict(sigma=0.5, top_k=4), 15, 3, 3, trajectory.RANGE),
+    ("hk", dict(radius=0.2), 40, 1, 2, trajectory.HK1D),
+    ("krause", dict(sigma=0.6, window=5, causal=True), 13, 3, 17, trajectory.LANES),
+    ("sa", dict(beta=2.0), 12, 3, 17, trajectory.SYMMETRIC_LANES),
+    ("usa", dict(beta=1.0), 12, 3, 17, trajectory.SYMMETRIC_LANES),
+    ("sa", dict(beta=300.0, Q=np.diag([1.0, 2.0, 3.0]), K=np.diag([3.0, 1.0, 0.5])), 10, 3, 17,
+     trajectory.LANES),  # the shift bound is loose: rows redone with their exact max
+    ("sa", dict(beta=1.0), 520, 3, 1, trajectory.SYMMETRIC),
+]
+
+
+def _x0(it, n, d, samples, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.random((samples, n, d)) if it.geometry == "euclidean" else rng.standard_normal((samples, n, d))
+
+
+@pytest.mark.parametrize("model, params, n, d, samples, kind", CASES)
+def test_compiled_trajectories_match_the_python_stepper(model, params, n, d, samples, kind):
+    """The compiled loop (integrator stages, retraction, noise, saving) = the Python stepper around
+    the numpy reference, to round-off, for Euler, RK4 and Euler–Maruyama."""
+    it = make_interaction(model, **params)
+    field = velocity_field(it, n, d)
+    assert field.trajectory_plan(False, samples).kind == (0,) * kind
+    x0 = _x0(it, n, d, samples)
+    steps = 3 if n > 100 else 8
+    for integrator, noise in (("euler", 0.0), ("rk4", 0.0), ("euler", 0.1)):
+        kw = dict(steps=steps, dt=0.1, save_every=3, integrator=integrator, noise=noise, seed=5)
+        ours = simulate(model, x0, **kw, **params).x.values
+        ref = simulate(lambda x: reference.velocity(x, it), x0, geometry=it.geometry, **kw).x.values
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12, err_msg=f"{integrator} noise={noise}")
+
+
+def test_float32_ensembles_match_the_reference():
+    it = make_interaction("sa", beta=4.0)
+    x0 = np.stack([sphere_points(16, 2, seed=s) for s in range(20)]).astype(np.float32)
+    ours = simulate("sa", x0, steps=10, dt=0.1, beta=4.0, dtype="float32")
+    ref = simulate(lambda x: reference.velocity(x, it), x0.astype(np.float64), steps=10, dt=0.1,
+                   geometry="sphere")
+    assert ours.x.dtype == np.float32
+    np.testing.assert_allclose(ours.x.values, ref.x.values, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("model, params", [("sa", dict(beta=2.0)),
+                                           ("krause", dict(sigma=0.6, window=5, causal=True))])
+def test_ensemble_equals_per_sample_runs(model, params):
+    """An ensemble integrated in tiles vectorised over its samples = each sample on its own."""
+    x0 = np.stack([sphere_points(13, 3, seed=s) for s in range(19)])
+    kw = dict(steps=30, dt=0.1, save_every=10, integrator="rk4", **params)
+    ens = simulate(model, x0, **kw).x.values
+    for s in (0, 7, 18):
+        np.testing.assert_allclose(ens[s], simulate(model, x0[s], **kw).x.values, rtol=0, atol=1e-12)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Tiles are integrated by one thread each, row-parallel kernels split rows into fixed tasks:
+    1 and 2 threads give the same numbers (also with noise)."""
+    x0 = np.stack([sphere_points(12, 3, seed=s) for s in range(40)])
+    hk0 = np.random.default_rng(3).random((1, 150_000, 1))
+    it = make_interaction("hk", radius=0.002)
+    field = velocity_field(it, hk0.shape[1], 1)
+    runs = []
+    previous = numba.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            ens = simulate("sa", x0, steps=20, dt=0.1, beta=3.0, noise=0.05, seed=2).x.values
+            keep = np.arange(4)
+            st = trajectory.stepping(1, "euler", 1.0, 0.0, True, np.float64)
+            out = np.empty((1, len(keep), hk0.shape[1], 1))
+            trajectory.run(field, field.trajectory_plan(True), st, hk0, keep, np.zeros(1, np.uint64), out,
+                           parallel=True)
+            runs.append((ens, out))
+    finally:
+        numba.set_num_threads(previous)
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=0, atol=1e-12)
+    x, bound = hk0[0, :, 0], (0.002 * (1 + 1e-9)) ** 2
+    for i in range(0, len(x), 15_000):  # the row-parallel sweep is the HK map (dt = 1)
+        assert abs(runs[0][1][0, 1, i, 0] - x[(x - x[i]) ** 2 <= bound].mean()) < 1e-12
+
+
+def test_blocks_of_saved_steps():
+    keep = np.array([0, 3, 6, 9, 10])
+    assert trajectory.blocks(keep) == [(0, 10, 0, 5)]
+    assert trajectory.blocks(keep, max_slots=2) == [(0, 3, 0, 2), (3, 9, 2, 4), (9, 10, 4, 5)]
+    ticks = trajectory.blocks(np.array([0, 100]), ticks=4)
+    assert ticks == [(0, 25, 0, 1), (25, 50, 1, 1), (50, 75, 1, 1), (75, 100, 1, 2)]
+    assert trajectory.blocks(np.array([0])) == [(0, 0, 0, 1)]
+
+
+def test_progress_and_blocks_give_the_same_trajectory():
+    x0 = np.stack([sphere_points(10, 3, seed=s) for s in range(17)])
+    kw = dict(steps=40, dt=0.1, save_every=15, beta=2.0, noise=0.1)
+    np.testing.assert_array_equal(simulate("sa", x0, progress=True, **kw).x.values,
+                                  simulate("sa", x0, **kw).x.values)
+
+
+def test_weights_of_ensembles_and_overflow_in_compiled_runs():
+    x0 = np.stack([sphere_points(9, 3, seed=s) for s in range(17)])
+    ds = simulate("krause", x0, steps=4, dt=0.1, sigma=0.5, window=3, return_weights=True)
+    it = make_interaction("krause", sigma=0.5, window=3)
+    np.testing.assert_allclose(ds.attention.values[5, 2], reference.weights(ds.x.values[5, 2], it),
+                               atol=1e-12)
+    with pytest.raises(OverflowError, match="step 0.*beta is too large"):
+        simulate("usa", x0, steps=3, dt=0.1, beta=800.0)
+
+
+def test_phase_diagram():
+    from analysis.phase import configuration_stats, phase_diagram
+
+    angles = np.array([0.0, 1.0, 1.0 + 1e-3, 3.0, 1e-3, 5.0])  # on S¹: {0, 4}, {1, 2}, {3}, {5}
+    x = np.stack([np.cos(angles), np.sin(angles)], -1)[None]
+    close, counts = configuration_stats(x, eps=1e-4, cluster_eps=1e-4)
+    assert counts[0] == 4 and close == 2 / 15  # ⟨u_i, u_j⟩ = cos(1e-3) > 1 − 1e-4 for 2 of 15 pairs
+    ds = phase_diagram("sa", {"beta": [0.0, 9.0]}, n=8, d=2, samples=64, times=[0.0, 2.0, 40.0])
+    assert ds["close_pairs"].dims == ("beta", "time") and ds.sizes["clusters"] == 8
+    np.testing.assert_allclose(ds["cluster_fraction"].sum("clusters"), 1.0)
+    start = ds["close_pairs"].sel(time=0.0).values
+    assert np.all(start < 0.05) and start[0] == start[1]  # the same initial states in every row
+    assert float(ds["close_pairs"].sel(beta=0.0, time=40.0)) == 1.0  # β = 0: the mean pulls all together
+    assert float(ds["median_clusters"].sel(beta=0.0, time=40.0)) == 1.0
+    assert ds.attrs["model"] == "sa" and ds.attrs["samples"] == 64
+    topk = phase_diagram("krause", {"top_k": [1, 8]}, n=8, d=2, samples=32, times=[0.0, 3.0], sigma=1.0)
+    assert list(topk["top_k"].values) == [1, 8] and topk.attrs["sigma"] == 1.0
+    with pytest.raises(ValueError, match="axis"):
+        phase_diagram("sa", {"beta": [1.0], "sigma": [1.0]})
+    with pytest.raises(ValueError, match="times"):
+        phase_diagram("sa", {"beta": [1.0]}, times=[0.05], dt=0.1)
