@@ -30,6 +30,9 @@ def register(sub):
     p.add_argument("--sink-k", type=nonnegative_int, default=0,
                    help="key k of the stored sink score (with --reduce)")
     p.add_argument("--no-attention", action="store_true", help="hidden states only")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="inputs per forward pass; the progress bar counts them (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("-o", "--output", required=True, help="output .nc or .zarr")
     add_force(p)
     p.set_defaults(func=run)
@@ -75,6 +78,8 @@ def run(args) -> int:
         reduce=args.reduce or None,
         sink_k=args.sink_k,
         attention=not args.no_attention,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
     )
     if args.checkpoint:
         import torch
