@@ -227,6 +227,24 @@ def intervention_table(ds: xr.Dataset) -> str:
     return "\n".join(rows)
 
 
+def training_table(ds: xr.Dataset, metric: str, order=()) -> str:
+    """Per cell: the held-out metric (mean ± 95 % CI over seeds), the final training loss, the
+    optimiser steps and the range of wall-clock training times (shared machine: only indicative)."""
+    rows = [
+        f"| cell | {metric} | final train loss (last 50 steps) | steps | train time (s), min–max |",
+        "|---|---|---|---|---|",
+    ]
+    for v in _order(ds, order):
+        sub = ds.sel(variant=v)
+        t = sub["train_time_s"].values
+        loss = sub["train_loss"].isel(loss_step=-1).values
+        rows.append(
+            f"| {v} | {fmt(sub[metric].values, 4)} | {fmt(loss, 3)} | {int(np.nanmax(sub['steps']))} | "
+            f"{np.nanmin(t):.0f}–{np.nanmax(t):.0f} |"
+        )
+    return "\n".join(rows)
+
+
 def recall_table(ds: xr.Dataset) -> str:
     keys = ("test_accuracy", "accuracy_inside_window", "accuracy_outside_window")
     rows = [
@@ -260,6 +278,15 @@ def main(argv=None) -> int:
         print(sink_metric_table(ds, order), "\n")
         print(probe_table(ds), "\n")
         print(distance_table(ds, order), "\n")
+    print("## training\n")
+    for name, metric, order in (
+        ("vit-ablation", "test_accuracy", VIT_ORDER),
+        ("causal-ablation", "test_bits_per_char", LM_ORDER),
+        ("sink-long", "test_bits_per_char", ()),
+    ):
+        if (d / f"{name}.nc").exists():
+            print(f"### {name}\n")
+            print(training_table(xr.open_dataset(d / f"{name}.nc").load(), metric, order), "\n")
     if (d / "sink-long.nc").exists():
         ds = xr.open_dataset(d / "sink-long.nc").load()
         print(f"## sink-long (seeds: {list(ds['seed'].values)})\n")
