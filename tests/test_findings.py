@@ -186,6 +186,54 @@ def test_compare_table_shows_simulation_time_not_layer():
     assert [(r[1], r[2]) for r in rows if r[1].isdigit()] == [("0", "0"), ("1", "0.5"), ("2", "1")]
 
 
+def test_layer_metrics_ignore_padding_and_token_scale():
+    """An extracted Dataset with padding tokens (token_mask False) gives the metrics of its real tokens
+    alone, and scaling the tokens changes nothing (sphere); the first-token excess is
+    analysis.sink_excess (uniform attention over the visible keys has excess 0)."""
+    import xarray as xr
+
+    import analysis
+    from analysis.bridge import layer_metrics
+    from analysis.bridge.core import build_dataset
+
+    rng = np.random.default_rng(0)
+    S, L, T, D, H, pad = 2, 2, 6, 4, 2, 3
+    hidden = rng.normal(size=(S, L + 1, T, D))
+    logits = rng.normal(size=(S, L, H, T, T)) * 2
+    causal = np.tril(np.ones((T, T), bool))
+    a = np.where(causal, np.exp(logits), 0.0)
+    a[:, 1] = causal  # layer 1: uniform over the visible keys
+    a /= a.sum(-1, keepdims=True)
+
+    def dataset(hidden, a, mask):
+        attn = np.concatenate([a, np.full((S, 1, H) + a.shape[-2:], np.nan)], 1)  # layer L: none
+        dims = ("sample", "layer", "head", "query", "key")
+        return build_dataset(hidden, {"attention": (dims, attn)}, {}, {"n_attention_layers": L}, mask)
+
+    big = np.concatenate([hidden, rng.normal(size=(S, L + 1, pad, D)) * 50], 2)
+    big_a = np.zeros((S, L, H, T + pad, T + pad))
+    big_a[..., :T, :T] = a
+    big_a[..., T:, :] = 1.0 / (T + pad)  # padding rows: anything
+    mask = np.arange(T + pad) < T
+    plain = layer_metrics(dataset(hidden, a, None))
+    padded = layer_metrics(dataset(big * 7.0, big_a, np.broadcast_to(mask, (S, T + pad))))
+    for v in (
+        "clusters",
+        "effective_rank",
+        "mean_cosine",
+        "rank_collapse",
+        "first_token_mass",
+        "first_token_excess",
+        "first_token_uniform",
+        "attention_entropy",
+    ):
+        np.testing.assert_allclose(padded[v].values, plain[v].values, rtol=1e-10, err_msg=v)
+    excess = analysis.sink_excess(xr.DataArray(a, dims=("sample", "layer", "head", "query", "key")), 0)
+    np.testing.assert_allclose(plain["first_token_excess"].values[:L], excess.mean("sample").values)
+    np.testing.assert_allclose(plain["first_token_excess"].sel(layer=1), 0.0, atol=1e-15)
+    assert plain["first_token_excess"].sel(layer=0) > 0.05  # random causal rows favour key 0
+
+
 def test_rows_that_reach_the_output():
     """The ViT's last block: only the CLS row reaches the logits (uniform patch rows change them by
     exactly 0); an earlier block's patch rows do reach them. measure() marks the same rows."""

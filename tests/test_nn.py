@@ -23,6 +23,7 @@ from particles.nn import (  # noqa: E402
     load_checkpoint,
     save_checkpoint,
 )
+from particles.nn.hooks import capture, hook_sites  # noqa: E402
 from particles.nn.train import TASKS, train  # noqa: E402
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -90,16 +91,19 @@ def test_masks_rows_and_return_attention(make):
     x = torch.randn(3, T, 16)
     out = attn(x)
     out2, a = attn(x, return_attention=True)
-    attn.store_attention = True
-    out3 = attn(x)
+    hybrid = isinstance(attn, HybridAttention)
+    names = ["hook_pattern", "hook_gate", "krause.hook_pattern"] if hybrid else ["hook_pattern"]
+    with capture(hook_sites(attn), names) as got:
+        out3 = attn(x)
     assert torch.equal(out, out2) and torch.equal(out, out3)
-    assert torch.equal(attn.last_attention, a.detach())
+    assert torch.equal(got["hook_pattern"], a.detach())
+    assert not any(m._forward_hooks for m in attn.modules())  # capture removed its hooks
     assert a.shape == (3, 4, T, T)
     torch.testing.assert_close(a.sum(-1), torch.ones(3, 4, T))
-    inner = attn.krause if isinstance(attn, HybridAttention) else attn
-    if isinstance(attn, HybridAttention):
-        assert attn.last_gate.shape == (3, T, 2)
-        a = attn.last_branch_attention["krause"]
+    inner = attn.krause if hybrid else attn
+    if hybrid:
+        assert got["hook_gate"].shape == (3, T, 2)
+        a = got["krause.hook_pattern"]
     support = inner.support(T)
     assert (a[..., ~support] == 0).all()  # masked entries exactly 0
     if inner.top_k is not None:

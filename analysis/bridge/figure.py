@@ -31,7 +31,7 @@ LABELS = {
     "SA fit": "SA(β) preset, Q = K = V = I, β fitted",
     "Krause fit": "Krause(σ) preset, σ fitted",
 }
-#: (variable, y label); the first-token row plots first_token_mass − first_token_uniform
+#: (variable, y label); the first-token row plots α₀ minus its uniform baseline (analysis.sink_excess)
 PANELS = (
     ("clusters", "clusters (ε-graph, unit sphere)"),
     ("effective_rank", "effective rank (unit sphere)"),
@@ -137,8 +137,6 @@ def make_compare(
         cmp.attrs[f"fit {k}"] = f"{f['param']}={f['value']:.6g} residual={f['residual']:.6g}"
 
     cmp.attrs["matched_dt"] = json.dumps(matched_dts)
-    if "first_token_uniform" in cmp:
-        cmp["first_token_excess"] = cmp["first_token_mass"] - cmp["first_token_uniform"]
     fig = _plot(cmp, list(paths), fits, matched_dts, task, n, eps)
     if out is not None:
         out = Path(out)

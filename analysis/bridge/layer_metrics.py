@@ -2,8 +2,9 @@
 
 * :func:`layer_metrics` — per layer (mean over samples): cluster count, effective rank, mean cosine and
   rank-collapse residual of the tokens (projected to the unit sphere by default, so trained and
-  simulated trajectories are measured alike), first-token mass (and its uniform baseline
-  mean_i 1[a_i0 > 0]/m_i over the m_i visible keys — locality/top-k change it), the per-layer sink rate
+  simulated trajectories are measured alike; padding tokens never count), first-token mass, its
+  excess over uniform weights on the visible keys (``analysis.sink_excess``: α₀ − mean_i 1[a_i0 > 0]/m_i
+  over the m_i visible keys — locality/top-k change the baseline) and that baseline, the per-layer sink rate
   (fraction of heads with α_k > ε) and attention entropy; Sink_k^ε over all layers and heads in attrs.
   A ``particles.simulate`` trajectory is indexed by its saved steps 0, 1, … on the "layer" axis, with
   their times in the variable ``time``.
@@ -19,14 +20,9 @@ import xarray as xr
 
 from analysis.clusters import count_clusters
 from analysis.metrics import effective_rank, mean_cosine, rank_collapse
-from analysis.sinks import attention_entropy, first_token_mass, sink_scores
+from analysis.sinks import attention_entropy, first_token_mass, sink_excess, sink_scores
 
 from .core import attention_layers
-
-
-def _project(x: xr.DataArray) -> xr.DataArray:
-    norm = np.sqrt((x**2).sum("component"))
-    return x / norm.where(norm > 0, 1.0)
 
 
 def layer_metrics(
@@ -65,13 +61,12 @@ def _layer_metrics(ds, eps, method, project, sink_eps, sink_k):
     x = ds["x"].astype(float)
     if "sample" not in x.dims:
         x = x.expand_dims(sample=[0])
-    if project:
-        x = _project(x)
+    sphere = bool(project)  # the metrics divide each token by its norm (padding left out by the mask)
     out = xr.Dataset()
-    out["clusters"] = count_clusters(x, eps, method=method).mean("sample")
-    out["effective_rank"] = effective_rank(x).mean("sample")
-    out["mean_cosine"] = mean_cosine(x).mean("sample")
-    out["rank_collapse"] = rank_collapse(x).mean("sample")
+    out["clusters"] = count_clusters(x, eps, method=method, sphere=sphere).mean("sample")
+    out["effective_rank"] = effective_rank(x, sphere=sphere).mean("sample")
+    out["mean_cosine"] = mean_cosine(x, sphere=sphere).mean("sample")
+    out["rank_collapse"] = rank_collapse(x, sphere=sphere).mean("sample")
     if times is not None:
         out["time"] = ("layer", np.asarray(times, dtype=float))
     attn = _attention_metrics(ds, sink_eps, sink_k)
@@ -95,15 +90,21 @@ def _layer_metrics(ds, eps, method, project, sink_eps, sink_k):
 
 def _attention_metrics(ds, sink_eps, sink_k) -> dict:
     out = {}
+    mask = ds.get("token_mask")  # attention_layers(ds[...]) leaves the Dataset's token mask behind
+    mask = None if mask is None else mask.variable  # its dims only: (sample, token) or (token,)
     for prefix in ("", "branch_"):
         if prefix + "attention" in ds:
             a = attention_layers(ds[prefix + "attention"])
             if "head" not in a.dims:
                 a = a.expand_dims(head=[0], axis=-3)
-            ftm = first_token_mass(a)
-            alpha = sink_scores(a, sink_k)
-            ent = attention_entropy(a)
-            out[prefix + "first_token_uniform"] = _uniform_first_token(a)
+            ftm = first_token_mass(a, token_mask=mask)
+            alpha = sink_scores(a, sink_k, token_mask=mask)
+            ent = attention_entropy(a, token_mask=mask)
+            excess = sink_excess(a, 0, over=(), token_mask=mask)
+            excess = excess.mean([d for d in ("sample", "head") if d in excess.dims])
+            out[prefix + "first_token_excess"] = excess
+            mean_ftm = ftm.mean([d for d in ("sample", "head") if d in ftm.dims])
+            out[prefix + "first_token_uniform"] = mean_ftm - excess
         elif prefix + "first_token_mass" in ds or prefix + "sink_score" in ds:
             if ds.attrs.get("sink_k", sink_k) != sink_k and prefix + "sink_score" in ds:
                 raise ValueError(
@@ -130,15 +131,6 @@ def _attention_metrics(ds, sink_eps, sink_k) -> dict:
         if ent is not None:
             out[prefix + "attention_entropy"] = ent.mean(("sample", "head"))
     return out
-
-
-def _uniform_first_token(a: xr.DataArray) -> xr.DataArray:
-    """Baseline of the first-token mass: what it would be if every query spread its weight uniformly
-    over its visible keys (a_ij > 0): mean_i 1[a_i0 > 0] / m_i, averaged over samples and heads."""
-    vis = a > 0
-    m = vis.sum("key")
-    base = (vis.isel(key=0) / m.where(m > 0)).mean("query")
-    return base.mean([d for d in ("sample", "head") if d in base.dims])
 
 
 def compare(sources, **metric_kw) -> xr.Dataset:

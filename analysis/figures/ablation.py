@@ -33,8 +33,10 @@ def _load(name: str) -> xr.Dataset:
             f"{path} not found: run the experiments (python -m analysis.findings.experiments ROOT) "
             f"and python -m analysis.findings.collect ROOT {DATA}"
         )
+    from particles.conventions import decode
+
     with xr.open_dataset(path) as ds:
-        return ds.load()
+        return decode(ds.load())
 
 
 def _cells(topk: bool, local: str):

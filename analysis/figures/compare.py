@@ -37,6 +37,3 @@ def _register(task: str) -> None:
 for _task in shipped_tasks():
     _register(_task)
 
-
-# the findings figures (ablation, sink, recall, trained vs simulated) register after the compare ones
-from analysis.figures import ablation  # noqa: E402, F401

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from particles.conventions import decode, encode
+
 from . import stats
 from .measure import summarise
 from .runs import load_runs
@@ -108,7 +110,7 @@ def _one(r) -> xr.Dataset:
     dist = r["path"] / "distances.nc"
     if dist.exists():
         with xr.open_dataset(dist) as d:
-            d = d.load()
+            d = decode(d.load())
         out["w_distance"] = d["distance"]
         out["w_distance_se"] = d["distance_se"]
         out["sim_clusters"] = d["clusters"]
@@ -172,7 +174,7 @@ def main(argv=None) -> int:
         except FileNotFoundError as err:
             print(err)
             continue
-        ds.to_netcdf(out / f"{exp}.nc")
+        encode(ds).to_netcdf(out / f"{exp}.nc")
         print(f"{exp}: {ds.attrs['n_runs']} runs -> {out / (exp + '.nc')}")
     return 0
 

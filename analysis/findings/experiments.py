@@ -126,6 +126,7 @@ def full_plan(parts="abcd"):
 
 def distances_missing(runs, root, *, n: int = N_DISTANCES, log=print) -> int:
     """``distances.nc`` (trained vs simulated) for every finished run of ``runs`` that lacks it."""
+    from particles.conventions import encode
     from particles.nn import load_checkpoint
 
     from .distances import run_distances
@@ -139,7 +140,7 @@ def distances_missing(runs, root, *, n: int = N_DISTANCES, log=print) -> int:
         ds = run_distances(load_checkpoint(d / "model"), held_out(run.task, n))
         ds.attrs.update(experiment=run.experiment, variant=run.variant, seed=run.seed)
         tmp = d / f".distances.nc.tmp-{os.getpid()}"
-        ds.to_netcdf(tmp)
+        encode(ds).to_netcdf(tmp)
         os.replace(tmp, d / "distances.nc")
         count += 1
         log(f"distances {run.experiment}/{run.run_id}: matched dt {float(ds.matched_dt):.3g}")

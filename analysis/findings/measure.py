@@ -177,12 +177,13 @@ def first_token_probe(windows: torch.Tensor):
 
 def measure_attention_only(model, inputs) -> xr.Dataset:
     """a0 and a0_uniform (layer, head, query) of ``inputs`` without the token metrics (fast)."""
+    from particles.nn.hooks import capture, hook_sites
+
     blocks = list(model.blocks)
-    h, maps = model.embed(inputs), []
-    for block in blocks:  # block.attn(block.norm1(h)) is the attention the block computes
-        maps.append(block.attn(block.norm1(h), return_attention=True)[1])
-        h = block(h)
-    a = torch.stack(maps, 1).double().numpy()  # (B, L, H, T, T)
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(len(blocks))]
+    with capture(hook_sites(model), names) as got:
+        model(inputs)
+    a = torch.stack([got[n] for n in names], 1).double().numpy()  # (B, L, H, T, T)
     sums = _attention_sums(blocks, a, entropy=False)
     dims = ("attn_layer", "head", "query")
     return xr.Dataset({k: (dims, v / a.shape[0]) for k, v in sums.items()})

@@ -98,6 +98,8 @@ def write_measure(run: Run, model, directory) -> Path:
     """``directory/measure.nc``: :func:`~analysis.findings.measure.measure` on the run's held-out inputs."""
     import torch
 
+    from particles.conventions import encode
+
     from .measure import measure
 
     with torch.no_grad():
@@ -105,7 +107,7 @@ def write_measure(run: Run, model, directory) -> Path:
     m.attrs.update(experiment=run.experiment, variant=run.variant, seed=run.seed, task=run.task)
     path = Path(directory) / "measure.nc"
     tmp = path.with_name(f".measure.nc.tmp-{os.getpid()}")
-    m.to_netcdf(tmp)
+    encode(m).to_netcdf(tmp)
     os.replace(tmp, path)
     return path
 
@@ -154,6 +156,8 @@ def load_runs(root, experiment: str) -> list[dict]:
     """The finished runs of ``experiment``: [{"card": …, "measure": Dataset or None, "path": …}]."""
     import xarray as xr
 
+    from particles.conventions import decode
+
     out = []
     for d in sorted((Path(root) / experiment).glob("*-s*")):
         if d.name.startswith(".") or not (d / DONE).exists():
@@ -162,6 +166,6 @@ def load_runs(root, experiment: str) -> list[dict]:
         meas = None
         if (d / "measure.nc").exists():
             with xr.open_dataset(d / "measure.nc") as ds:
-                meas = ds.load()
+                meas = decode(ds.load())
         out.append(dict(card=card, measure=meas, path=d))
     return out

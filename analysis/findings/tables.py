@@ -262,13 +262,20 @@ def recall_table(ds: xr.Dataset) -> str:
     return "\n".join(rows)
 
 
+def _open(path) -> xr.Dataset:
+    from particles.conventions import decode
+
+    with xr.open_dataset(path) as ds:
+        return decode(ds.load())
+
+
 def main(argv=None) -> int:
     d = Path((argv or sys.argv[1:] or ["benchmarks/findings"])[0])
     for name, order in (("vit-ablation", VIT_ORDER), ("causal-ablation", LM_ORDER)):
         path = d / f"{name}.nc"
         if not path.exists():
             continue
-        ds = xr.open_dataset(path).load()
+        ds = _open(path)
         print(f"## {name} (seeds: {list(ds['seed'].values)})\n")
         print(cell_table(ds, order), "\n")
         print(effects_table(ds), "\n")
@@ -286,19 +293,19 @@ def main(argv=None) -> int:
     ):
         if (d / f"{name}.nc").exists():
             print(f"### {name}\n")
-            print(training_table(xr.open_dataset(d / f"{name}.nc").load(), metric, order), "\n")
+            print(training_table(_open(d / f"{name}.nc"), metric, order), "\n")
     if (d / "sink-long.nc").exists():
-        ds = xr.open_dataset(d / "sink-long.nc").load()
+        ds = _open(d / "sink-long.nc")
         print(f"## sink-long (seeds: {list(ds['seed'].values)})\n")
         steps = [s for s in ds["probe_step"].values if s % 1000 == 0 or s == ds["probe_step"].values.max()]
         print(probe_table(ds, variants=("dot",), steps=steps), "\n")
         print(cell_table(ds, ("dot",)), "\n")
     if (d / "vit-interventions.nc").exists():
         print("## vit-interventions (max |Δ logits| with rows set to uniform)\n")
-        print(intervention_table(xr.open_dataset(d / "vit-interventions.nc").load()), "\n")
+        print(intervention_table(_open(d / "vit-interventions.nc")), "\n")
     if (d / "recall.nc").exists():
         print("## recall\n")
-        print(recall_table(xr.open_dataset(d / "recall.nc").load()))
+        print(recall_table(_open(d / "recall.nc")))
     return 0
 
 
