@@ -16,7 +16,14 @@ e. trained vs simulated (:mod:`analysis.findings.distances`) for the runs of ``D
    held-out inputs, written as ``distances.nc`` beside the run (after a for the ViT, after c for the LM).
 d. ``recall``: one-factor-at-a-time around a base Krause config (window 16, top-k 8, σ init 2.5,
    lr 3e-3): top-k none / 16, window 64 (= the whole sequence), σ init 1 / 5, lr 1e-3; plus
-   softmax at the base lr; 3 seeds; 2000 steps.
+   softmax at the base lr; 3 seeds; 2000 steps. Run variant by variant (all seeds of one before the
+   next) in the order of ``RECALL_ORDER``, so a sweep cut short by the compute budget has complete
+   seeds for the variants that decide the question (is the task learnable at all, capacity = window,
+   top-k, optimisation = lr, σ init) and none for the last ones.
+
+On the shared machine (load 4-8) ``d`` runs in a second process beside ``c e g``
+(``--parts d`` and ``--parts ceg``: the plans touch different experiments, so they never train the
+same run).
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ RECALL_VARIANTS = {
     "sigma-5": dict(sigma=5.0),
     "lr-1e-3": dict(lr=1e-3),
 }
+#: recall variants in the order they run (softmax = the reference that the task is learnable in budget)
+RECALL_ORDER = ("base", "softmax", "window-64", "topk-none", "lr-1e-3", "sigma-5", "sigma-1", "topk-16")
 
 
 def recall_spec(window, top_k, sigma) -> dict:
@@ -90,22 +99,14 @@ def causal_ablation(seeds=SEEDS):
 
 def recall(seeds=SEEDS, steps=RECALL_STEPS):
     runs = []
-    for s in seeds:
-        for name, change in RECALL_VARIANTS.items():
-            cfg = dict(RECALL_BASE, **change)
-            spec = recall_spec(cfg["window"], cfg["top_k"], cfg["sigma"])
-            runs.append(Run("recall", name, s, "recall", spec, dict(steps=steps, lr=cfg["lr"]), n_measure=0))
-        runs.append(
-            Run(
-                "recall",
-                "softmax",
-                s,
-                "recall",
-                dict(kind="softmax", causal=True),
-                dict(steps=steps, lr=RECALL_BASE["lr"]),
-                n_measure=0,
-            )
-        )
+    for name in RECALL_ORDER:
+        for s in seeds:
+            if name == "softmax":
+                spec, lr = dict(kind="softmax", causal=True), RECALL_BASE["lr"]
+            else:
+                cfg = dict(RECALL_BASE, **RECALL_VARIANTS[name])
+                spec, lr = recall_spec(cfg["window"], cfg["top_k"], cfg["sigma"]), cfg["lr"]
+            runs.append(Run("recall", name, s, "recall", spec, dict(steps=steps, lr=lr), n_measure=0))
     return runs
 
 
