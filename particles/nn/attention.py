@@ -50,43 +50,7 @@ def causal_mask(T: int, window: int | None = None, offset: int = 0) -> torch.Ten
     return keep
 
 
-class _LegacyStore:
-    """Deprecated ``store_attention`` / ``last_attention`` / ``last_gate`` / ``last_branch_attention``,
-    kept only for callers not yet reading the hook points (analysis.findings.measure, tests/test_nn.py):
-    ``store_attention = True`` registers hooks on the hook points that keep the last values."""
-
-    last_attention = last_gate = last_branch_attention = None
-
-    @property
-    def store_attention(self) -> bool:
-        return bool(self.__dict__.get("_legacy_handles"))
-
-    @store_attention.setter
-    def store_attention(self, on: bool) -> None:
-        for h in self.__dict__.pop("_legacy_handles", ()):
-            h.remove()
-        if not on:
-            return
-
-        def keep(name, branch=None):
-            def hook(_, __, value):
-                if branch is None:
-                    self.__dict__[name] = value.detach()
-                else:
-                    stored = self.__dict__.get("last_branch_attention") or {}
-                    self.__dict__["last_branch_attention"] = dict(stored, **{branch: value.detach()})
-
-            return hook
-
-        handles = [self.hook_pattern.register_forward_hook(keep("last_attention"))]
-        if hasattr(self, "hook_gate"):
-            handles.append(self.hook_gate.register_forward_hook(keep("last_gate")))
-            for b in ("softmax", "krause"):
-                handles.append(getattr(self, b).hook_pattern.register_forward_hook(keep(None, b)))
-        self.__dict__["_legacy_handles"] = handles
-
-
-class _Attention(_LegacyStore, nn.Module):
+class _Attention(nn.Module):
     """Shared plumbing: projections, support mask, top-k, softmax, the ``hook_pattern`` hook point."""
 
     kind = "base"
@@ -222,7 +186,7 @@ class KrauseAttention(_Attention):
         return -sq.clamp_min(0) / (2 * torch.exp(2 * self.log_sigma))
 
 
-class HybridAttention(_LegacyStore, nn.Module):
+class HybridAttention(nn.Module):
     """Gated softmax + Krause (the paper's LLM variant): o_i = g_i0 o_i^softmax + g_i1 o_i^Krause,
     g_i = softmax(W_g [o_i^softmax; o_i^Krause] + b), b initialised to (log 4, 0) (80 % softmax).
 
