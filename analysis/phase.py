@@ -16,6 +16,7 @@ t of `times` two statistics of the configurations are kept:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from math import gcd
 
 import numpy as np
@@ -62,7 +63,7 @@ def _stats(x, eps, cluster_eps, counts):
     return close
 
 
-def configuration_stats(x: np.ndarray, eps: float, cluster_eps: float):
+def configuration_stats(x: np.ndarray, eps: float, cluster_eps: float) -> tuple[float, np.ndarray]:
     """(fraction of pairs i ≠ j with ⟨u_i, u_j⟩ > 1 − eps, cluster counts (S,)) of x (S, n, d)."""
     x = np.ascontiguousarray(x, dtype=np.float64)
     S, n, _ = x.shape
@@ -71,8 +72,10 @@ def configuration_stats(x: np.ndarray, eps: float, cluster_eps: float):
     return (close / (S * n * (n - 1) / 2) if n > 1 else 1.0), counts
 
 
-def phase_diagram(model="sa", axis=None, *, n=32, d=2, samples=2048, times=None, dt=0.1, seed=0,
-                  eps=1e-3, cluster_eps=1e-4, integrator="euler", dtype="float64", progress=False,
+def phase_diagram(model: str = "sa", axis: dict[str, Sequence[float]] | None = None, *, n: int = 32,
+                  d: int = 2, samples: int = 2048, times: Sequence[float] | np.ndarray | None = None,
+                  dt: float = 0.1, seed: int = 0, eps: float = 1e-3, cluster_eps: float = 1e-4,
+                  integrator: str = "euler", dtype: str = "float64", progress: bool = False,
                   **params) -> xr.Dataset:
     """Dataset over (parameter, time) of the close-pair fraction and the cluster-count distribution.
 

@@ -117,9 +117,12 @@ class KrauseLlamaAttention(LlamaAttention):
 
     def __init__(self, attn: LlamaAttention, *, window: int, top_k: int, sigma: float, gate: float):
         nn.Module.__init__(self)
-        # the original module's attributes and projections (softmax branch), shared, not copied
+        # the original module's attributes and projections (softmax branch), shared, not copied;
+        # private ones too (e.g. the `_kernel_funcs` that newer transformers' forward wrapper reads),
+        # but not nn.Module's own bookkeeping, which __init__ just created
+        module_state = set(vars(self))
         for key, value in vars(attn).items():
-            if not key.startswith("_"):
+            if key not in module_state:
                 setattr(self, key, value)
         for name, module in attn.named_children():
             setattr(self, name, module)
