@@ -22,7 +22,6 @@ from .geometry import Geometry
 from .integrate import get_integrator, make_stepper
 from .interaction import Interaction, make_interaction
 from .kernels import velocity_field
-from .kernels.noise import sample_keys
 from .params import INTERACTION, PARAMS, check, numeric_array
 
 
@@ -103,6 +102,43 @@ def _prepare_x0(x0, n, d, samples, geometry, rng, dtype):
     return geometry.place(x0), ensemble
 
 
+def check_seeds(seed):
+    """One seed (an integer ≥ 0), or a sequence of them: one per sample of an ensemble."""
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        seeds = [check("seed", s) for s in np.asarray(seed, dtype=object).reshape(-1)]
+        if not seeds or np.ndim(seed) != 1:
+            raise ValueError(f"seed as a sequence needs one integer per sample (1-D, non-empty), got {seed!r}")
+        return seeds
+    return check("seed", seed)
+
+
+def _seeded_start(seed, x0, n, d, samples, geometry, dtype, noisy):
+    """(x0 (S, n, d), ensemble?, noise keys (S,)) for one seed or a list of per-sample seeds.
+
+    Seed s splits into SeedSequence(s).spawn(2) = (initial state, noise); the noise keys of its S
+    samples are the first S words of the noise sequence (kernels/noise.py). Sample k of
+    seed=[s_0, s_1, …] draws x0 and its noise key as simulate(seed=s_k) does: it is that run."""
+    streams = [np.random.SeedSequence(s).spawn(2) for s in (seed if isinstance(seed, list) else [seed])]
+    if not isinstance(seed, list):
+        init, noise = streams[0]
+        x0, ensemble = _prepare_x0(x0, n, d, samples, geometry, np.random.default_rng(init), dtype)
+        S = x0.shape[0]
+        return x0, ensemble, noise.generate_state(S, np.uint64) if noisy else np.zeros(S, np.uint64)
+    S = len(seed)
+    if samples is not None and samples != S:
+        raise ValueError(f"samples={samples} does not match the {S} seeds given (one seed per sample)")
+    if x0 is None:
+        x0 = np.concatenate([_prepare_x0(None, n, d, None, geometry, np.random.default_rng(init), dtype)[0]
+                             for init, _ in streams])
+    else:
+        x0, ensemble = _prepare_x0(x0, n, d, None, geometry, None, dtype)
+        if not ensemble or x0.shape[0] != S:
+            raise ValueError(f"x0 of shape {x0.shape} does not match the {S} seeds given: an ensemble x0 "
+                             "(samples, n, d) needs one seed per sample")
+    keys = [noise.generate_state(1, np.uint64)[0] for _, noise in streams] if noisy else np.zeros(S)
+    return x0, True, np.asarray(keys, np.uint64)
+
+
 def saved_steps(steps: int, save_every: int) -> np.ndarray:
     """0, save_every, 2·save_every, …, and the final step."""
     out = np.arange(0, steps + 1, save_every)
@@ -111,7 +147,7 @@ def saved_steps(steps: int, save_every: int) -> np.ndarray:
 
 def simulate(model: str | Interaction | Callable[[np.ndarray], np.ndarray], x0: np.ndarray | None = None,
              *, n: int | None = None, d: int | None = None, steps: int, dt: float, save_every: int = 1,
-             seed: int = 0, integrator: str | Callable = "euler", dtype: str = "float64",
+             seed: int | list[int] = 0, integrator: str | Callable = "euler", dtype: str = "float64",
              progress: bool = False, samples: int | None = None, noise: float = 0.0,
              return_weights: bool = False, store: str | os.PathLike | None = None, overwrite: bool = False,
              backend: str = "numba", device: str | None = None, **params) -> xr.Dataset:
@@ -123,14 +159,15 @@ def simulate(model: str | Interaction | Callable[[np.ndarray], np.ndarray], x0: 
     draws n points (or `samples` ensembles) with `seed`. On the sphere x0 is normalised to unit
     rows. integrator: "euler", "rk4" (stage points on the manifold) or a callable step(f, x, dt).
     noise > 0 adds √dt·noise·ξ (Euler–Maruyama; each sample has its own counter-based stream from
-    `seed`). return_weights=True also stores a_ij at the saved steps as "attention" (time, query,
+    `seed`). seed=[s_0, s_1, …]: an ensemble whose sample k is the run simulate(seed=s_k) (its x0
+    and noise; with x0 given, its noise). return_weights=True also stores a_ij at the saved steps as "attention" (time, query,
     key). store: a zarr path; saved steps are streamed to it and the Dataset is opened lazily
     (overwrite=True replaces a store of ours). backend "numba" (CPU) or "torch" (device cpu/cuda).
     Returns a Dataset with "x" (time, particle, component) [+ leading "sample"].
     """
     field = resolve_field(model, params)
     steps, dt = check("steps", steps), check("dt", dt)
-    save_every, seed, noise = check("save_every", save_every), check("seed", seed), check("noise", noise)
+    save_every, seed, noise = check("save_every", save_every), check_seeds(seed), check("noise", noise)
     dtype = check("dtype", dtype)
     integrator = check("integrator", integrator)
     for name, value in (("progress", progress), ("return_weights", return_weights), ("overwrite", overwrite)):
@@ -145,13 +182,11 @@ def simulate(model: str | Interaction | Callable[[np.ndarray], np.ndarray], x0: 
         raise ValueError("return_weights=True needs a field with weights: one of ours, or a callable "
                          "with a .weights(x) method returning (n, n)")
 
-    init_seq, noise_seq = np.random.SeedSequence(seed).spawn(2)
-    x0, ensemble = _prepare_x0(x0, n, d, samples, geometry, np.random.default_rng(init_seq), dtype)
+    x0, ensemble, keys = _seeded_start(seed, x0, n, d, samples, geometry, dtype, noise > 0)
     S, n, d = x0.shape
     if isinstance(field, Interaction):
         field.check_dimension(d)
     keep = saved_steps(steps, save_every)
-    keys = sample_keys(noise_seq, S)
     run = Run(field, geometry, integrator, dt, noise, keys, keep, return_weights)
 
     if backend == "torch":

@@ -298,10 +298,12 @@ class VelocityField:
     def prepare(self, x: np.ndarray):
         """(state to integrate, order): 1-D HK opinions sorted (order = the sorting permutation;
         tied opinions are interchangeable, so any sort will do)."""
-        if self.path != "hk1d":
-            return x, None
-        order = np.argsort(x[:, 0])
-        return x[order], order
+        order = self.order(x)
+        return (x, None) if order is None else (x[order], order)
+
+    def order(self, x: np.ndarray):
+        """The working order of prepare (None: the particles' own order)."""
+        return np.argsort(x[:, 0]) if self.path == "hk1d" else None
 
     def trajectory_plan(self, parallel: bool = False, samples: int = 1):
         """The plan of kernels/trajectory.py for this field and `samples` systems (None: no

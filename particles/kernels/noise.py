@@ -1,7 +1,7 @@
 """Counter-based standard normals: ξ(key, step, e) is a pure function of its three integers.
 
-Each sample of an ensemble has its own 64-bit key (drawn from the run's SeedSequence); the normal
-for element e = p·d + c (particle p, component c) at step t is
+Each sample of an ensemble has its own 64-bit key (a word of the run's noise SeedSequence, see
+particles.simulate); the normal for element e = p·d + c (particle p, component c) at step t is
 
     h = mix(key ⊕ mix(t + 1)),   u1 = (mix(h + (2e + 1)·γ) >> 11 + 1)·2⁻⁵³ ∈ (0, 1],
     u2 = (mix(h + (2e + 2)·γ) >> 11)·2⁻⁵³,   ξ = √(−2 ln u1) · cos(2π u2)        (Box–Muller)
@@ -63,8 +63,3 @@ def normals(key, step, shape, dtype=np.float64, order=None) -> np.ndarray:
     out = np.empty(shape, dtype=dtype)
     perm = np.empty(0, np.int64) if order is None else np.asarray(order, np.int64)
     return normals_into(np.uint64(key), np.int64(step), perm, out)
-
-
-def sample_keys(seed_sequence: np.random.SeedSequence, samples: int) -> np.ndarray:
-    """One 64-bit key per sample, spawned from the run's noise SeedSequence."""
-    return np.array([s.generate_state(1, np.uint64)[0] for s in seed_sequence.spawn(samples)], np.uint64)

@@ -615,15 +615,34 @@ def _finite(x):
 
 
 @njit(cache=True)
-def _save(x, order, lanes, out, slot):
-    """out[lane, slot] (n, d) ← the component-major state x (column p: particle p // lanes, or
-    order[p], of sample p % lanes), in particle order."""
-    d, N = x.shape
-    for p in range(N):
-        lane = p % lanes
-        row = p // lanes if order.shape[0] == 0 else order[p]
-        for c in range(d):
-            out[lane, slot, row, c] = x[c, p]
+def _load(src, order, lanes, x):
+    """x (d, n·L) ← the tile src (L, n, d): column row·L + lane holds particle row of sample lane, or,
+    with an order (one sample), column p holds particle order[p]."""
+    L, n, d = src.shape
+    if order.shape[0] > 0:
+        for p in range(n):
+            for c in range(d):
+                x[c, p] = src[0, order[p], c]
+        return
+    for row in range(n):
+        for lane in range(L):
+            for c in range(d):
+                x[c, row * L + lane] = src[lane, row, c]
+
+
+@njit(cache=True)
+def _save(x, order, out):
+    """out (L, n, d) ← the component-major state x in particle order (the inverse of _load)."""
+    L, n, d = out.shape
+    if order.shape[0] > 0:
+        for p in range(n):
+            for c in range(d):
+                out[0, order[p], c] = x[c, p]
+        return
+    for lane in range(L):
+        for row in range(n):
+            for c in range(d):
+                out[lane, row, c] = x[c, row * L + lane]
 
 
 @njit(cache=True, nogil=True)
@@ -640,10 +659,7 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
     L, n, d = x0.shape
     N = n * L
     x = np.empty((d, N), x0.dtype)
-    for p in range(N):
-        row = p // L if order.shape[0] == 0 else order[p]
-        for c in range(d):
-            x[c, p] = x0[p % L, row, c]
+    _load(x0, order, L, x)
     y, acc = np.empty_like(x), np.empty_like(x)
     m = 0 if st.identity else N
     qb, kb, vb = np.empty((d, m), x0.dtype), np.empty((d, m), x0.dtype), np.empty((d, m), x0.dtype)
@@ -652,7 +668,7 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
     ws = workspace(plan, mode, spec, x, L)
     slot = 0
     if keep.shape[0] > 0 and keep[0] == step0:
-        _save(x, order, L, out, 0)
+        _save(x, order, out[:, 0])
         slot = 1
     for step in range(step0, stop):
         ok = True
@@ -673,12 +689,20 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
                 status[lane, 0], status[lane, 1] = code, at
             return
         if saving:
-            _save(x, order, L, out, slot)
+            _save(x, order, out[:, slot])
             slot += 1
-    for p in range(N):
-        row = p // L if order.shape[0] == 0 else order[p]
-        for c in range(d):
-            x_end[p % L, row, c] = x[c, p]
+    _save(x, order, x_end)
+
+
+@njit(cache=True, nogil=True)
+def integrate_tiles(plan, mode, spec, st, Q, K, V, x0, orders, step0, stop, keep, keys, out, x_end, status,
+                    first, last):
+    """integrate_one for the tiles first..last−1 of plan.lanes samples each (one call per thread)."""
+    S, L = x0.shape[0], plan.lanes
+    for tile in range(first, last):
+        a, b = tile * L, min(S, (tile + 1) * L)
+        integrate_one(plan, mode, spec, st, Q, K, V, x0[a:b], orders[a], step0, stop, keep, keys[a:b],
+                      out[a:b], x_end[a:b], status[a:b])
 
 
 # -- weights at saved steps ------------------------------------------------------------------------
@@ -762,25 +786,18 @@ def _integrate(plan, mode, args):
     """integrate_one over every tile of `plan.lanes` samples; SERIAL: the tiles split into
     contiguous shares, one per thread (at most numba.get_num_threads()), each tile computed by one
     thread whatever the thread count; PARALLEL: the samples in turn, the kernels parallel."""
-    spec, st, Q, K, V, x, orders, step0, stop, keep, keys, out, x_end, status = args
-    S, L = x.shape[0], plan.lanes
-
-    def tiles(first, last):
-        for tile in range(first, last):
-            a, b = tile * L, min(S, (tile + 1) * L)
-            integrate_one(plan, mode, spec, st, Q, K, V, x[a:b], orders[a], step0, stop, keep, keys[a:b],
-                          out[a:b], x_end[a:b], status[a:b])
-
+    S, L = args[5].shape[0], plan.lanes
     count = -(-S // L)
     threads = 1 if mode == PARALLEL else max(1, min(numba.get_num_threads(), count))
     if threads == 1:
-        tiles(0, count)
+        integrate_tiles(plan, mode, *args, 0, count)
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    bounds = np.linspace(0, count, threads + 1).round().astype(int)
+    bounds = np.linspace(0, count, threads + 1).round().astype(np.int64)
     with ThreadPoolExecutor(threads) as pool:
-        for job in [pool.submit(tiles, bounds[k], bounds[k + 1]) for k in range(threads)]:
+        jobs = [pool.submit(integrate_tiles, plan, mode, *args, bounds[k], bounds[k + 1]) for k in range(threads)]
+        for job in jobs:
             job.result()
 
 
@@ -795,7 +812,6 @@ def _write(sink, out, a):
 
 def _orders(field, x):
     """The working order of each sample (the field's prepare hook: sorted 1-D HK), or (S, 0)."""
-    orders = [field.prepare(xs)[1] for xs in x]
-    if orders[0] is None:
+    if field.order(x[0]) is None:
         return np.empty((x.shape[0], 0), np.int64)
-    return np.ascontiguousarray(np.stack(orders), dtype=np.int64)
+    return np.ascontiguousarray(np.stack([field.order(xs) for xs in x]), dtype=np.int64)
