@@ -472,7 +472,7 @@ def headdim_cases(quick=False):
     if quick:
         return [StepCase(score, "float32", n, d) for score in ("softmax", "rbf") for n in (512, 2048)
                 for d in (3, 16, 64)] + [StepCase("softmax", "float32", 2048, 64, "general")]
-    grid = [(n, d) for n in (256, 1024, 4096) for d in HEADDIM_DIMS]
+    grid = [(n, d) for n in (256, 512, 1024, 4096) for d in HEADDIM_DIMS]
     grid += [(16384, d) for d in (3, 16, 32, 64, 128)]
     out = [StepCase(score, dtype, n, d) for score in ("softmax", "rbf") for dtype in ("float32", "float64")
            for n, d in grid]

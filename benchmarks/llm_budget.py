@@ -1,7 +1,9 @@
 """Budgets of the SmolLM2 experiments (issue 15), measured, not asserted: python benchmarks/llm_budget.py
 
 * extraction of 64 held-out windows × 128 tokens with ``reduce=True`` (batches of 8), base model and
-  krausified model: wall time and the process's peak resident memory (``ru_maxrss``, model included);
+  krausified model: wall time, the process's peak resident memory (``ru_maxrss``, model included) and
+  the ratio to a plain no-grad forward of the same windows through the same (eager) model, measured
+  just before in the same process (on a loaded machine the ratio is the number to compare);
 * one LoRA training step at 4 × 256 tokens for each arm (``--steps``; SDPA softmax, 1 thread), the
   median of 3 after a warm-up.
 
@@ -37,9 +39,17 @@ def _extract_once(name: str, threads: int) -> dict:
         krausify(model)
     loaded = rss_peak_gb()
     t0 = time.perf_counter()
+    with torch.no_grad():  # the same windows through the bare model: what extraction adds to this
+        for s in range(0, len(held), 8):
+            model.model(input_ids=held[s : s + 8])
+    forward = time.perf_counter() - t0
+    t0 = time.perf_counter()
     ds = extract(model, held, reduce=True, batch_size=8, progress=False)
+    seconds = time.perf_counter() - t0
     return dict(
-        seconds=round(time.perf_counter() - t0, 2),
+        seconds=round(seconds, 2),
+        plain_forward_seconds=round(forward, 2),
+        ratio_to_plain_forward=round(seconds / forward, 3),
         peak_gb=round(rss_peak_gb(), 3),
         peak_after_load_gb=round(loaded, 3),
         dataset_mb=round(ds.nbytes / 1e6, 1),

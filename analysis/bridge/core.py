@@ -57,8 +57,10 @@ def reduce_attention(a: torch.Tensor, names, sink_k: int = 0, token_mask=None) -
     real token). With R_k the real queries at real position ≥ k and V_i = {j real : a_ij > 0}:
     first_token_mass = α_0; sink_score = α_k = mean_{i∈R_k} a_ik; sink_excess = α_k − b_k with
     b_k = mean_{i∈R_k} 1[k ∈ V_i]/|V_i| (uniform over the visible keys); attention_entropy = mean over
-    real rows with |V_i| ≥ 2 of H_i / log |V_i|, rows divided by their sum first."""
-    a = a.detach()  # elementwise work in the weights' dtype, every sum in float64
+    real rows with |V_i| ≥ 2 of H_i / log |V_i|, rows divided by their sum first, computed in one pass
+    as H_i = log t_i − (Σ_j a_ij log a_ij)/t_i with t_i = Σ_j a_ij. Elementwise work and row sums in
+    the weights' dtype (float32 at least; torch sums pairwise), means over rows in float64."""
+    a = a.detach()
     if a.dtype not in (torch.float32, torch.float64):
         a = a.float()
     B, H, T, _ = a.shape
@@ -68,7 +70,7 @@ def reduce_attention(a: torch.Tensor, names, sink_k: int = 0, token_mask=None) -
         a = a * mask[:, None, None, :]  # padding is never a key
     position = mask.cumsum(-1) - 1  # real index of every token
     n_real = mask.sum(-1)
-    visible = (a > 0).sum(-1)  # (B, H, T)
+    visible = (a > 0).sum(-1, dtype=torch.int32)  # (B, H, T)
     out = {}
 
     def alpha_baseline(k, baseline):
@@ -93,10 +95,10 @@ def reduce_attention(a: torch.Tensor, names, sink_k: int = 0, token_mask=None) -
         if "sink_excess" in names:
             out["sink_excess"] = alpha - base
     if "attention_entropy" in names:
-        a = a.clamp_min(0)
-        total = a.sum(-1, keepdim=True, dtype=torch.float64).to(a.dtype)
-        p = a / torch.where(total > 0, total, torch.ones_like(total))
-        h = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1, dtype=torch.float64)
+        pos = a.clamp_min(0) if bool(a.amin() < 0) else a
+        total = pos.sum(-1).double()
+        alog = torch.special.xlogy(pos, pos).sum(-1).double()  # Σ_j a_ij log a_ij, 0 log 0 = 0
+        h = torch.where(total > 0, torch.log(total.clamp_min(1e-300)) - alog / total, 0.0)
         keep = (visible >= 2) & mask[:, None, :]
         ratio = torch.where(keep, h / torch.log(visible.clamp_min(2).double()), torch.zeros_like(h))
         n = keep.sum(-1)
@@ -215,11 +217,12 @@ def run_hooks(
             ]
         if any(h is None for h in hidden):
             raise RuntimeError("a hidden state was not captured: the forward pass skipped a hook point")
-        block = torch.stack(hidden, 1).numpy()
+        B = len(hidden[0])
         if x is None:
-            x = np.empty((sum(sizes),) + block.shape[1:], dtype=np.float32)
-        x[start : start + len(block)] = block
-        start += len(block)
+            x = np.empty((sum(sizes), len(hidden)) + tuple(hidden[0].shape[1:]), dtype=np.float32)
+        for i, h in enumerate(hidden):  # straight into x: no stacked copy of the batch
+            x[start : start + B, i] = h.numpy()
+        start += B
     attn_vars = {}
     if attention:
         attn_vars.update(mix.variables())

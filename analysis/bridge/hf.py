@@ -239,8 +239,11 @@ def extract_hf(
     hybrid = attention and "blocks.0.attn.hook_gate" in sites
     previous = _ensure_eager(model) if attention else None
 
+    body = getattr(model, "base_model", model)  # without the LM/task head: same hidden states, no logits
+
     def forward(batch):
-        out = model(**batch, output_hidden_states=True, return_dict=True)
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+        out = body(**batch, output_hidden_states=True, return_dict=True)
         hidden = list(out.hidden_states or ())
         if len(hidden) != L + 1:
             raise ValueError(f"{type(model).__name__} returned {len(hidden)} hidden states, expected {L + 1}")
