@@ -681,7 +681,7 @@ def run_device_case(model, params, dtype, n, d, device, *, repeats=5, budget=2.0
 
 
 def device_markdown(records, device_name):
-    lines = [f"Device: {device_name}.", "", "| model | params | dtype | n | d | path | ours ms | SDPA ms | "
+    lines = ["<!-- written by `ksync bench --device` -->", "", f"Device: {device_name}.", "", "| model | params | dtype | n | d | path | ours ms | SDPA ms | "
              "SDPA / ours | pairs/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         sdpa = f"{1e3 * r['sdpa_s']:.2f} | {r['x_sdpa']:.2f}×" if "sdpa_s" in r else "– | –"

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
-from tqdm.auto import tqdm
 
 from . import __version__
 from .geometry import Geometry
@@ -23,6 +22,7 @@ from .integrate import get_integrator, make_stepper
 from .interaction import Interaction, make_interaction
 from .kernels import velocity_field
 from .params import INTERACTION, PARAMS, check, numeric_array
+from .progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def simulate(model: str | Interaction | Callable[[np.ndarray], np.ndarray], x0: 
         sink = _sink(store, (S, len(keep), n, d), dtype, ensemble, overwrite)
         weights = np.empty((S, len(keep), n, n), dtype=dtype) if return_weights else None
         desc = f"simulate {field.model if isinstance(field, Interaction) else field.name}"
-        with tqdm(total=S * steps, disable=not progress, desc=desc, unit="step") as bar:
+        with progress_bar(enabled=progress, total=S * steps, desc=desc, unit="step") as bar:
             if not _run_compiled(run, x0, sink, weights, bar if progress else None, store is not None):
                 _run_stepped(run, x0, sink, weights, bar)
         traj = sink if store is None else sink.lazy()

@@ -86,6 +86,19 @@ def test_ksync_bench_headdim_writes_json_and_markdown(tmp_path, monkeypatch):
     assert data["machine"]["isa"] and data["machine"]["torch_threads"] == 1
     text = md.read_text()
     assert "## Crossover" in text and "| softmax | float32 | identity | 200 | 8 |" in text
+    args = ["bench", "--headdim", "--quick", "--repeats", "1", "--threads", "1", "--cpu-time"]
+    try:  # its own outputs are replaced; a file it did not write never is
+        assert main(args + ["--json", str(out), "--markdown", str(md)]) == 0
+        for flag, name in (("--json", "notes.json"), ("--markdown", "notes.md"), ("--figure", "mine.png")):
+            mine = tmp_path / name
+            mine.write_text('{"notes": 1}' if name == "notes.json" else "mine")
+            before = mine.read_bytes()
+            command = ["bench", "--quick"] if flag == "--figure" else args  # refused before measuring
+            assert main(command + [flag, str(mine)]) == 2
+            assert mine.read_bytes() == before
+    finally:
+        torch.set_num_threads(threads[0])
+        numba.set_num_threads(threads[1])
 
 
 def test_device_section_smoke_on_cpu(tmp_path):

@@ -320,6 +320,7 @@ def test_sweep_unreachable_scheduler(capsys, tmp_path):
                            "--no-progress", "--connect-timeout", "1"], capsys)
     assert_one_line_error(rc, err, "sweep")
     assert "127.0.0.1:9" in err
+    assert not (tmp_path / "r.zarr").exists()
 
 
 def test_console_script_exit_status_and_no_traceback(tmp_path):

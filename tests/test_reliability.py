@@ -513,6 +513,7 @@ def test_scheduler_that_says_nothing_times_out(tmp_path, capsys):
             c.close()
     assert_one_line(rc, err, "sweep")
     assert f"127.0.0.1:{port}" in err and "1.5 s" in err
+    assert not (tmp_path / "r.zarr").exists(), "a failed scheduler left an empty store behind"
     assert elapsed < 10
     assert conns, "the sweep never connected to the server"
     with pytest.raises(ValueError, match="connect_timeout"):
@@ -604,3 +605,27 @@ def test_failed_streaming_simulate_leaves_nothing(tmp_path):
         assert list(tmp_path.iterdir()) == []
     ds = simulate("usa", n=5, d=3, steps=2, dt=0.1, store=path)
     assert store_kind(path) == "trajectory" and ds.sizes["time"] == 3
+
+
+def test_failing_run_with_its_progress_bar_leaves_one_line(tmp_path, capsys):
+    """With the bar on, a run that fails inside it clears the bar: the terminal shows the error alone."""
+    rc, err = run_cli(["simulate", "--model", "usa", "--n", "50", "--d", "3", "--steps", "5", "--dt", "0.1",
+                       "--beta", "1e3", "-o", tmp_path / "a.nc"], capsys)
+    assert err.count("\n") == 1, err  # the bar never ends its line
+    assert_one_line(rc, err.split("\r")[-1], "simulate")
+    assert not (tmp_path / "a.nc").exists()
+
+
+def test_compare_names_what_it_cannot_read(tmp_path, capsys):
+    """A text file and a sweep store given to ``ksync compare``: one line saying what the file is not."""
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    rc, err = run_cli(["compare", text], capsys)
+    assert_one_line(rc, err, "compare")
+    assert "not a netCDF file or zarr store" in err and "notes.txt" in err
+    assert main(["sweep", str(_spec(tmp_path, HK_SPEC)), "-o", str(tmp_path / "s.zarr"), "--scheduler", "sync",
+                 "--no-progress"]) == 0
+    rc, err = run_cli(["compare", tmp_path / "s.zarr"], capsys)
+    assert_one_line(rc, err, "compare")
+    assert "sweep store" in err and "open_sweep" in err
+    assert text.read_text() == "hello\n"

@@ -39,24 +39,37 @@ def task_inputs(task: str, n: int = 16, seed: int = 0):
 
 
 def save(ds: xr.Dataset, path) -> Path:
-    """Write ``ds`` as netCDF (.nc) or zarr (.zarr), CF-encoded by ``particles.conventions.encode``."""
+    """Write ``ds`` as netCDF (.nc) or zarr (.zarr), CF-encoded by ``particles.conventions.encode``, at a
+    path that does not exist yet (the CLI writes to a temporary path, see ``particles.store``)."""
     path = Path(path)
     if path.suffix not in (".nc", ".zarr"):
         raise ValueError(f"output must end in .nc or .zarr, got {str(path)!r}")
+    if path.exists():
+        raise FileExistsError(f"{str(path)!r} exists; it is never replaced here (choose a new path)")
     ds = encode(ds)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".nc":
         ds.to_netcdf(path)
     else:
-        ds.to_zarr(path, mode="w")
+        ds.to_zarr(path, mode="w-")
     return path
 
 
 def load(path) -> xr.Dataset:
+    """A trajectory or extraction written by ``ksync simulate`` / ``ksync extract`` (netCDF or zarr)."""
+    from particles.store import store_kind
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"trajectory file {path} not found")
-    if path.suffix == ".zarr":
-        return decode(xr.open_zarr(path).load())
-    with xr.open_dataset(path) as ds:
-        return decode(ds.load())
+    if store_kind(path) == "sweep":
+        raise ValueError(f"{str(path)!r} is a sweep store (many runs): open it with analysis.open_sweep; "
+                         "compare takes one trajectory or extraction (.nc or .zarr)")
+    try:
+        if path.is_dir():
+            return decode(xr.open_zarr(path).load())
+        with xr.open_dataset(path) as ds:
+            return decode(ds.load())
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{str(path)!r} is not a netCDF file or zarr store of a trajectory or an extraction "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err

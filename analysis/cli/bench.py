@@ -54,6 +54,9 @@ def run(args) -> int:
         import threadpoolctl
 
         threadpoolctl.threadpool_limits(threads)
+    for flag in ("json", "markdown", "figure"):
+        if getattr(args, flag):
+            refuse_foreign(getattr(args, flag), f"--{flag}")
     repeats = args.repeats or (2 if args.quick else 5)
     if repeats < 1:
         raise ValueError("--repeats must be >= 1")
@@ -66,6 +69,8 @@ def run(args) -> int:
     cases = bench.cases(quick=args.quick)
     figure = args.figure or (None if args.quick else os.path.join("figures", "scaling.png"))
     figure = None if args.no_figure else figure
+    if figure:
+        refuse_foreign(figure, "--figure")
     # all of our kernels first, then every baseline (torch's spinning OpenMP threads would
     # otherwise slow down the numba threads measured right after them, and vice versa)
     # a full run measures everything in two rounds and keeps each case's best: on a shared machine
@@ -110,6 +115,37 @@ def run(args) -> int:
                       fh, indent=1, default=float)
         print(f"wrote {args.json}")
     return 0
+
+
+def written_by_bench(path: str) -> bool:
+    """Whether the file at ``path`` is one that ``ksync bench`` writes (its JSON, markdown or figure)."""
+    try:
+        if path.endswith(".json"):
+            with open(path) as fh:
+                return "cases" in json.load(fh)
+        if path.endswith(".md"):
+            with open(path) as fh:
+                return "written by `ksync bench" in fh.read(4096)
+        if path.endswith(".nc"):
+            import xarray as xr
+
+            with xr.open_dataset(path) as ds:
+                return "windowed_loglog_slope" in ds.attrs
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return False
+
+
+def refuse_foreign(path: str, flag: str) -> None:
+    """FileExistsError unless ``path`` (for --figure: its PNG, PDF and .nc) is absent or ours to replace."""
+    stem, ext = os.path.splitext(path)
+    paths = [stem + e for e in (".png", ".pdf", ".nc")] if flag == "--figure" else [path]
+    if not any(os.path.exists(p) for p in paths):
+        return
+    mark = stem + ".nc" if flag == "--figure" else path
+    if not (os.path.isfile(mark) and written_by_bench(mark)):
+        raise FileExistsError(f"{flag}: {path!r} exists and was not written by ksync bench; "
+                              "choose another name or move it away (it is never replaced)")
 
 
 def print_machine(machine):

@@ -9,9 +9,10 @@ import sys
 import xarray as xr
 
 from particles.conventions import encode
+from particles.progress import progress_bar
 
 from .assembly import _assemble, _check_values, _times
-from .execution import _connect, _execute
+from .execution import _connect, _execute, _probe
 from .spec import Plan, _check_points, make_plan
 
 
@@ -38,6 +39,8 @@ def sweep(model, axes=None, *, seeds=1, metrics=None, store=None, scheduler=None
             or not 0 < connect_timeout < math.inf:
         raise ValueError(f"connect_timeout must be a number of seconds > 0, got {connect_timeout!r}")
     _check_points(plan)
+    if isinstance(scheduler, str) and scheduler != "sync":
+        _probe(scheduler, connect_timeout)  # an unreachable scheduler fails before the store exists
     if store is None:
         return _run(plan, None, scheduler, workers, connect_timeout, progress)
     from .store import SweepStore
@@ -48,8 +51,6 @@ def sweep(model, axes=None, *, seeds=1, metrics=None, store=None, scheduler=None
 
 def _run(plan: Plan, db, scheduler, workers, connect_timeout, progress) -> xr.Dataset:
     """Run the points of ``plan`` not yet in the store ``db`` (None: no store) and assemble."""
-    from tqdm.auto import tqdm
-
     results = {key: db.read_point(key) for key in db.done()} if db is not None else {}
     points = list(plan.points())
     todo = [p for p in points if p.key not in results]
@@ -71,8 +72,8 @@ def _run(plan: Plan, db, scheduler, workers, connect_timeout, progress) -> xr.Da
         bar.update(1)
 
     try:
-        with tqdm(total=len(points), initial=len(points) - len(todo), disable=not progress,
-                  desc=f"sweep {plan.model}", unit="pt") as bar:
+        with progress_bar(enabled=progress, total=len(points), initial=len(points) - len(todo),
+                          desc=f"sweep {plan.model}", unit="pt") as bar:
             if todo:
                 _execute(plan, todo, client, on_result)
     finally:
