@@ -65,6 +65,33 @@ def test_ensemble_equals_per_sample_runs(model, params):
         np.testing.assert_allclose(ens[s], simulate(model, x0[s], **kw).x.values, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("x0_given", [False, True])
+def test_a_list_of_seeds_is_one_run_per_seed(x0_given):
+    """seed=[s_0, s_1, …]: sample k is the run simulate(seed=s_k) — its random start and its noise
+    stream (with x0 given: its noise) — in one compiled call."""
+    seeds = [4, 0, 11]
+    kw = dict(steps=6, dt=0.1, beta=2.0, noise=0.2)
+    x0 = np.stack([sphere_points(9, 3, seed=s) for s in range(3)]) if x0_given else None
+    many = simulate("sa", x0, n=None if x0_given else 9, d=None if x0_given else 3, seed=seeds, **kw)
+    assert many.x.dims[0] == "sample" and many.sizes["sample"] == 3
+    for k, s in enumerate(seeds):
+        one = simulate("sa", x0[k] if x0_given else None, n=None if x0_given else 9,
+                       d=None if x0_given else 3, seed=s, **kw)
+        np.testing.assert_allclose(many.x.values[k], one.x.values, rtol=0, atol=1e-12)
+    other = simulate("sa", x0, n=None if x0_given else 9, d=None if x0_given else 3, seed=[4, 1, 11], **kw)
+    assert np.abs(other.x.values[1] - many.x.values[1]).max() > 1e-3  # another seed, another run
+    np.testing.assert_array_equal(other.x.values[0], many.x.values[0])
+
+
+@pytest.mark.parametrize("bad, match", [([], "seed"), ([[1, 2]], "seed"), ([1, -1], "seed"),
+                                        ([1, 2.5], "seed")])
+def test_bad_seed_lists_name_the_parameter(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        simulate("sa", n=5, d=3, steps=1, dt=0.1, seed=bad)
+    with pytest.raises(ValueError, match="samples"):
+        simulate("sa", n=5, d=3, steps=1, dt=0.1, seed=[1, 2], samples=3)
+
+
 def test_results_do_not_depend_on_the_thread_count():
     """Tiles are integrated by one thread each, row-parallel kernels split rows into fixed tasks:
     1 and 2 threads give the same numbers (also with noise)."""

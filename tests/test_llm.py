@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -419,7 +420,12 @@ def test_llm_figure_from_synthetic_runs(tmp_path):
     ]
     rows = [(per(arm == "krause", lvl), fit) for arm, _, lvl in specs]
     meta = [dict(arm=a, seed=s, ppl=10.0 + s, ppl_windows=3, seconds=1.0) for a, s, _ in specs]
-    ds = fig._assemble(rows, [f"{a}-{s}" for a, s, _ in specs], meta, W)
+    labels = [f"{a}-{s}" for a, s, _ in specs]
+    ds = fig._assemble(rows, labels, meta, W)
+    for i in range(len(rows)):  # the per-model cache files, joined, give the same Dataset
+        fig._assemble(rows[i : i + 1], labels[i : i + 1], meta[i : i + 1], W).to_netcdf(tmp_path / f"{i}.nc")
+    joined = fig.join_runs([xr.load_dataset(tmp_path / f"{i}.nc") for i in range(len(rows))])
+    xr.testing.assert_identical(joined, ds)
     m, sd, half = fig.arm_curves(ds, "alpha0", "control")
     seed_means = np.stack([rows[1][0]["alpha0"].mean(0), rows[2][0]["alpha0"].mean(0)])
     np.testing.assert_allclose(m.values, seed_means.mean(0))
@@ -434,3 +440,27 @@ def test_llm_figure_from_synthetic_runs(tmp_path):
     assert fig._over_seeds([1.0, 3.0]) == f"2.000 ± {np.std([1.0, 3.0], ddof=1):.3f}"
     out = save(fig._plot(ds), ds, "llm_sinks", tmp_path, "t", "c")
     assert (tmp_path / "llm_sinks.png").stat().st_size > 0 and out.attrs["figure"] == "llm_sinks"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-krause-s0", "smollm2-softmax-s0"])
+def test_shipped_adapter_reproduces_its_card(name):
+    """The shipped adapter loads onto the installed base and gives the held-out loss its card records
+    (computed at the end of training on the same float16 adapters; eager vs SDPA only rounds)."""
+    from pathlib import Path
+
+    from particles.nn import load_checkpoint
+
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / f"{name}.pt"
+    if not path.exists():
+        pytest.skip(f"{name} is not shipped")
+    model = load_checkpoint(path)
+    card = model.card
+    assert card["base"]["gguf_sha256"] == llm.base_identity()["gguf_sha256"]
+    assert path.stat().st_size <= 20e6 and card["adapter_dtype"] == "float16"
+    data = llm.corpus(model.tokenizer)
+    assert data["info"]["sha256"] == card["data"]["sha256"]
+    held = llm.windows(data["heldout"], card["training"]["seq_len"], model.tokenizer.bos_token_id)
+    loss = llm.heldout_loss(model, held[: card["metrics"]["heldout_windows"]])
+    assert loss == pytest.approx(card["metrics"]["heldout_loss"], abs=2e-4)
+    assert (card["attention"] == "krause") == any(getattr(m, "kind", "") == "hybrid" for m in model.modules())

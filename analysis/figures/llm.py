@@ -38,6 +38,7 @@ N_WINDOWS, T, PPL_T = 64, 128, 256
 SINK_EPS, CLUSTER_EPS = 0.3, 0.5
 SA_GRID = np.geomspace(0.1, 1000.0, 9)  # β of the causal SA fit (two points per decade)
 CURVES = ("mixture", "softmax branch", "krause branch")
+CACHE_VERSION = 1  # bump when a measurement changes: cached per-model results are then recomputed
 
 
 def shipped_runs(root=CHECKPOINTS) -> list[tuple[str, int, Path]]:
@@ -90,9 +91,15 @@ def collect(
     ppl_windows: int | None = None,
     seeds=None,
     progress: bool = True,
+    cache: str | Path | None = None,
 ) -> xr.Dataset:
-    """Measure the base model and every shipped adapter; returns the Dataset the figure plots."""
-    import torch
+    """Measure the base model and every shipped adapter; returns the Dataset the figure plots.
+
+    With ``cache`` (a folder), each model's measurements are written there as ``<run>.nc`` as soon as
+    they finish and reused by a later call with the same adapter file, windows and code version, so an
+    interrupted run loses at most the model it was measuring.
+    """
+    import hashlib
 
     from analysis.bridge import extract, fit_preset
     from particles.nn import llm, load_checkpoint
@@ -106,8 +113,19 @@ def collect(
         raise ValueError(f"n_windows: the held-out split has {len(held)} windows of {T} tokens")
     held = held[:n_windows]
     ppl_ids = llm.windows(data["heldout"], PPL_T, bos)[:ppl_windows]
-    rows, labels, meta = [], [], []
+    parts = []
     for attention, seed, card in [("base", -1, None)] + runs:
+        label = "base" if card is None else f"{attention}-s{seed}"
+        weights = llm.base_identity()["gguf_sha256"] if card is None else card.with_suffix(".pt")
+        if card is not None:
+            weights = hashlib.sha256(weights.read_bytes()).hexdigest()
+        key = f"v{CACHE_VERSION} {weights} windows={n_windows} fit={fit_windows} ppl={ppl_windows}"
+        cached = None if cache is None else Path(cache) / f"{label}.nc"
+        if cached is not None and cached.exists():
+            with xr.open_dataset(cached) as old:
+                if old.attrs.get("cache_key") == key:
+                    parts.append(old.load())
+                    continue
         t0 = time.perf_counter()
         model = base if card is None else load_checkpoint(card.with_suffix(".pt"))
         ds = extract(model, held, reduce=True, batch_size=8, progress=progress)
@@ -121,24 +139,34 @@ def collect(
             causal=True,
             progress=False,
         )
-        rows.append((per, fit))
-        label = "base" if card is None else f"{attention}-s{seed}"
-        labels.append(label)
-        meta.append(
-            dict(
-                arm={"base": "base", "softmax": "control", "krause": "krause"}[attention],
-                seed=seed,
-                ppl=math.exp(loss),
-                ppl_windows=len(ppl_ids),
-                seconds=time.perf_counter() - t0,
-            )
+        meta = dict(
+            arm={"base": "base", "softmax": "control", "krause": "krause"}[attention],
+            seed=seed,
+            ppl=math.exp(loss),
+            ppl_windows=len(ppl_ids),
+            seconds=time.perf_counter() - t0,
         )
+        part = _assemble([(per, fit)], [label], [meta], n_windows).assign_attrs(cache_key=key)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            part.to_netcdf(cached.with_suffix(".tmp"))
+            cached.with_suffix(".tmp").replace(cached)
+        parts.append(part)
         if progress:
-            print(f"llm_sinks: {label} ppl {meta[-1]['ppl']:.3f} ({meta[-1]['seconds']:.0f} s)", flush=True)
+            print(f"llm_sinks: {label} ppl {meta['ppl']:.3f} ({meta['seconds']:.0f} s)", flush=True)
         if card is not None:
             del model
-        torch.set_num_threads(torch.get_num_threads())
-    return _assemble(rows, labels, meta, n_windows)
+    return join_runs(parts)
+
+
+def join_runs(parts: list[xr.Dataset]) -> xr.Dataset:
+    """One Dataset from per-model ones (``_assemble`` of a single row each) along ``run``."""
+    ds = xr.concat(
+        parts, dim="run", data_vars="all", coords="different", compat="equals", combine_attrs="override"
+    )
+    return ds.drop_attrs(deep=False).assign_attrs(
+        {k: v for k, v in parts[0].attrs.items() if k != "cache_key"}
+    )
 
 
 def _assemble(rows, labels, meta, n_windows) -> xr.Dataset:
@@ -311,6 +339,7 @@ def make_llm_sinks(quick=False, out=None, progress=True) -> xr.Dataset:
         ppl_windows=8 if quick else None,
         seeds=[0] if quick else None,
         progress=progress,
+        cache=None if out is None else Path(out) / ".llm_sinks-runs",
     )
     fig = _plot(ds)
     seeds = {a: int((ds["arm"] == a).sum()) for a in ("control", "krause")}
@@ -420,3 +449,13 @@ def summary(ds: xr.Dataset) -> str:
         + "\n".join(lines)
     )
     return text
+
+
+# python -m analysis.figures.llm figures/llm_sinks.nc: the tables of benchmarks/llm.md
+if __name__ == "__main__":
+    import sys
+
+    from particles.conventions import decode
+
+    with xr.open_dataset(sys.argv[1] if len(sys.argv) > 1 else "figures/llm_sinks.nc") as _ds:
+        print(summary(decode(_ds.load())))
