@@ -149,3 +149,29 @@ def test_headdim_dispatch_constants_come_from_the_recorded_measurements():
     measured = bench.measured_dispatch(data["cases"])
     assert headdim.MIN_N == measured["min_n"], files[0].name
     assert headdim.GENERAL_VIA_SDPA == measured["general_via_sdpa"], files[0].name
+
+
+def test_ksync_bench_ensembles_writes_json_and_markdown(tmp_path, monkeypatch):
+    """``ksync bench --ensembles``: simulate against the batched baselines, every case in the JSON."""
+    import numba
+
+    from analysis.cli import main
+
+    tiny = [dict(name="SA ensemble 8x6x2", model="sa", n=6, d=2, samples=8, steps=5, dt=0.1, beta=4.0,
+                 dtype="float64", baselines=("torch", "numpy")),
+            dict(name="HK 1-D", model="hk", n=200, d=1, samples=None, steps=3, dt=1.0, radius=0.05,
+                 dtype="float64", baselines=("numpy",))]
+    monkeypatch.setattr(bench, "ensemble_cases", lambda quick=False: tiny)
+    out, md = tmp_path / "e.json", tmp_path / "e.md"
+    threads = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        assert main(["bench", "--ensembles", "--quick", "--repeats", "1", "--json", str(out),
+                     "--markdown", str(md)]) == 0
+    finally:
+        torch.set_num_threads(threads[0])
+        numba.set_num_threads(threads[1])
+    data = json.loads(out.read_text())
+    assert [c["case"] for c in data["cases"]] == ["SA ensemble 8x6x2", "HK 1-D"] and data["machine"]["isa"]
+    first = data["cases"][0]
+    assert first["x_torch"] == pytest.approx(first["torch_s"] / first["ours_s"])
+    assert "| SA ensemble 8x6x2 |" in md.read_text() and "written by `ksync bench --ensembles" in md.read_text()

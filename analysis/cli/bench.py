@@ -26,8 +26,12 @@ def register(subparsers):
     p.add_argument("--headdim", action="store_true",
                    help="run the head-dimension section instead: one simulate step of our kernels vs the "
                         "same step on torch's scaled_dot_product_attention, d = 3..128 (about 10 minutes)")
+    p.add_argument("--ensembles", action="store_true",
+                   help="run the ensemble section instead: whole trajectories of many small systems "
+                        "(2048 x 32 on the circle, fp64 and fp32; n = 64 for 500 steps; 1-D HK with 1e6 "
+                        "agents) through simulate against batched torch and numpy loops (a few minutes)")
     p.add_argument("--markdown", metavar="FILE",
-                   help="with --headdim or --device: also write the tables as markdown")
+                   help="with --headdim, --ensembles or --device: also write the tables as markdown")
     p.add_argument("--device", metavar="DEVICE",
                    help="run the device section instead: the torch backend's step against the SDPA step "
                         "on DEVICE (cuda, or cpu for a smoke run), dense n up to 1e5")
@@ -66,6 +70,8 @@ def run(args) -> int:
         return run_headdim(args, bench, repeats, budget, start)
     if args.device:
         return run_device(args, bench, repeats, budget)
+    if args.ensembles:
+        return run_ensembles(args, bench, repeats, budget, start)
     cases = bench.cases(quick=args.quick)
     figure = args.figure or (None if args.quick else os.path.join("figures", "scaling.png"))
     figure = None if args.no_figure else figure
@@ -146,6 +152,28 @@ def refuse_foreign(path: str, flag: str) -> None:
     if not (os.path.isfile(mark) and written_by_bench(mark)):
         raise FileExistsError(f"{flag}: {path!r} exists and was not written by ksync bench; "
                               "choose another name or move it away (it is never replaced)")
+
+
+def run_ensembles(args, bench, repeats, budget, start) -> int:
+    records = bench.run_ensembles(args.quick, repeats=repeats, budget=budget)
+    machine = bench.machine_summary()
+    print_machine(machine)
+    command = " ".join(["ksync bench --ensembles"] + ["--quick"] * args.quick)
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(dict(machine=machine, quick=bool(args.quick), repeats=repeats, command=command,
+                           started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
+                           seconds=time.time() - start, cases=records), fh, indent=1, default=float)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(f"<!-- written by `{command}`, {time.strftime('%Y-%m-%d %H:%M')} -->\n\n"
+                     f"Machine: {machine['cpu']} ({machine['isa']}), {machine['cores']} cores, 1-min load "
+                     f"{machine['load_average_1min']:.1f}. Times: best of {repeats} (wall).\n\n"
+                     + bench.ensemble_table(records) + "\n")
+        print(f"wrote {args.markdown}")
+    return 0
 
 
 def print_machine(machine):
