@@ -174,4 +174,5 @@ def test_ksync_bench_ensembles_writes_json_and_markdown(tmp_path, monkeypatch):
     assert [c["case"] for c in data["cases"]] == ["SA ensemble 8x6x2", "HK 1-D"] and data["machine"]["isa"]
     first = data["cases"][0]
     assert first["x_torch"] == pytest.approx(first["torch_s"] / first["ours_s"])
-    assert "| SA ensemble 8x6x2 |" in md.read_text() and "written by `ksync bench --ensembles" in md.read_text()
+    text = md.read_text()
+    assert "| SA ensemble 8x6x2 |" in text and "written by `ksync bench --ensembles" in text
