@@ -232,10 +232,13 @@ def initial(case: Case, seed=0):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(case.dtype)
 
 
-def state_as_simulated(case: Case, x):
-    """The state as particles.simulate holds it between steps: 1-D HK opinions in sorted order
-    (simulate integrates them sorted and unsorts only saved steps), everything else as given."""
-    return np.sort(x, axis=0) if case.kind == "hk1d" else x
+def state_as_simulated(case: Case, x, field=None):
+    """The state as particles.simulate holds it between steps: what the velocity field's own
+    ``prepare`` makes of it (1-D HK opinions sorted, everything else as given). field: the case's
+    velocity_field (built when None)."""
+    if field is None:
+        field = velocity_field(case.interaction(), case.n, case.d, case.dtype)
+    return field.prepare(x)[0]
 
 
 def run_case(case: Case, *, repeats=5, budget=2.0, baselines=True):
@@ -243,7 +246,7 @@ def run_case(case: Case, *, repeats=5, budget=2.0, baselines=True):
     it = case.interaction()
     x = initial(case)
     field_ = velocity_field(it, case.n, case.d, case.dtype)
-    state = state_as_simulated(case, x)
+    state = state_as_simulated(case, x, field_)
     ours = best_time(lambda: field_(state), repeats=repeats, budget=budget)
     rec = dict(case=case.name, model=case.model, n=case.n, d=case.d, dtype=case.dtype, kind=case.kind,
                path=field_.last_path, pairs=case.pairs(), ours_s=ours,
@@ -387,7 +390,8 @@ def _timed(which, case: Case):
 
     x, it = initial(case), case.interaction()
     if which == "ours":
-        f, state = velocity_field(it, case.n, case.d, case.dtype), state_as_simulated(case, x)
+        f = velocity_field(it, case.n, case.d, case.dtype)
+        state = state_as_simulated(case, x, f)
         return lambda: f(state)
     if which == "quadratic":
         return lambda: numpy_hk_quadratic(x, it.radius)

@@ -24,36 +24,62 @@ import numpy as np
 import xarray as xr
 
 from particles.interaction import MODELS
-from particles.params import PARAMS, applies_to  # the one description of simulate's parameters
+from particles.params import INTERACTION, PARAMS, applies_to  # the one description of simulate's parameters
 
 SPHERE_MODELS = ("sa", "usa", "krause")
 
 
 # ----------------------------------------------------------------------------------------- running
-def model_params(model: str, *, beta=1.0, sigma=1.0, radius=None, window=None, causal=False,
-                 top_k=None) -> dict:
+#: The panel's controls besides "model": simulate parameters, in display order, with the slider
+#: ranges that suit exploring (``base``: a log slider over base**min … base**max) and the starting
+#: values. The widget kind, label and tooltip come from particles.params.PARAMS (kind, the presets a
+#: parameter applies to, help text); an optional parameter (default None) is off at 0.
+PANEL = {
+    "beta": dict(value=4.0, base=10, min=-1, max=1.5, step=0.05),
+    "sigma": dict(value=0.3, base=10, min=-1.5, max=1, step=0.05),
+    "radius": dict(value=0.0, min=0, max=2, step=0.02),
+    "window": dict(value=0, min=0, max=64),
+    "causal": dict(value=False),
+    "top_k": dict(value=0, min=0, max=64),
+    "n": dict(value=48, min=4, max=256),
+    "d": dict(value=3, min=1, max=16),
+    "steps": dict(value=150, min=10, max=1000, step=10),
+    "dt": dict(value=0.2, min=0.01, max=1.0, step=0.01),
+    "seed": dict(value=0),
+}
+SYMBOLS = {"beta": "β", "sigma": "σ"}
+_CAST = {"int": int, "seed": int, "float": float, "bool": bool}
+
+
+def _cast(name: str, value):
+    """A widget value as the type PARAMS gives the parameter (int, float, bool; others as given)."""
+    return _CAST.get(PARAMS[name].kind, lambda v: v)(value)
+
+
+def _off(name: str, value) -> bool:
+    """Widget convention: None, False, or 0 for an optional parameter (default None), means "off"."""
+    p = PARAMS[name]
+    return value is None or (p.kind == "bool" and not value) or (
+        p.default is None and p.kind in ("int", "float") and not value)
+
+
+def model_params(model: str, **values) -> dict:
     """The keyword arguments of :func:`particles.simulate` that apply to `model`.
 
-    Widget conventions: ``radius``/``window``/``top_k`` of ``None`` or ``0`` mean "off"; ``beta``
-    and ``sigma`` are passed only to the models they apply to (``particles.params.applies_to``:
-    beta for sa/usa, sigma for krause); hk needs a radius (> 0).
+    values: interaction parameters of ``particles.params.PARAMS`` (beta, sigma, radius, window,
+    causal, top_k, …). Widget conventions: ``radius``/``window``/``top_k`` of ``None`` or ``0``
+    mean "off"; ``beta`` and ``sigma`` are passed only to the models they apply to
+    (``particles.params.applies_to``: beta for sa/usa, sigma for krause); hk needs a radius (> 0).
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-    params: dict = {}
-    for name, value in (("beta", beta), ("sigma", sigma)):
-        if name in applies_to(model):
-            params[name] = float(value)
-    if radius:
-        params["radius"] = float(radius)
-    elif model == "hk":
+    unknown = sorted(k for k in values if k not in PARAMS or PARAMS[k].group != "interaction")
+    if unknown:
+        raise TypeError(f"unknown model parameter(s) {unknown}; known: {list(INTERACTION)}")
+    params = {name: _cast(name, value) for name, value in values.items()
+              if name in applies_to(model) and not _off(name, value)}
+    if model == "hk" and "radius" not in params:
         raise ValueError("radius must be > 0 for the 'hk' model")
-    if window:
-        params["window"] = int(window)
-    if causal:
-        params["causal"] = True
-    if top_k:
-        params["top_k"] = int(top_k)
     return params
 
 
@@ -62,8 +88,8 @@ def run(model: str = "krause", *, n: int = 48, d: int = 3, steps: int = 120, dt:
     """Simulate `model` from widget-style values (see :func:`model_params`); returns the Dataset."""
     from particles import simulate
 
-    return simulate(model, n=int(n), d=int(d), steps=int(steps), dt=float(dt), seed=int(seed),
-                    save_every=int(save_every), **model_params(model, **params))
+    given = dict(n=n, d=d, steps=steps, dt=dt, seed=seed, save_every=save_every)
+    return simulate(model, **{k: _cast(k, v) for k, v in given.items()}, **model_params(model, **params))
 
 
 def default_eps(ds: xr.Dataset) -> float:
@@ -190,39 +216,57 @@ def figure_png(fig, dpi: int = 80) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ panel
-def panel(model: str = "krause", *, n: int = 48, d: int = 3, steps: int = 150, dt: float = 0.2,
-          beta: float = 4.0, sigma: float = 0.3, radius: float = 0.0, window: int = 0,
-          causal: bool = False, top_k: int = 0, seed: int = 0, eps: float | None = None):
+def _label(name: str) -> str:
+    """β (sa/usa), σ (krause), radius (0=off), …: the parameter, the presets it applies to, and 0=off
+    for an optional interaction parameter (all read from particles.params.PARAMS)."""
+    p = PARAMS[name]
+    label = SYMBOLS.get(name, name)
+    if p.models:
+        label += f" ({'/'.join(p.models)})"
+    if p.group == "interaction" and p.default is None:
+        label += " (0=off)"
+    return label
+
+
+def _widget(name: str, value):
+    """The control of parameter `name`: its kind (PARAMS) picks the widget, PANEL the range."""
+    import ipywidgets as W
+
+    kind = PARAMS[name].kind
+    opts = {k: v for k, v in PANEL[name].items() if k != "value"}
+    if kind == "bool":
+        cls = W.Checkbox
+    elif kind == "seed":
+        cls = W.IntText
+    elif kind == "int":
+        cls = W.IntSlider
+    else:
+        cls = W.FloatLogSlider if "base" in opts else W.FloatSlider
+    return cls(value=value, description=_label(name), tooltip=PARAMS[name].help, **opts)
+
+
+def panel(model: str = "krause", *, eps: float | None = None, **values):
     """The exploration panel: controls for the model and its parameters, the plot as a PNG image.
 
-    Any change of a model control re-simulates; the time slider only redraws. The returned VBox
-    has attributes ``controls`` (dict of widgets), ``image`` (``ipywidgets.Image``), ``status``
+    values: starting values of the controls (the parameters of :data:`PANEL`: beta, sigma, radius,
+    window, causal, top_k, n, d, steps, dt, seed; the rest keep PANEL's). Any change of a model
+    control re-simulates; the time slider only redraws. The returned VBox has attributes
+    ``controls`` (dict of widgets), ``image`` (``ipywidgets.Image``), ``status``
     (``ipywidgets.HTML``), ``update()`` (re-simulate now) and ``dataset()`` (the last run).
     """
     import ipywidgets as W
     import matplotlib.pyplot as plt
 
+    unknown = sorted(set(values) - set(PANEL))
+    if unknown:
+        raise TypeError(f"panel: unknown control(s) {unknown}; known: {list(PANEL)}")
     style = {"description_width": "105px"}
     layout = W.Layout(width="340px")
-    c = {
-        "model": W.Dropdown(options=list(MODELS), value=model, description="model"),
-        "beta": W.FloatLogSlider(value=beta, base=10, min=-1, max=1.5, step=0.05, description="β (sa/usa)"),
-        "sigma": W.FloatLogSlider(value=sigma, base=10, min=-1.5, max=1, step=0.05, description="σ (krause)"),
-        "radius": W.FloatSlider(value=radius, min=0, max=2, step=0.02, description="radius (0=off)"),
-        "window": W.IntSlider(value=window, min=0, max=64, description="window (0=off)"),
-        "causal": W.Checkbox(value=causal, description="causal"),
-        "top_k": W.IntSlider(value=top_k, min=0, max=64, description="top_k (0=off)"),
-        "n": W.IntSlider(value=n, min=4, max=256, description="n"),
-        "d": W.IntSlider(value=d, min=1, max=16, description="d"),
-        "steps": W.IntSlider(value=steps, min=10, max=1000, step=10, description="steps"),
-        "dt": W.FloatSlider(value=dt, min=0.01, max=1.0, step=0.01, description="dt"),
-        "seed": W.IntText(value=seed, description="seed"),
-    }
-    for name, w in c.items():
+    c = {"model": W.Dropdown(options=list(MODELS), value=model, description="model")}
+    c.update({name: _widget(name, values.get(name, spec["value"])) for name, spec in PANEL.items()})
+    for w in c.values():
         w.style = style
         w.layout = layout
-        if name in PARAMS:  # hover text: the parameter's own description
-            w.tooltip = PARAMS[name].help
         if hasattr(w, "continuous_update"):
             w.continuous_update = False
     frame = W.IntSlider(value=0, min=0, max=1, description="frame (time)", continuous_update=False,
@@ -240,22 +284,21 @@ def panel(model: str = "krause", *, n: int = 48, d: int = 3, steps: int = 150, d
         image.value = figure_png(fig)
 
     def update(*_):
-        v = {k: w.value for k, w in c.items()}
-        if v["model"] == "hk" and not v["radius"]:
+        v = {k: w.value for k, w in c.items() if k != "model"}
+        model = c["model"].value
+        if model == "hk" and not v["radius"]:
             c["radius"].value = 0.2  # hk needs a confidence radius; observing radius re-runs update
             return
         status.value = "<i>simulating…</i>"
         try:
-            ds = run(v["model"], n=v["n"], d=v["d"], steps=v["steps"], dt=v["dt"], seed=v["seed"],
-                     beta=v["beta"], sigma=v["sigma"], radius=v["radius"], window=v["window"],
-                     causal=v["causal"], top_k=v["top_k"], save_every=max(1, v["steps"] // 100))
+            ds = run(model, save_every=max(1, v["steps"] // 100), **v)
         except (ValueError, TypeError, FloatingPointError, OverflowError) as err:
             status.value = f"<b style='color:#b00'>{type(err).__name__}: {err}</b>"
             return
         state["ds"] = ds
         state["counts"] = cluster_counts(ds, eps)
         final = int(state["counts"][-1])
-        status.value = f"{v['model']}: {final} cluster(s) at t = {float(ds.time[-1]):.2f}"
+        status.value = f"{model}: {final} cluster(s) at t = {float(ds.time[-1]):.2f}"
         with frame.hold_trait_notifications():
             frame.max = len(ds.time) - 1
             frame.value = frame.max
@@ -264,8 +307,9 @@ def panel(model: str = "krause", *, n: int = 48, d: int = 3, steps: int = 150, d
     for w in c.values():
         w.observe(update, names="value")
     frame.observe(redraw, names="value")
-    left = W.VBox([c[k] for k in ("model", "beta", "sigma", "radius", "window", "causal")])
-    right = W.VBox([c[k] for k in ("top_k", "n", "d", "steps", "dt", "seed")])
+    names = list(c)
+    half = (len(names) + 1) // 2
+    left, right = W.VBox([c[k] for k in names[:half]]), W.VBox([c[k] for k in names[half:]])
     box = W.VBox([W.HBox([left, right]), frame, status, image])
     box.controls, box.image, box.status, box.frame = c, image, status, frame
     box.update, box.dataset = update, (lambda: state.get("ds"))

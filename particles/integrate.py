@@ -74,15 +74,6 @@ def get_integrator(integrator) -> tuple[str, Callable]:
     return getattr(integrator, "__name__", repr(integrator)), step
 
 
-def tangent(x: np.ndarray, v: np.ndarray, geometry) -> np.ndarray:
-    """f(x) for the velocity v: P_x v on the sphere, v − x in euclidean space."""
-    return get_geometry(geometry).tangent(x, v)
-
-
-def normalise_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def make_stepper(velocity, geometry, integrator, dt: float, noise: float = 0.0, key=None):
     """One step (x, step index, row order) ↦ x(t + dt) for the velocity field v(x).
 

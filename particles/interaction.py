@@ -13,11 +13,15 @@ The four presets "sa", "usa", "krause" and "hk" are values of this one dataclass
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .params import check, check_bool
 from .params import check_real as check_real
+
+if TYPE_CHECKING:  # annotations only
+    from .geometry import Geometry
 
 MODELS = ("sa", "usa", "krause", "hk")
 SCORES = ("softmax", "rbf", "flat")
@@ -40,6 +44,22 @@ PRESETS = {
 def radius_bound_sq(radius: float, dtype) -> float:
     """Squared radius with the documented tolerance: pairs with ‖x_i − x_j‖² ≤ this are neighbours."""
     return (radius * (1.0 + RADIUS_RTOL[np.dtype(dtype)])) ** 2
+
+
+def usa_overflow_message(beta: float, dtype, step: int | None = None, dt: float | None = None) -> str:
+    """The one message for unnormalised (usa) weights exp(beta⟨Qx_i, Kx_j⟩)/n that overflow `dtype`.
+
+    step None: one velocity evaluation (a kernel, which does not know the step); step 0: beta itself
+    is too large for the dtype; a later step: the step dt let the state get there."""
+    dtype = np.dtype(dtype)
+    head = f"usa weights exp(beta⟨Qx_i, Kx_j⟩)/n overflow {dtype}"
+    if step is None:
+        return f"{head} (beta={beta}); lower beta or use model 'sa'"
+    if step == 0:
+        return (f"{head} at step 0 (beta={beta}): beta is too large for {dtype}; lower beta or use the "
+                "normalised model 'sa'")
+    return (f"{head} by step {step} (beta={beta}, dt={dt}): the state was finite at step 0, so the "
+            "step is too large for the size of the velocity (≈ e^beta); reduce dt or beta")
 
 
 @dataclass(frozen=True)
@@ -104,8 +124,10 @@ class Interaction:
 _check_real = check_real
 
 
-def make_interaction(model: str, *, beta=1.0, sigma=1.0, radius=None, window=None, causal=False,
-                     top_k=None, Q=None, K=None, V=None, geometry=None) -> Interaction:
+def make_interaction(model: str, *, beta: float = 1.0, sigma: float = 1.0, radius: float | None = None,
+                     window: int | None = None, causal: bool = False, top_k: int | None = None,
+                     Q: np.ndarray | None = None, K: np.ndarray | None = None, V: np.ndarray | None = None,
+                     geometry: str | Geometry | None = None) -> Interaction:
     """Validate parameters and build the preset `model`, optionally overriding its geometry
     (a name or a particles.geometry object)."""
     if not isinstance(model, str) or model not in PRESETS:

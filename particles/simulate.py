@@ -19,7 +19,7 @@ import xarray as xr
 from . import __version__
 from .geometry import Geometry
 from .integrate import get_integrator, make_stepper
-from .interaction import Interaction, make_interaction
+from .interaction import MODELS, Interaction, make_interaction, usa_overflow_message
 from .kernels import velocity_field
 from .params import INTERACTION, PARAMS, check, numeric_array
 from .progress import progress_bar
@@ -47,6 +47,26 @@ def _field_name(fn) -> str:
     return f"{module}.{name}" if module and module != "builtins" else name
 
 
+def _not_a_model(model) -> TypeError:
+    return TypeError(f"model must be a preset name {MODELS}, an Interaction or a callable velocity field "
+                     f"v(x), got {model!r}")
+
+
+def describe_model(model) -> str:
+    """A readable, deterministic description of a model `simulate` accepts (what a sweep records):
+    the preset name; the repr of an Interaction, with its Q, K, V when set; the name of a custom
+    velocity field (its repr if its class defines one, such as a dataclass with its parameters;
+    else module.qualname, which does not tell two closures or lambdas of the same name apart)."""
+    if isinstance(model, str):
+        return model
+    if isinstance(model, Interaction):
+        matrices = [f"{k}={np.asarray(m).tolist()}" for k in "QKV" if (m := getattr(model, k)) is not None]
+        return f"{repr(model)[:-1]}, {', '.join(matrices)})" if matrices else repr(model)
+    if callable(model):
+        return _field_name(model)
+    raise _not_a_model(model)
+
+
 def resolve_field(model, params: dict):
     """An Interaction (preset name + params, or an Interaction as given) or a CustomField."""
     unknown = set(params) - set(INTERACTION)
@@ -68,8 +88,7 @@ def resolve_field(model, params: dict):
             raise ValueError("geometry is required for a custom velocity field: geometry='sphere' "
                              "or 'euclidean' says where the state lives")
         return CustomField(model, check("geometry", params["geometry"]), _field_name(model))
-    raise TypeError(f"model must be a preset name {('sa', 'usa', 'krause', 'hk')}, an Interaction or a "
-                    f"callable velocity field v(x), got {model!r}")
+    raise _not_a_model(model)
 
 
 def initial_state(geometry, n: int, d: int, samples: int | None, rng, dtype) -> np.ndarray:
@@ -277,7 +296,8 @@ def _run_stepped(run: Run, x0, sink, weights, bar):
                 except OverflowError:  # the field's own message cannot know the step
                     if not _usa(run):
                         raise
-                    raise OverflowError(usa_overflow_message(run.field, index, run.dt, x.dtype)) from None
+                    message = usa_overflow_message(run.field.beta, x.dtype, index, run.dt)
+                    raise OverflowError(message) from None
             bar.update(target - done)
             done = target
             check_state(x, run, target)
@@ -318,7 +338,7 @@ def _run_compiled(run: Run, x0, sink, weights, bar, streaming: bool) -> bool:
     if len(failed):
         code, step = status[failed[np.argmin(status[failed, 1])]]
         if code == trajectory.USA_OVERFLOW:
-            raise OverflowError(usa_overflow_message(run.field, int(step), run.dt, x0.dtype))
+            raise OverflowError(usa_overflow_message(run.field.beta, x0.dtype, int(step), run.dt))
         check_state(np.array([np.nan]), run, int(step))
     if weights is not None:
         check_weights(weights, run, 0 if not np.all(np.isfinite(weights[:, 0])) else int(run.keep[-1]))
@@ -356,7 +376,7 @@ def check_state(x, run: Run, step: int) -> None:
     if np.all(np.isfinite(x)):
         return
     if _usa(run):
-        raise OverflowError(usa_overflow_message(run.field, step, run.dt, x.dtype))
+        raise OverflowError(usa_overflow_message(run.field.beta, x.dtype, step, run.dt))
     raise FloatingPointError(f"the state became non-finite by step {step} (dt={run.dt}): the step is "
                              "too large for this field, or the dynamics diverges (euclidean geometry "
                              "with a V that expands); reduce dt")
@@ -364,18 +384,8 @@ def check_state(x, run: Run, step: int) -> None:
 
 def check_weights(w, run: Run, step: int) -> None:
     if not np.all(np.isfinite(w)):
-        raise OverflowError(usa_overflow_message(run.field, step, run.dt, w.dtype) if _usa(run)
+        raise OverflowError(usa_overflow_message(run.field.beta, w.dtype, step, run.dt) if _usa(run)
                             else f"non-finite interaction weights at step {step}")
-
-
-def usa_overflow_message(it: Interaction, step: int, dt: float, dtype) -> str:
-    """Step 0: beta itself is too large for the dtype; later: the step dt let the state get there."""
-    head = f"usa weights exp(beta⟨Qx_i, Kx_j⟩)/n overflow {np.dtype(dtype)}"
-    if step == 0:
-        return (f"{head} at step 0 (beta={it.beta}): beta is too large for {np.dtype(dtype)}; lower beta "
-                "or use the normalised model 'sa'")
-    return (f"{head} by step {step} (beta={it.beta}, dt={dt}): the state was finite at step 0, so the "
-            "step is too large for the size of the velocity (≈ e^beta); reduce dt or beta")
 
 
 def _to_dataset(traj, weights, keep, field, ensemble, run_attrs) -> xr.Dataset:
@@ -395,4 +405,5 @@ def _to_dataset(traj, weights, keep, field, ensemble, run_attrs) -> xr.Dataset:
     return ds
 
 
-__all__ = ["simulate", "saved_steps", "initial_state", "resolve_field", "CustomField", "PARAMS"]
+__all__ = ["simulate", "saved_steps", "initial_state", "resolve_field", "describe_model", "CustomField",
+           "PARAMS"]

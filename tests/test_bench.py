@@ -50,6 +50,21 @@ def test_head_dimension_candidates_take_the_same_step(case):
         assert np.abs(got - want).max() < tol, name
 
 
+def test_state_as_simulated_is_the_fields_own_prepare(monkeypatch):
+    """The bench times the state as simulate holds it: what the velocity field's prepare makes of it
+    (the 1-D HK ordering lives there, and nowhere else)."""
+    from particles.kernels import VelocityField
+
+    case = bench.Case("hk", "hk", 200, 1, "float64", dict(radius=0.1), kind="hk1d")
+    x = bench.initial(case)
+    np.testing.assert_array_equal(bench.state_as_simulated(case, x), np.sort(x, axis=0))
+    dense = bench.Case("sa", "sa", 20, 3, "float64")
+    y = bench.initial(dense)
+    assert bench.state_as_simulated(dense, y) is y
+    monkeypatch.setattr(VelocityField, "order", lambda self, x: np.arange(len(x))[::-1])
+    np.testing.assert_array_equal(bench.state_as_simulated(case, x), x[::-1])
+
+
 def test_crossover_is_the_smallest_n_from_which_headdim_wins():
     def rec(n, fastest, d=16):
         return dict(score="softmax", qkv="identity", dtype="float32", d=d, n=n, fastest=fastest,

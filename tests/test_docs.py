@@ -29,7 +29,9 @@ def test_docs_build_strict(tmp_path):
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     for name in ("particles.simulate.simulate", "analysis.clusters.count_clusters",
                  "analysis.sinks.sink_rate",
-                 "particles.nn.checkpoint.load_checkpoint"):
+                 "particles.nn.checkpoint.load_checkpoint",
+                 "particles.geometry.Sphere", "particles.params.PARAMS", "particles.params.check",
+                 "particles.fields.ALiBiCausal"):
         assert f'id="{name}"' in api, f"the API reference lacks {name}"
 
 

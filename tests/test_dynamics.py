@@ -48,6 +48,14 @@ def test_geometry_registry():
     assert make_interaction("sa", geometry=EUCLIDEAN).geometry == "euclidean"
 
 
+def test_geometry_operations_have_one_home():
+    """Tangent, retraction and projection are methods of particles.geometry's objects; the steppers
+    keep no copies of them."""
+    import particles.integrate as integrate
+
+    assert not {"tangent", "normalise_rows", "retract", "project"} & set(vars(integrate))
+
+
 # -- integrators -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra", [{}, {"top_k": 4}, {"window": 5, "causal": True}])
 def test_krause_equals_sa_with_beta_one_over_sigma_squared_under_rk4(extra):

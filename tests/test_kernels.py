@@ -219,6 +219,25 @@ def test_usa_overflow_is_reported_on_fast_paths():
                 x.astype(np.float32))
 
 
+def test_usa_overflow_message_has_one_home():
+    """The kernels, the head-dim kernel and simulate all say it with particles.interaction's helper."""
+    from particles import simulate
+    from particles.interaction import usa_overflow_message
+    from particles.kernels import headdim
+
+    x = sphere_points(30, 3).astype(np.float32)
+    with pytest.raises(OverflowError) as err:
+        velocity_field(make_interaction("usa", beta=2000.0), 30, 3, np.float32, path="fused")(x)
+    assert str(err.value) == usa_overflow_message(2000.0, np.float32)
+    y = sphere_points(50, 8) * 3.0
+    with pytest.raises(OverflowError) as err:
+        headdim.velocity_headdim(y, y, y, score="softmax", beta=200.0, normalise=False, symmetric=True)
+    assert str(err.value) == usa_overflow_message(200.0, np.float64)
+    with pytest.raises(OverflowError) as err:
+        simulate("usa", n=10, d=3, steps=5, dt=0.1, beta=1e3)
+    assert str(err.value) == usa_overflow_message(1e3, np.float64, 0, 0.1)
+
+
 @njit(cache=True)
 def _fexp_array(x):
     out = np.empty_like(x)

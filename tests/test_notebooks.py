@@ -130,6 +130,33 @@ def test_panel_redraws_on_widget_change():
     assert ui.controls["radius"].value > 0 and ui.dataset().attrs["model"] == "hk"
 
 
+def test_panel_controls_come_from_the_parameter_table(monkeypatch):
+    """The panel and model_params read particles.params.PARAMS (widget kind, label with the presets
+    a parameter applies to, tooltip, which parameters a model takes) instead of spelling them out."""
+    pytest.importorskip("ipywidgets")
+    import dataclasses
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from analysis import explore
+    from particles.params import PARAMS
+
+    assert set(explore.PANEL) <= set(PARAMS)
+    beta = dataclasses.replace(PARAMS["beta"], models=("sa", "usa", "krause"), help="the new help")
+    monkeypatch.setitem(PARAMS, "beta", beta)
+    ui = explore.panel("krause", n=8, steps=10, dt=0.2)
+    c = ui.controls
+    assert c["beta"].description == "β (sa/usa/krause)" and c["beta"].tooltip == "the new help"
+    assert c["sigma"].description == "σ (krause)" and c["top_k"].description == "top_k (0=off)"
+    assert type(c["causal"]).__name__ == "Checkbox" and type(c["n"]).__name__ == "IntSlider"
+    assert ui.dataset().attrs["beta"] == 4.0  # beta now applies to krause: the panel's run passed it
+    assert explore.model_params("krause", beta=2, sigma=0.5, radius=0, top_k=3, causal=False) == dict(
+        beta=2.0, sigma=0.5, top_k=3)
+    with pytest.raises(TypeError, match="unknown model parameter"):
+        explore.model_params("sa", steps=3)
+
+
 def test_export_animation(tmp_path):
     import matplotlib
 

@@ -114,6 +114,67 @@ def test_sync_equals_direct_simulate_and_metric_calls(reference):
     assert ds["final_clusters"].attrs["eps"] == 0.05
 
 
+def _metrics_of(run):
+    """The sweep's metrics of one simulate run (the options the sweeps below use)."""
+    last = run["x"].isel(time=-1).values
+    return dict(final_clusters=analysis.count_clusters(last, eps=0.05),
+                effective_rank_curve=analysis.effective_rank(run["x"]),
+                final_first_token_mass=analysis.first_token_mass(run["attention"].isel(time=-1).values))
+
+
+CUSTOM_METRICS = {"final_clusters": {"eps": 0.05}, "effective_rank_curve": {}, "final_first_token_mass": {}}
+
+
+def test_custom_velocity_field_sweeps_like_simulate(tmp_path):
+    """A sweep takes any model simulate takes: here particles.fields.ALiBiCausal (a velocity field
+    v(x)); every point equals the direct simulate call, the spec records the field by its repr, and
+    the store resumes it and refuses another field."""
+    from particles.fields import ALiBiCausal
+
+    alibi = ALiBiCausal(beta=2.0, slope=0.5)
+    kw = dict(seeds=[0, 4], metrics=CUSTOM_METRICS, steps=20, dt=0.1, n=8, d=3, save_every=10,
+              geometry="sphere", scheduler="sync", progress=False)
+    store = tmp_path / "r.zarr"
+    ds = sweep(alibi, {"noise": [0.0, 0.3]}, store=store, **kw)
+    for noise in (0.0, 0.3):
+        for seed in (0, 4):
+            run = simulate(alibi, n=8, d=3, steps=20, dt=0.1, save_every=10, seed=seed, noise=noise,
+                           geometry="sphere", return_weights=True)
+            at = ds.sel(noise=noise, seed=seed)
+            for name, want in _metrics_of(run).items():
+                np.testing.assert_array_equal(at[name].values, want, err_msg=f"{name} {noise=} {seed=}")
+    assert ds["final_first_token_mass"].std() > 0
+    assert ds.attrs["model"] == "ALiBiCausal(beta=2.0, slope=0.5)"
+    xr.testing.assert_identical(sweep(ALiBiCausal(beta=2.0, slope=0.5), {"noise": [0.0, 0.3]}, store=store,
+                                      **kw), ds)  # an equal field resumes the store: nothing left to run
+    xr.testing.assert_identical(open_sweep(store), ds)
+    with pytest.raises(ValueError, match=r"model: stored 'ALiBiCausal\(beta=2.0, slope=0.5\)', "
+                                         r"requested 'ALiBiCausal\(beta=2.0, slope=1.0\)'"):
+        sweep(ALiBiCausal(beta=2.0, slope=1.0), {"noise": [0.0, 0.3]}, store=store, **kw)
+    with pytest.raises(TypeError, match="model must be a preset name"):
+        make_plan(3, steps=5, dt=0.1)
+
+
+def test_interactions_as_a_model_axis(tmp_path):
+    """Interaction objects on a "model" axis: the coordinate and the spec hold their descriptions
+    (matrices included, so two interactions that differ only in Q are two values)."""
+    from particles import make_interaction
+    from particles.simulate import describe_model
+
+    Q = np.eye(3) + 0.3 * np.random.default_rng(0).standard_normal((3, 3))
+    models = [make_interaction("sa", beta=2.0), make_interaction("sa", beta=2.0, Q=Q), "krause"]
+    store = tmp_path / "r.zarr"
+    ds = sweep(None, {"model": models}, seeds=[1], metrics=CUSTOM_METRICS, steps=20, dt=0.1, n=8, d=3,
+               save_every=10, scheduler="sync", progress=False, store=store)
+    labels = [describe_model(m) for m in models]
+    assert list(ds["model"].values) == labels and "Q=[[" in labels[1] and labels[2] == "krause"
+    for model, label in zip(models, labels):
+        run = simulate(model, n=8, d=3, steps=20, dt=0.1, save_every=10, seed=1, return_weights=True)
+        for name, want in _metrics_of(run).items():
+            np.testing.assert_array_equal(ds.sel(model=label, seed=1)[name].values, want, err_msg=name)
+    xr.testing.assert_identical(open_sweep(store), ds)
+
+
 def assert_same_across_processes(ds, ref):
     """Identical structure, coordinates and attributes; values equal to the last bits. Kernels that
     numba compiled in a process and kernels loaded from its on-disk cache can differ in the last
@@ -205,6 +266,98 @@ def test_resume_skips_finished_points_and_discards_unfinished_writes(tmp_path, r
     assert len(counted) == 8 - 3
     xr.testing.assert_identical(ds, reference)
     assert not any((store / ".tmp").iterdir())
+
+
+# the tiny sweep of tests/test_reliability.py (HK_SPEC) with a curve: 4 points, milliseconds each
+TINY = dict(model="hk", axes={"radius": [0.1, 0.2]}, seeds=2,
+            metrics=["final_clusters", "cluster_count_curve"], steps=3, dt=1.0, n=10, d=1)
+
+
+def _open_plain(store) -> xr.Dataset:
+    """``xr.open_zarr(store)`` with its defaults, and no warning (e.g. none about consolidated metadata)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return xr.open_zarr(store).load()
+
+
+def test_plain_open_zarr_of_a_store_shows_the_result(tmp_path, monkeypatch):
+    """The assembled result sits at the root of the store as well as in its group "result":
+    ``xr.open_zarr(path)`` is the sweep's Dataset (plus the store's own attrs); resuming and
+    :func:`open_sweep` are unchanged."""
+    from particles.conventions import decode
+    from particles.store import MARKER
+
+    store = tmp_path / "s.zarr"
+    ds = sweep(**TINY, scheduler="sync", store=store, progress=False)
+    plain = _open_plain(store)
+    assert set(plain.data_vars) == {"final_clusters", "cluster_count_curve"} and plain.sizes["radius"] == 2
+    assert plain.attrs[MARKER] == "sweep"
+    assert plain.attrs[_store.ATTR]["spec"] == _store.SweepStore(store).spec
+    root = plain.copy()
+    root.attrs = {k: v for k, v in plain.attrs.items() if k not in (MARKER, _store.ATTR)}
+    group = xr.open_zarr(store, group="result", consolidated=False).load()
+    xr.testing.assert_identical(root, group)
+    xr.testing.assert_equal(decode(root), ds)
+    assert {k: v for k, v in decode(root).attrs.items() if k in ds.attrs} == ds.attrs
+    xr.testing.assert_identical(open_sweep(store), ds)
+    assert not any((store / ".tmp").iterdir())
+    # a rerun computes nothing and writes the same result again; a stale root array is removed
+    (store / "stale").mkdir()
+    (store / "stale" / "zarr.json").write_text('{"node_type": "array"}')
+    monkeypatch.setattr(execution, "run_point", lambda *a: pytest.fail("a finished point was recomputed"))
+    xr.testing.assert_identical(sweep(**TINY, scheduler="sync", store=store, progress=False), ds)
+    monkeypatch.undo()
+    xr.testing.assert_identical(_open_plain(store).drop_attrs(), plain.drop_attrs())
+    assert not (store / "stale").exists()
+    assert _points(store) == {p.key for p in make_plan(**TINY).points()}
+
+    # resumed after a stop: no result at the root before, the whole one after
+    resumed = tmp_path / "r.zarr"
+    real = execution.run_point
+    calls = []
+
+    def stop_after_two(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for the process dying mid-sweep
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(execution, "run_point", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(**TINY, scheduler="sync", store=resumed, progress=False)
+    assert not (resumed / "result").exists() and not _open_plain(resumed).data_vars
+    assert open_sweep(resumed).attrs["points_done"] == 2
+    monkeypatch.setattr(execution, "run_point", real)
+    xr.testing.assert_identical(sweep(**TINY, scheduler="sync", store=resumed, progress=False), ds)
+    xr.testing.assert_identical(_open_plain(resumed).drop_attrs(), plain.drop_attrs())
+
+
+def test_root_result_is_all_or_nothing(tmp_path, monkeypatch):
+    """A run killed while it moves the result's arrays to the root leaves a root that shows no
+    result (never a part of one) to ``xr.open_zarr``; the next run writes the whole of it."""
+    real = _store._replace_dir
+    complete = tmp_path / "complete.zarr"
+    ds = sweep(**TINY, scheduler="sync", store=complete, progress=False)
+    for path in (tmp_path / "fresh.zarr", complete):  # the first write of the result, a rewrite
+        moved = []
+
+        def die_after_one_root_array(src, dst, path=path, moved=moved):
+            if dst.parent == path and len(moved) == 2:
+                raise KeyboardInterrupt  # stands in for the process dying mid-move
+            moved.append(dst.name)
+            return real(src, dst)
+
+        monkeypatch.setattr(_store, "_replace_dir", die_after_one_root_array)
+        with pytest.raises(KeyboardInterrupt):
+            sweep(**TINY, scheduler="sync", store=path, progress=False)
+        assert moved[0] == "result" and len(moved) == 2  # the group, then one array at the root
+        assert (path / moved[1]).is_dir()
+        assert not _open_plain(path).data_vars  # and no warning: the root metadata lists no arrays
+        monkeypatch.setattr(_store, "_replace_dir", real)
+        xr.testing.assert_identical(sweep(**TINY, scheduler="sync", store=path, progress=False), ds)
+        assert set(_open_plain(path).data_vars) == {"final_clusters", "cluster_count_curve"}
 
 
 def test_changed_spec_is_refused(tmp_path):

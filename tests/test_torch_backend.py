@@ -113,6 +113,21 @@ def test_euler_maruyama_step_is_the_formula(geometry):
         assert np.abs(traj[s, 1] - y).max() < 1e-12
 
 
+def test_noise_is_projected_by_the_geometry_object():
+    """T_x ξ is the geometry's own project(): a Geometry subclass under another name integrates as its
+    parent does (no branch on the geometry's name)."""
+    from particles.geometry import EUCLIDEAN, Euclidean
+
+    class Plane(Euclidean):
+        name = "plane"
+
+    it = make_interaction("krause", sigma=0.5, geometry="euclidean")
+    kw = dict(keep=np.array([0, 1, 2]), dt=0.05, noise=0.4, noise_seed=np.array([11, 12], np.uint64))
+    want, _ = tb.trajectory(it, batch(16, 3), geometry=EUCLIDEAN, **kw)
+    got, _ = tb.trajectory(it, batch(16, 3), geometry=Plane(), **kw)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_trajectory_weights_and_sdpa_rbf_causal():
     kw = dict(n=20, d=5, steps=3, dt=0.1, seed=1, sigma=0.7, causal=True, return_weights=True)
     ours, want = simulate("krause", backend="torch", **kw), simulate("krause", backend="numba", **kw)

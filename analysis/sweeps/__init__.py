@@ -30,7 +30,8 @@ Store: with ``store="results.zarr"`` every finished point is written at once, at
 the same sweep skips the finished points, so a run killed at any moment (SIGKILL included) is
 resumed by running it again, and the final Dataset equals that of an uninterrupted run. A store
 made for a different specification is refused with a message listing the differences. When
-every point is done the assembled Dataset is also written as the group ``result``
+every point is done the assembled Dataset is also written at the root of the store
+(``xr.open_zarr(path)``; its attrs then include the store's own) and as the group ``result``
 (``xr.open_zarr(path, group="result", consolidated=False)``); :func:`open_sweep` assembles
 whatever is finished. One sweep process per store at a time: the store is locked while a sweep
 writes it, and a second sweep started on the same store is refused with a message naming the
@@ -79,6 +80,8 @@ Modules, one job each: :mod:`~analysis.sweeps.registry` (metrics), :mod:`~analys
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .assembly import open_sweep
 from .execution import LOOPBACK_HTTP, SweepError, run_point
 from .registry import METRICS, Metric, register_metric
@@ -88,10 +91,14 @@ from .spec import PARAMETERS, Plan, Point, load_spec, make_plan
 __all__ = ["sweep", "plot_sweep", "open_sweep", "load_spec", "make_plan", "register_metric", "METRICS",
            "Metric", "SweepError", "Plan", "Point", "PARAMETERS", "LOOPBACK_HTTP", "run_point"]
 
+if TYPE_CHECKING:  # annotations only: xarray and matplotlib are imported where they are used
+    import xarray as xr
+    from matplotlib.axes import Axes
 
-def plot_sweep(ds, metric: str, axis: str, ax=None, **kwargs):
+
+def plot_sweep(ds: xr.Dataset, metric: str, axis: str, ax: Axes | None = None, **kwargs: Any) -> Axes:
     """Plot ``metric`` against the sweep axis ``axis``: mean over seeds with a ± sd band (see
-    ``analysis.figures.sweep.plot_sweep``; imported on first use, with matplotlib)."""
+    ``analysis.figures.sweep.plot_sweep``; imported on first use, with matplotlib). Returns the Axes."""
     from analysis.figures.sweep import plot_sweep as plot
 
     return plot(ds, metric, axis, ax=ax, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 
 import numpy as np
 import xarray as xr
@@ -63,7 +64,7 @@ def _assemble(plan: Plan, results: dict) -> xr.Dataset:
                 arr[p.index] = results[p.key][name]
         attrs = {"description": METRICS[name].description if name in METRICS else name, **opts}
         data[name] = (dims + (("time",) if curve else ()), arr, attrs)
-    coords = {name: _coord(values) for name, values in plan.axes.items()}
+    coords = {name: _coord(values) for name, values in plan.recorded_axes.items()}
     coords["seed"] = np.asarray(plan.seeds)
     if any(v[0][-1:] == ("time",) for v in data.values()):
         coords["step"] = ("time", kept)
@@ -71,7 +72,7 @@ def _assemble(plan: Plan, results: dict) -> xr.Dataset:
             coords["time"] = times
     from particles import __version__
 
-    attrs = {"model": plan.model, "spec": json.dumps(plan.spec(), sort_keys=True),
+    attrs = {"model": plan.model_description, "spec": json.dumps(plan.spec(), sort_keys=True),
              "points": len(points), "points_done": sum(p.key in results for p in points),
              "krause_sync_version": __version__}
     if plan.steps is not None:
@@ -81,7 +82,7 @@ def _assemble(plan: Plan, results: dict) -> xr.Dataset:
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
-def open_sweep(store) -> xr.Dataset:
+def open_sweep(store: str | os.PathLike[str]) -> xr.Dataset:
     """The Dataset of a sweep store, assembled from its finished points.
 
     Missing points are NaN (integer metrics then become float); ``attrs["points_done"]`` says how

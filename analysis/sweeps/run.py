@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import xarray as xr
 
@@ -13,14 +16,28 @@ from particles.progress import progress_bar
 
 from .assembly import _assemble, _check_values, _times
 from .execution import _connect, _execute, _probe
-from .spec import Plan, _check_points, make_plan
+from .spec import Plan, _check_points, make_plan, recorded
+
+if TYPE_CHECKING:
+    import distributed
+    import numpy as np
+
+    from particles.interaction import Interaction
 
 
-def sweep(model, axes=None, *, seeds=1, metrics=None, store=None, scheduler=None, steps=None, dt=None,
-          progress=True, workers=None, connect_timeout=10.0, **fixed) -> xr.Dataset:
+def sweep(model: str | Interaction | Callable[[np.ndarray], np.ndarray],
+          axes: Mapping[str, Sequence[Any] | Mapping[str, Any]] | None = None, *,
+          seeds: int | Sequence[int] | Mapping[str, int] = 1,
+          metrics: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
+          store: str | os.PathLike[str] | None = None,
+          scheduler: str | distributed.Client | None = None,
+          steps: int | None = None, dt: float | None = None, progress: bool = True,
+          workers: int | None = None, connect_timeout: float = 10.0, **fixed: Any) -> xr.Dataset:
     """Run ``simulate`` over the Cartesian product of ``axes`` × ``seeds`` and reduce to ``metrics``.
 
-    model: "sa", "usa", "krause" or "hk" (or an axis "model"). axes: {parameter: [values]}.
+    model: what simulate accepts, "sa", "usa", "krause" or "hk", an Interaction or a velocity field
+    v(x) (with geometry= in ``**fixed``); the spec and the Dataset record it by name, repr or
+    module.qualname (particles.simulate.describe_model); or an axis "model". axes: {parameter: [values]}.
     seeds: n (seeds 0..n-1) or a list. metrics: names, or {name: {option: value}} (see the module
     docstring). store: a path for the resumable zarr store, or None (nothing written).
     scheduler: None (LocalCluster with ``workers`` processes on 127.0.0.1), "sync" (in-process),
@@ -66,14 +83,15 @@ def _run(plan: Plan, db, scheduler, workers, connect_timeout, progress) -> xr.Da
     def on_result(p, values, info):
         _check_values(plan, p, values, ntime)
         if db is not None:
-            db.write_point(p.key, values, {"index": list(p.index), "params": p.params, "seed": p.seed,
+            params = {k: recorded(k, v) for k, v in p.params.items()}
+            db.write_point(p.key, values, {"index": list(p.index), "params": params, "seed": p.seed,
                                            "info": info})
         results[p.key] = values
         bar.update(1)
 
     try:
         with progress_bar(enabled=progress, total=len(points), initial=len(points) - len(todo),
-                          desc=f"sweep {plan.model}", unit="pt") as bar:
+                          desc=f"sweep {plan.model_description}", unit="pt") as bar:
             if todo:
                 _execute(plan, todo, client, on_result)
     finally:

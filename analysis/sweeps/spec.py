@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from particles.params import PARAMS
+from particles.simulate import describe_model
 
 from .registry import METRICS
 
@@ -49,7 +50,7 @@ class Point:
 
 @dataclass
 class Plan:
-    model: str
+    model: object  # anything simulate accepts: a preset name, an Interaction, a velocity field v(x)
     axes: dict
     seeds: list
     metrics: dict  # name → options (defaults filled in)
@@ -60,8 +61,20 @@ class Plan:
     def spec(self) -> dict:
         from .store import json_roundtrip
 
-        return json_roundtrip(dict(model=self.model, axes=self.axes, seeds=self.seeds, metrics=self.metrics,
-                                   steps=self.steps, dt=self.dt, fixed=self.fixed))
+        return json_roundtrip(dict(model=self.model_description, axes=self.recorded_axes, seeds=self.seeds,
+                                   metrics=self.metrics, steps=self.steps, dt=self.dt, fixed=self.fixed))
+
+    @property
+    def model_description(self) -> str | None:
+        """What the spec and the Dataset's attrs record of the model (particles.simulate.describe_model:
+        a preset name as is, an Interaction or a custom velocity field by its repr or name)."""
+        return None if self.model is None else describe_model(self.model)
+
+    @property
+    def recorded_axes(self) -> dict:
+        """The axes as the spec, the store and the coordinates record them: a "model" axis by the
+        descriptions of its models."""
+        return {name: [recorded(name, v) for v in values] for name, values in self.axes.items()}
 
     @property
     def shape(self) -> tuple:
@@ -87,6 +100,11 @@ class Plan:
         return {**base, **point.params}
 
 
+def recorded(name: str, value):
+    """A parameter value as a sweep records it: a model by its description, anything else as is."""
+    return describe_model(value) if name == "model" else value
+
+
 def _values(name, values) -> list:
     if isinstance(values, np.ndarray):
         values = values.tolist()
@@ -98,10 +116,13 @@ def _values(name, values) -> list:
     values = [v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v for v in values]
     if not values:
         raise ValueError(f"axes[{name!r}] is empty")
+    if name == "model":
+        for v in values:
+            describe_model(v)  # TypeError for what simulate refuses
     seen, unhashable = set(), []
     for v in values:
         try:
-            key = (type(v), v)
+            key = (type(v), recorded(name, v))
             repeated = key in seen
             seen.add(key)
         except TypeError:  # lists (matrices): compared one by one
@@ -205,8 +226,8 @@ def make_plan(model, axes=None, *, seeds=1, metrics=None, steps=None, dt=None, *
             raise ValueError(f"{name} is required (as a keyword or as an axis)")
         if value is not None and name in axes:
             raise ValueError(f"{name!r} is both swept (axes) and fixed")
-    if "model" not in axes and not isinstance(model, str):
-        raise ValueError(f"model must be a model name, got {model!r}")
+    if "model" not in axes:
+        describe_model(model)  # TypeError for what simulate refuses
     fixed = {k: (v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v) for k, v in fixed.items()}
     plan = Plan(model, {k: _values(k, v) for k, v in axes.items()}, _seeds(seeds), _metrics(metrics),
                 steps, dt, fixed)

@@ -7,14 +7,26 @@ Layout (zarr format of the installed zarr; one group per finished point)::
       points/            one subgroup per finished point, named by its index key, e.g. "2_0_3"
         2_0_3/           arrays: one per metric (0-d, or 1-d over "time"); attrs: index, params, …
       result/            the assembled Dataset (xarray layout), written when every point is done
+      final_clusters/ …  the same Dataset at the root too (its arrays; its attrs join the root's),
+                         so that a plain ``xr.open_zarr("results.zarr")`` shows it
       .tmp/              staging area; anything here is an unfinished write and is discarded
+
+The root group carries consolidated metadata of the result's arrays only (what xarray reads,
+without its "no consolidated metadata" warning); ``points/`` and ``result/`` are opened by path
+(``zarr.open_group("results.zarr", use_consolidated=False)`` lists them all). Before the sweep is
+complete the root's consolidated metadata lists no arrays: ``xr.open_zarr`` shows an empty Dataset,
+:func:`open_sweep` the finished points.
 
 Atomicity: a point is first written completely under ``.tmp/`` and then moved into ``points/``
 with one ``os.rename`` of its directory, which is atomic on a POSIX file system. A process killed
 at any moment (SIGKILL included) therefore leaves each point either absent or complete, never
-half-written; the same holds for the creation of the store itself and for ``result/``. The store
-must live on a local or POSIX-shared file system (not an object store such as S3). Writes are
-not fsync'ed: the guarantee is against killed processes, not against power loss.
+half-written; the same holds for the creation of the store itself and for ``result/``. The root
+copy of the result is moved in array by array between two replacements of the root metadata (one
+file each: first listing no arrays, then the new ones), so ``xr.open_zarr`` sees either no result
+or the whole of it; a run killed meanwhile leaves no result at the root until the next run on the
+store, which writes it again. The store must live on a local or POSIX-shared file system (not an
+object store such as S3). Writes are not fsync'ed: the guarantee is against killed processes, not
+against power loss.
 
 Data safety (the rules of ``particles.store``, docs/data-safety.md): the root group is marked
 ``krause_sync_store = "sweep"``; a path holding anything else (a directory we did not write, a
@@ -32,6 +44,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,6 +55,8 @@ from particles.store import MARKER, StoreLock, check_output, clean_leftovers, pa
 
 FORMAT = 1
 ATTR = "ksync_sweep"
+#: entries of the store's root that are not result arrays (a result variable may not take these names)
+RESERVED = frozenset({"points", "result", ".tmp", "zarr.json", ".zgroup", ".zattrs", ".zmetadata"})
 
 
 class SpecMismatch(ValueError):
@@ -131,6 +146,7 @@ class SweepStore:
             staging = partial_path(store.path)
             root = zarr.open_group(str(staging), mode="w-")
             root.attrs.update({MARKER: "sweep", ATTR: {"format": FORMAT, "spec": spec}})
+            _consolidate(staging)  # listing no arrays: xr.open_zarr shows an empty Dataset, no warning
             zarr.open_group(str(staging / "points"), mode="w-")
             (staging / ".tmp").mkdir()
             try:
@@ -246,10 +262,71 @@ class SweepStore:
 
     # -- assembled result -------------------------------------------------------------------------
     def write_result(self, ds) -> None:
-        """Write the assembled Dataset as group ``result`` (replacing an older one atomically)."""
+        """Write the assembled Dataset as group ``result`` (replacing an older one atomically) and at
+        the root of the store (:meth:`_write_root`), so that ``xr.open_zarr(path)`` shows it."""
         staging = self.tmp / _tmp_name("result")
         ds.to_zarr(str(staging), mode="w", consolidated=False)
         _replace_dir(staging, self.path / "result")
+        clash = sorted(name for name in map(str, ds.variables) if name in RESERVED or name.startswith("."))
+        if clash:
+            warnings.warn(f"sweep store {str(self.path)!r}: the variables {clash} take names of the store's "
+                          "layout; the result is only in its group 'result'", stacklevel=2)
+            return
+        self._write_root(ds)
+
+    def _write_root(self, ds) -> None:
+        """The result's arrays at the root of the store, so that a plain ``xr.open_zarr`` reads them.
+
+        xarray reads the root through its consolidated metadata, one file replaced in one move: first
+        a version that lists no arrays (readers see an empty Dataset while arrays move in and stale
+        ones go), then one that lists the new arrays, with the store's own attrs and the result's."""
+        own = dict(zarr.open_group(str(self.path), mode="r", **_NO_CONSOLIDATED).attrs)
+        own = {key: own[key] for key in (MARKER, ATTR) if key in own}
+        empty = self.tmp / _tmp_name("root-empty")
+        zarr.open_group(str(empty), mode="w").attrs.update(own)
+        _consolidate(empty)
+        self._move_root_metadata(empty)
+        staging = self.tmp / _tmp_name("root")
+        ds.to_zarr(str(staging), mode="w", consolidated=False)
+        zarr.open_group(str(staging), mode="r+").attrs.update(own)
+        _consolidate(staging)  # while the arrays are still in staging
+        names = {str(name) for name in ds.variables}
+        for name in sorted(names):
+            _replace_dir(staging / name, self.path / name)
+        for entry in self.path.iterdir():  # arrays of an older result that this one does not have
+            if entry.name not in names and entry.name not in RESERVED and _is_array(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+        self._move_root_metadata(staging)
+
+    def _move_root_metadata(self, staging: Path) -> None:
+        """Move the metadata files of the group ``staging`` (zarr.json; zarr 2: .z*) onto the root's,
+        each with one atomic ``os.replace``; then discard ``staging``."""
+        for meta in sorted(p for p in staging.iterdir() if p.is_file()):
+            os.replace(meta, self.path / meta.name)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+#: zarr >= 3 reads a group through its consolidated metadata by default; the root's lists the result only
+_NO_CONSOLIDATED = {"use_consolidated": False} if int(zarr.__version__.split(".")[0]) >= 3 else {}
+
+
+def _consolidate(path: Path) -> None:
+    """Consolidated metadata for the group at ``path`` (what ``xr.open_zarr`` reads first)."""
+    with warnings.catch_warnings():  # zarr 3 warns that consolidated metadata is outside the v3 spec;
+        warnings.filterwarnings("ignore", message="Consolidated metadata")  # xarray reads it all the same
+        zarr.consolidate_metadata(str(path))
+
+
+def _is_array(path: Path) -> bool:
+    """Whether the directory ``path`` is a zarr array (format 3: zarr.json node_type, format 2: .zarray)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if (path / ".zarray").is_file():
+        return True
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("node_type") == "array"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _refuse_foreign(path: Path) -> None:

@@ -211,7 +211,7 @@ def trajectory(interaction, x0, *, keep, dt, integrator="euler", noise=0.0, nois
                     x = step(f, x, dt, geo)
                 else:
                     xi = torch.from_numpy(np.stack([normals(key, index, (n, d), x0.dtype) for key in keys]))
-                    xi = xi.to(dev) if geo.name == "euclidean" else geo.tangent(x, xi.to(dev))  # T_x ξ
+                    xi = geo.project(x, xi.to(dev))  # T_x ξ
                     x = geo.retract(x + dt * f(x) + sqrt_dt * xi)
             done = int(target)
             traj[:, slot] = x.cpu().numpy()

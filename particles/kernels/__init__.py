@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from ..interaction import Interaction, radius_bound_sq
+from ..interaction import Interaction, radius_bound_sq, usa_overflow_message
 from . import blas, dense, headdim, hk1d, neighbours, rows, trajectory
 
 #: Below this many scored pairs a call runs on one thread: waking the second numba thread costs more
@@ -283,8 +283,7 @@ class VelocityField:
         proj = None if self.path == "hk1d" else self.project(x)
         self.last_path = _BY_NAME[self.path].run(self, x, proj, out)
         if not self.interaction.normalise and not np.all(np.isfinite(out)):
-            raise OverflowError(f"usa weights exp(beta⟨Qx_i, Kx_j⟩)/n overflow {self.dtype} "
-                                f"(beta={self.interaction.beta}); lower beta or use model 'sa'")
+            raise OverflowError(usa_overflow_message(self.interaction.beta, self.dtype))
         return out
 
     def weights(self, x: np.ndarray) -> np.ndarray:

@@ -59,14 +59,16 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+from ..interaction import usa_overflow_message
 from .fastexp import LOG2E, exp2_sat
 from .rows import FASTMATH
 
 SCORES = ("softmax", "rbf")
 MIN_DIM = 5  # d ≤ 4 has its own fused and symmetric kernels (kernels/dense.py)
-#: From this n on the path is the automatic choice (measured, benchmarks/headdim.md: below it the
-#: fixed cost of a call, ~25 µs, loses to the row kernels, and SDPA never wins at d ≥ 5).
-MIN_N = 256
+#: From this n on the path is the automatic choice: the largest crossover n over the Q = K = I cases
+#: of the recorded measurement (benchmarks/headdim_1thread.md; softmax fp32 loses at n = 512 and wins
+#: from 1024; below the crossover the fixed cost of a call loses to the row kernels).
+MIN_N = 1024
 BLOCK = {np.dtype(np.float32): 256, np.dtype(np.float64): 256}  # keys per block: W (b × b) stays in L2
 
 
@@ -390,8 +392,7 @@ def velocity_headdim(q, k, v, *, score, beta=1.0, inv2s2=0.5, normalise=True, sy
         return out
     np.multiply(acc, t(1.0 / n), out=out)
     if not np.all(np.isfinite(out)):
-        raise OverflowError(f"usa weights exp(beta⟨q_i, k_j⟩)/n overflow {dtype} (beta={beta}); "
-                            "lower beta or use model 'sa'")
+        raise OverflowError(usa_overflow_message(beta, dtype))
     return out
 
 
