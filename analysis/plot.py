@@ -19,10 +19,16 @@ this module picks the frame, the sample and the axes. Set the matplotlib backend
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import xarray as xr
 
 from analysis import explore
+
+if TYPE_CHECKING:  # annotations only: matplotlib is imported on first use
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["trajectory", "state", "cluster_count", "attention"]
 
@@ -78,7 +84,8 @@ def _as_simulation(x: xr.DataArray, sphere: bool, attrs: dict) -> tuple[xr.Datas
     return ds, lead
 
 
-def trajectory(ds, frame: int = -1, *, sample: int = 0, eps: float | None = None):
+def trajectory(ds: xr.Dataset | xr.DataArray, frame: int = -1, *, sample: int = 0,
+               eps: float | None = None) -> Figure:
     """The particles at saved step ``frame`` next to the cluster count over time (or layer).
 
     ``eps``: the ε-graph threshold of the count (default 0.05 on the sphere, a tenth of the radius
@@ -94,7 +101,8 @@ def trajectory(ds, frame: int = -1, *, sample: int = 0, eps: float | None = None
     return fig
 
 
-def state(ds, frame: int = -1, *, sample: int = 0, ax=None):
+def state(ds: xr.Dataset | xr.DataArray, frame: int = -1, *, sample: int = 0,
+          ax: Axes | None = None) -> Figure:
     """The particles at saved step ``frame``: on the circle (d = 2), on the sphere S² (d = 3), on the
     first two principal directions of the whole trajectory (d > 3; uncentred, through the origin;
     on the sphere normalised back onto the circle), or every opinion over time (d = 1).
@@ -139,7 +147,8 @@ def state(ds, frame: int = -1, *, sample: int = 0, ax=None):
     return fig
 
 
-def cluster_count(ds, eps: float | None = None, *, ax=None, label: str | None = None):
+def cluster_count(ds: xr.Dataset | xr.DataArray, eps: float | None = None, *, ax: Axes | None = None,
+                  label: str | None = None) -> Figure:
     """Cluster count (ε-graph components, :func:`analysis.count_clusters`) against time or layer; with
     a "sample" axis the mean ± sd over samples. ``ds`` may also be a DataArray of counts.
 
@@ -174,7 +183,8 @@ def cluster_count(ds, eps: float | None = None, *, ax=None, label: str | None = 
     return fig
 
 
-def attention(ds, frame: int = -1, *, sample: int = 0, head: int = 0, ax=None, log: bool = False):
+def attention(ds: xr.Dataset | xr.DataArray, frame: int = -1, *, sample: int = 0, head: int = 0,
+              ax: Axes | None = None, log: bool = False) -> Figure:
     """The attention (interaction) matrix a_ij at saved step / layer ``frame`` as an image: rows are
     queries i, columns keys j. ``ds``: a Dataset with variable "attention" or that DataArray;
     ``head`` and ``sample`` pick one when those axes exist; ``log=True`` colours log10 a_ij.

@@ -192,3 +192,39 @@ def test_cli_lists_figures(capsys):
     assert main(["figures", "--list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in PLOTTED)
+
+
+def test_hk_2r_cluster_counts_in_the_text_come_from_the_data(tmp_path, monkeypatch):
+    """The demo panel's title and the caption count the clusters of the plotted data (the panel draws
+    every 4th / 8th opinion only, so a small cluster can be in the data and not in the drawing)."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from analysis.figures import hk
+    from particles import simulate
+
+    titles = []
+    real_save = hk.save
+
+    def keep_title(fig, *args, **kwargs):
+        titles.append(fig.axes[0].get_title())
+        return real_save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(hk, "save", keep_title)
+    ds = hk.make_hk_2r(quick=True, out=tmp_path, progress=False)
+    drawn = np.sort(ds["opinions"].isel(time=-1).values)
+    shown = 1 + int(np.sum(np.diff(drawn) > hk.HK_EPS))  # distinct final opinions among the drawn ones
+    assert ds.attrs["demo_shown_clusters"] == shown
+    assert re.search(r": (\d+) clusters shown$", titles[0]).group(1) == str(shown)
+    demo = simulate("hk", n=ds.attrs["n"], d=1, steps=int(ds["opinions"]["time"].max()), dt=1.0,
+                    radius=ds.attrs["demo_radius"], seed=0)
+    final, counts = np.unique(np.round(demo["x"].isel(time=-1, component=0).values, 9), return_counts=True)
+    major = int(np.sum(counts >= hk.MAJOR * ds.attrs["n"]))
+    assert (ds.attrs["demo_clusters"], ds.attrs["demo_major_clusters"]) == (len(final), major)
+    assert shown <= len(final)
+    with xr.open_dataset(tmp_path / "hk_2r.nc") as written:
+        caption = " ".join(written.attrs["caption"].split())
+    assert f"end in {len(final)} clusters, {major} of them holding" in caption
+    assert f"{shown} containing a drawn opinion" in caption

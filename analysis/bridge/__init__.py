@@ -13,7 +13,9 @@ Hugging Face ``transformers`` models (load them offline with :func:`load_hf`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .compare import (
     as_interaction,
@@ -29,20 +31,21 @@ from .hf import is_hf, load_hf, load_smollm2
 from .ours import is_ours
 
 if TYPE_CHECKING:  # annotations only
+    import numpy as np
     import torch
     import xarray as xr
 
 
 def extract(
     model: torch.nn.Module,
-    inputs,
+    inputs: torch.Tensor | np.ndarray | Mapping[str, torch.Tensor] | str | Sequence[str] | None,
     *,
     representation: str = "residual",
     reduce: bool | str | tuple[str, ...] | list[str] | None = None,
     sink_k: int = 0,
     attention: bool = True,
-    tokenizer=None,
-    labels=None,
+    tokenizer: Any = None,
+    labels: Sequence[Any] | np.ndarray | None = None,
     batch_size: int | None = None,
     progress: bool = False,
 ) -> xr.Dataset:
@@ -89,7 +92,13 @@ def extract(
     )
 
 
-def make_compare(task: str, quick: bool = False, out="figures", progress: bool = True, **kwargs):
+def make_compare(
+    task: str,
+    quick: bool = False,
+    out: str | os.PathLike[str] = "figures",
+    progress: bool = True,
+    **kwargs: Any,
+) -> xr.Dataset:
     """Figure ``out/compare_<task>.png`` (+ .pdf, .nc); see :func:`analysis.bridge.figure.make_compare`."""
     from .figure import make_compare as _make
 

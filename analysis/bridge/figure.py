@@ -4,6 +4,7 @@ with their simulated counterparts (own attention without MLP; SA(β) and Krause(
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +59,10 @@ def find_checkpoints(task: str, root="checkpoints") -> dict:
 def make_compare(
     task: str,
     quick: bool = False,
-    out="figures",
+    out: str | os.PathLike[str] = "figures",
     progress: bool = True,
     *,
-    checkpoints="checkpoints",
+    checkpoints: str | os.PathLike[str] = "checkpoints",
     n_samples: int | None = None,
     eps: float = 0.5,
 ) -> xr.Dataset:

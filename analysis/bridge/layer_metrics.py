@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -133,7 +135,7 @@ def _attention_metrics(ds, sink_eps, sink_k) -> dict:
     return out
 
 
-def compare(sources, **metric_kw) -> xr.Dataset:
+def compare(sources: Mapping[str, xr.Dataset] | Sequence[xr.Dataset], **metric_kw: Any) -> xr.Dataset:
     """Per-layer metrics of several Datasets side by side along a "model" axis.
 
     sources: {name: Dataset} (or a list, named by attrs/position). Returns a Dataset (model, layer);

@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,19 +81,19 @@ def layer0_tokens(x0) -> np.ndarray:
 
 
 def simulate_like(
-    model,
-    x0,
+    model: torch.nn.Module | None,
+    x0: xr.Dataset | xr.DataArray | torch.Tensor | np.ndarray,
     *,
     mode: str = "own",
     geometry: str = "sphere",
     dt: float = 1.0,
     steps_per_layer: int = 1,
     n_layers: int | None = None,
-    layers=None,
+    layers: Sequence[int] | None = None,
     beta: float | None = None,
     sigma: float | None = None,
     attention: bool = True,
-    **restrict,
+    **restrict: Any,
 ) -> xr.Dataset:
     """Particle dynamics from the layer-0 tokens ``x0`` (an extracted Dataset, or (sample, T, D)).
 

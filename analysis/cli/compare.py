@@ -19,7 +19,8 @@ def register(sub):
     p.add_argument("--eps", type=positive_float, default=0.5,
                    help="cluster distance on the unit sphere (default 0.5)")
     p.add_argument("--sink-eps", type=positive_float, default=0.3, help="ε of Sink_k^ε, > 0 (default 0.3)")
-    p.add_argument("--sink-k", type=nonnegative_int, default=0)
+    p.add_argument("--sink-k", type=nonnegative_int, default=0,
+                   help="key k of the sink score α_k behind the sink rate (default 0, the first token)")
     p.add_argument("--fit", action="store_true", help="fit SA(β) and Krause(σ) presets to each trajectory")
     p.add_argument("--quick", action="store_true", help="coarse fit grids")
     p.add_argument("-o", "--output", help="write the comparison Dataset (.nc or .zarr)")

@@ -25,10 +25,12 @@ def register(sub):
                    help="number of held-out examples (default 16)")
     p.add_argument("--text", action="append", help="text for --hf (repeat for a batch; padded)")
     p.add_argument("--ids", help="comma-separated token ids for --hf, instead of --text")
-    p.add_argument("--representation", choices=["residual", "normalised"], default="residual")
+    p.add_argument("--representation", choices=["residual", "normalised"], default="residual",
+                   help="residual: the residual stream; normalised: the LayerNorm output each attention "
+                        "reads (default: residual)")
     p.add_argument("--reduce", action="store_true", help="keep per-layer attention metrics, not the T×T maps")
     p.add_argument("--sink-k", type=nonnegative_int, default=0,
-                   help="key k of the stored sink score (with --reduce)")
+                   help="key k of the stored sink score α_k (with --reduce; default 0, the first token)")
     p.add_argument("--no-attention", action="store_true", help="hidden states only")
     p.add_argument("--batch-size", type=positive_int, default=8,
                    help="inputs per forward pass; the progress bar counts them (default 8)")

@@ -32,13 +32,14 @@ def register(sub):
                                                          "(default: min(#CPUs, #points))")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="how long to wait for --scheduler to answer as a dask scheduler (default: 10)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar and no dask dashboard link on stderr")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from analysis.sweeps.store import SweepStore
     from analysis.sweeps import SweepError, load_spec, make_plan, sweep
+    from analysis.sweeps.store import SweepStore
 
     if args.workers is not None and args.scheduler is not None:
         raise UsageError("--workers only applies to the LocalCluster started without --scheduler")

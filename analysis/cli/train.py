@@ -31,13 +31,17 @@ def register(subparsers):
         "--attention",
         default="krause",
         help="krause | softmax | hybrid | an ablation cell: dot, dot+topk, dot+grid (ViT) / dot+window, "
-        "..., rbf+grid+topk / rbf+window+topk (= krause); digits-vit also rbf, dot-local, dot-topk",
+        "..., rbf+grid+topk / rbf+window+topk (= krause); digits-vit also rbf, dot-local, dot-topk "
+        "(default: krause)",
     )
     p.add_argument("--epochs", type=positive_int, default=None, help="default: the task's own")
     p.add_argument("--steps", type=positive_int, default=None, help="optimiser steps instead of --epochs")
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the task's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablations only")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the model init, batch order and synthetic data (default: 0); "
+                        "not for ablations")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="the seeds of every ablation cell, TASK ablations only (default: 0 1 2)")
     p.add_argument("--out", default="checkpoints", help="output directory (default: checkpoints)")
     p.add_argument(
         "--name",

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING, Any
 
 import xarray as xr
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
-def plot_sweep(ds: xr.Dataset, metric: str, axis: str, ax=None, **kwargs):
+
+def plot_sweep(ds: xr.Dataset, metric: str, axis: str, ax: Axes | None = None, **kwargs: Any) -> Axes:
     """Plot ``metric`` against the sweep axis ``axis``: mean over seeds with a ± sd band.
 
     Every other sweep axis gives one line per value combination. A curve metric (with "time")

@@ -15,6 +15,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:  # annotations only: torch is imported on first use
+    import torch
+
+M = TypeVar("M", bound="torch.nn.Module")
 
 
 def _check(window, top_k, sigma, gate):
@@ -32,7 +38,7 @@ def _check(window, top_k, sigma, gate):
         raise ValueError(f"gate (the softmax branch's initial share) must be in (0, 1), got {gate}")
 
 
-def krausify(model, window: int = 32, top_k: int = 16, sigma: float = 5.5, gate: float = 0.8):
+def krausify(model: M, window: int = 32, top_k: int = 16, sigma: float = 5.5, gate: float = 0.8) -> M:
     """Replace, in place, every ``LlamaAttention`` of ``model`` by ``KrauseLlamaAttention``; returns model.
 
     window: causal sliding window of the Krause branch (keys i − window < j ≤ i); top_k: keys kept

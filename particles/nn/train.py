@@ -17,6 +17,8 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -387,7 +389,7 @@ def build_model(config: dict) -> torch.nn.Module:
 
 def train(
     task: str,
-    attention="krause",
+    attention: str | dict[str, Any] = "krause",
     *,
     epochs: int | None = None,
     steps: int | None = None,
@@ -395,12 +397,12 @@ def train(
     subset: int | None = None,
     overrides: dict | None = None,
     lr: float | None = None,
-    probe=None,
+    probe: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
     probe_every: int = 100,
     log_every: int = 50,
     progress: bool = True,
     threads: int = 1,
-):
+) -> tuple[ViT | CausalLM, dict[str, Any]]:
     """Train `attention` (a name of the task's ``attentions`` or a spec dict) on `task`.
 
     ``epochs`` (default: the task's) or ``steps`` (total optimiser steps; the schedule spans them)
