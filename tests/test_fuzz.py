@@ -32,10 +32,11 @@ from test_cli import time_limit  # tests/ is on sys.path (as for conftest)
 import analysis
 from analysis.cli import build_parser, main
 from particles import simulate
+from particles.nn.checkpoint import shipped_dir
 from particles.store import store_kind, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = ROOT / "checkpoints" / "recall-krause"
+CHECKPOINT = shipped_dir() / "recall-krause"
 SETTINGS = dict(derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 PARSER = build_parser()

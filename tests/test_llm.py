@@ -447,11 +447,10 @@ def test_llm_figure_from_synthetic_runs(tmp_path):
 def test_shipped_adapter_reproduces_its_card(name):
     """The shipped adapter loads onto the installed base and gives the held-out loss its card records
     (computed at the end of training on the same float16 adapters; eager vs SDPA only rounds)."""
-    from pathlib import Path
-
     from particles.nn import load_checkpoint
+    from particles.nn.checkpoint import shipped_dir
 
-    path = Path(__file__).resolve().parents[1] / "checkpoints" / f"{name}.pt"
+    path = shipped_dir() / f"{name}.pt"
     if not path.exists():
         pytest.skip(f"{name} is not shipped")
     model = load_checkpoint(path)

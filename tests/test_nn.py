@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,10 +22,11 @@ from particles.nn import (  # noqa: E402
     load_checkpoint,
     save_checkpoint,
 )
+from particles.nn.checkpoint import shipped_dir  # noqa: E402
 from particles.nn.hooks import capture, hook_sites  # noqa: E402
 from particles.nn.train import TASKS, train  # noqa: E402
 
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+CHECKPOINTS = shipped_dir()
 
 
 def _set(linear, matrix):

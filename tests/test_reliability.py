@@ -27,6 +27,7 @@ from analysis.cli import main
 from analysis.sweep import open_sweep, sweep
 from analysis.sweeps.store import SweepStore
 from particles import simulate
+from particles.nn.checkpoint import shipped_dir
 from particles.store import (
     MARKER,
     StoreLock,
@@ -39,7 +40,7 @@ from particles.store import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = ROOT / "checkpoints" / "recall-krause"
+CHECKPOINT = shipped_dir() / "recall-krause"
 SIM = ["simulate", "--model", "sa", "--n", "6", "--d", "3", "--steps", "2", "--dt", "0.1", "--no-progress"]
 HK_SPEC = 'model = "hk"\nsteps = 3\ndt = 1.0\nseeds = 2\nmetrics = ["final_clusters"]\n' \
           '[fixed]\nn = 10\nd = 1\n[axes]\nradius = [0.1, 0.2]\n'

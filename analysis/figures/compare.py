@@ -1,16 +1,15 @@
 """Trained-vs-simulated comparison figures: one ``compare_<task>`` per task with shipped checkpoints.
 
-Each is :func:`analysis.bridge.make_compare` on the checkpoints in the repository's
-``checkpoints/`` folder (found by their JSON cards).
+Each is :func:`analysis.bridge.make_compare` on the shipped checkpoints (package data,
+``particles/nn/checkpoints``; found by their JSON cards).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from analysis.figures._registry import register
+from particles.nn.checkpoint import shipped_dir
 
-CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
+CHECKPOINTS = shipped_dir()
 
 
 def shipped_tasks(root=CHECKPOINTS) -> list[str]:

@@ -32,8 +32,9 @@ import numpy as np
 import xarray as xr
 
 from analysis.figures._registry import register
+from particles.nn.checkpoint import shipped_dir
 
-CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
+CHECKPOINTS = shipped_dir()
 N_WINDOWS, T, PPL_T = 64, 128, 256
 SINK_EPS, CLUSTER_EPS = 0.3, 0.5
 SA_GRID = np.geomspace(0.1, 1000.0, 9)  # β of the causal SA fit (two points per decade)

@@ -47,8 +47,8 @@ def _paths(path) -> tuple[Path, Path]:
     return stem.with_suffix(".pt"), stem.with_suffix(".json")
 
 
-#: Where the shipped checkpoints live: package data (``particles/nn/checkpoints``) in an installed
-#: package; in a source checkout from before that move, the repository's top-level ``checkpoints/``.
+#: Where the shipped checkpoints live: package data (``particles/nn/checkpoints``), in a source checkout
+#: and in an installed package alike; a checkout from before that move had a top-level ``checkpoints/``.
 _PACKAGE_DIR = Path(__file__).resolve().parent / "checkpoints"
 _SOURCE_TREE_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 
