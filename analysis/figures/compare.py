@@ -18,7 +18,7 @@ def shipped_tasks(root=CHECKPOINTS) -> list[str]:
 
     kinds: dict[str, set] = {}
     for _, meta in list_cards(root, with_weights=True):
-        if meta.get("attention"):
+        if meta.get("attention") and "config" in meta:  # our own models (adapter cards have a "base")
             kinds.setdefault(meta["task"], set()).add(meta["attention"])
     return [task for task, found in kinds.items() if len(found) >= 2]
 

@@ -24,7 +24,6 @@ mean over windows (±1.96 sd/√n, pooled over seeds), drawn as bands.
 from __future__ import annotations
 
 import math
-import re
 import time
 from pathlib import Path
 
@@ -44,11 +43,13 @@ CACHE_VERSION = 1  # bump when a measurement changes: cached per-model results a
 
 def shipped_runs(root=CHECKPOINTS) -> list[tuple[str, int, Path]]:
     """(attention, seed, card path) of every shipped SmolLM2 adapter, sorted (softmax, then krause)."""
+    from particles.nn.checkpoint import list_cards
+
     out = []
-    for card in sorted(Path(root).glob("smollm2-*-s*.json")):
-        m = re.fullmatch(r"smollm2-(krause|softmax)-s(\d+)", card.stem)
-        if m and card.with_suffix(".pt").exists():
-            out.append((m.group(1), int(m.group(2)), card))
+    for card_path, card in list_cards(root, task="smollm2-lm", with_weights=True):
+        attention, seed = card.get("attention"), card.get("seed")
+        if attention in ("krause", "softmax") and isinstance(seed, int):
+            out.append((attention, seed, card_path))
     return sorted(out, key=lambda r: (r[0] != "softmax", r[1]))
 
 

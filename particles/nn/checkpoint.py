@@ -110,8 +110,9 @@ def list_cards(root: str | os.PathLike, *, task: str | None = None,
                with_weights: bool = False) -> list[tuple[Path, dict]]:
     """``[(card path, card)]`` of the checkpoint cards in folder ``root``, sorted by file name.
 
-    A card is a JSON object with a "task" (string), a "config" (object) and the "sha256" of its
-    weights, as :func:`save_checkpoint` writes it; other JSON files (``ablations.json``) and
+    A card is a JSON object with a "task" (string), a "config" (object; for the adapters of a
+    pretrained model the "base" it applies to instead) and the "sha256" of its weights, as
+    :func:`save_checkpoint` writes it; other JSON files (``ablations.json``) and
     unreadable files are skipped. ``task``: keep only that task; ``with_weights``: keep only
     cards whose ``.pt`` exists. A missing folder gives [].
     """
@@ -124,8 +125,8 @@ def list_cards(root: str | os.PathLike, *, task: str | None = None,
             card = json.loads(card_path.read_text())
         except (OSError, ValueError):
             continue
-        if not (isinstance(card, dict) and isinstance(card.get("task"), str)
-                and isinstance(card.get("config"), dict) and "sha256" in card):
+        if not (isinstance(card, dict) and isinstance(card.get("task"), str) and "sha256" in card
+                and (isinstance(card.get("config"), dict) or isinstance(card.get("base"), dict))):
             continue
         if task is not None and card["task"] != task:
             continue
