@@ -347,8 +347,9 @@ def make_llm_sinks(quick=False, out=None, progress=True) -> xr.Dataset:
     seeds = {a: int((ds["arm"] == a).sum()) for a in ("control", "krause")}
     caption = (
         f"SmolLM2-135M-Instruct (base), the same model after a LoRA fine-tune with softmax attention "
-        f"(control, {seeds['control']} seeds) and after krausify + the same LoRA fine-tune (Krause, "
-        f"{seeds['krause']} seeds), on {ds.attrs['n_windows']} held-out windows of {T} tokens "
+        f"(control, {seeds['control']} seed{'s' * (seeds['control'] != 1)}) and after krausify + the same "
+        f"LoRA fine-tune (Krause, {seeds['krause']} seed{'s' * (seeds['krause'] != 1)}), on "
+        f"{ds.attrs['n_windows']} held-out windows of {T} tokens "
         "([BOS] + 127 tokens of pydoc_data.topics). Lines: mean over seeds; bars: sd over seeds; bands: "
         "95 % interval over windows. Dashed: the Krause model's softmax branch (what outputs.attentions "
         "holds in the official code) and Krause branch (window 32, top-16: queries beyond position 31 "
@@ -453,11 +454,10 @@ def summary(ds: xr.Dataset) -> str:
     return text
 
 
-# python -m analysis.figures.llm figures/llm_sinks.nc: the tables of benchmarks/llm.md
-if __name__ == "__main__":
-    import sys
-
+def tables(path="figures/llm_sinks.nc") -> str:
+    """The tables of benchmarks/llm.md from the figure's data file:
+    ``python -c "from analysis.figures.llm import tables; print(tables())"``."""
     from particles.conventions import decode
 
-    with xr.open_dataset(sys.argv[1] if len(sys.argv) > 1 else "figures/llm_sinks.nc") as _ds:
-        print(summary(decode(_ds.load())))
+    with xr.open_dataset(path) as ds:
+        return summary(decode(ds.load()))
