@@ -426,6 +426,8 @@ def test_llm_figure_from_synthetic_runs(tmp_path):
         fig._assemble(rows[i : i + 1], labels[i : i + 1], meta[i : i + 1], W).to_netcdf(tmp_path / f"{i}.nc")
     joined = fig.join_runs([xr.load_dataset(tmp_path / f"{i}.nc") for i in range(len(rows))])
     xr.testing.assert_identical(joined, ds)
+    joined.to_netcdf(tmp_path / "joined.nc")  # labels of other lengths than the first file's survive writing
+    xr.testing.assert_identical(xr.load_dataset(tmp_path / "joined.nc"), ds)
     m, sd, half = fig.arm_curves(ds, "alpha0", "control")
     seed_means = np.stack([rows[1][0]["alpha0"].mean(0), rows[2][0]["alpha0"].mean(0)])
     np.testing.assert_allclose(m.values, seed_means.mean(0))

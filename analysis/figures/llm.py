@@ -166,6 +166,8 @@ def join_runs(parts: list[xr.Dataset]) -> xr.Dataset:
     ds = xr.concat(
         parts, dim="run", data_vars="all", coords="different", compat="equals", combine_attrs="override"
     )
+    for var in ds.variables.values():  # the first file's encoding (e.g. 4-character strings) would
+        var.encoding = {}  # truncate the other labels when the joined Dataset is written
     return ds.drop_attrs(deep=False).assign_attrs(
         {k: v for k, v in parts[0].attrs.items() if k != "cache_key"}
     )
