@@ -4,8 +4,8 @@
   krausified model: wall time, the process's peak resident memory (``ru_maxrss``, model included) and
   the ratio to a plain no-grad forward of the same windows through the same (eager) model, measured
   just before in the same process (on a loaded machine the ratio is the number to compare);
-* one LoRA training step at 4 × 256 tokens for each arm (``--steps``; SDPA softmax, 1 thread), the
-  median of 3 after a warm-up.
+* one LoRA training step at 4 × 256 tokens for each arm (``--steps``; SDPA softmax, 1 and 2 threads),
+  the median of 3 after a warm-up.
 
 Writes benchmarks/llm_budget.json (with the load average: timings on a shared machine are noisy).
 """
@@ -81,8 +81,9 @@ def main(argv=None):
     if args.steps:
         from particles.nn.llm_train import step_time
 
-        res["train_step_4x256_seconds"] = {
-            arm: round(step_time(arm, threads=1, attn_implementation="sdpa"), 2)
+        res["train_step_4x256_seconds"] = {  # 1 thread: two runs side by side; 2 threads: one run alone
+            f"{arm}_{threads}thread": round(step_time(arm, threads=threads, attn_implementation="sdpa"), 2)
+            for threads in (1, 2)
             for arm in ("softmax", "krause")
         }
     res["loadavg_end"] = list(os.getloadavg())
