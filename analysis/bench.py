@@ -892,7 +892,7 @@ def ensemble_table(records, head=True):
              "| --- | ---: | ---: | ---: | ---: | ---: |"] if head else []
     for r in records:
         torch_cell = f"{1e3 * r['torch_s']:.0f} ({r['torch_threads']})" if "torch_s" in r else "–"
-        lines.append(f"| {r['case']} | {1e3 * r['ours_s']:.1f} | {torch_cell} | "
-                     f"{r.get('x_torch', float('nan')):.1f} | {1e3 * r.get('numpy_s', float('nan')):.0f} | "
-                     f"{r.get('x_numpy', float('nan')):.1f} |")
+        x_torch = f"{r['x_torch']:.1f}" if "x_torch" in r else "–"
+        numpy_cell = f"{1e3 * r['numpy_s']:.0f} | {r['x_numpy']:.1f}" if "numpy_s" in r else "– | –"
+        lines.append(f"| {r['case']} | {1e3 * r['ours_s']:.1f} | {torch_cell} | {x_torch} | {numpy_cell} |")
     return "\n".join(lines)
