@@ -445,7 +445,9 @@ def test_llm_figure_from_synthetic_runs(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["smollm2-krause-s0", "smollm2-softmax-s0"])
+@pytest.mark.parametrize(
+    "name", ["smollm2-krause-s0", "smollm2-softmax-s0", "smollm2-krause-s1", "smollm2-softmax-s1"]
+)
 def test_shipped_adapter_reproduces_its_card(name):
     """The shipped adapter loads onto the installed base and gives the held-out loss its card records
     (computed at the end of training on the same float16 adapters; eager vs SDPA only rounds)."""
