@@ -49,13 +49,12 @@ def test_unknown_name_is_a_clear_error_and_only_the_file_name_is_looked_up(tmp_p
 
 def test_every_shipped_checkpoint_is_package_data():
     """The globs of [tool.setuptools.package-data] match every card and weights file of the shipped
-    folder, so `pip install .` installs them (only once they live inside the package)."""
+    folder, which lives inside the package, so `pip install .` installs them."""
     folder = shipped_dir()
     files = sorted(p for p in folder.iterdir() if p.suffix in (".pt", ".json"))
     assert files, f"no shipped checkpoints in {folder}"
     package_root = Path(particles.__file__).resolve().parent.parent
-    if not folder.is_relative_to(Path(particles.__file__).resolve().parent):
-        pytest.skip(f"checkpoints not moved into the package yet ({folder})")
+    assert folder.is_relative_to(Path(particles.__file__).resolve().parent), folder
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     for path in files:

@@ -812,6 +812,7 @@ def _write(sink, out, a):
 
 def _orders(field, x):
     """The working order of each sample (the field's prepare hook: sorted 1-D HK), or (S, 0)."""
-    if field.order(x[0]) is None:
+    orders = [field.order(xs) for xs in x]
+    if orders[0] is None:
         return np.empty((x.shape[0], 0), np.int64)
-    return np.ascontiguousarray(np.stack([field.order(xs) for xs in x]), dtype=np.int64)
+    return np.ascontiguousarray(np.stack(orders), dtype=np.int64)

@@ -48,14 +48,13 @@ def _paths(path) -> tuple[Path, Path]:
 
 
 #: Where the shipped checkpoints live: package data (``particles/nn/checkpoints``), in a source checkout
-#: and in an installed package alike; a checkout from before that move had a top-level ``checkpoints/``.
+#: and in an installed package alike.
 _PACKAGE_DIR = Path(__file__).resolve().parent / "checkpoints"
-_SOURCE_TREE_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
 def shipped_dir() -> Path:
     """The folder of the checkpoints shipped with krause-sync (package data)."""
-    return _PACKAGE_DIR if _PACKAGE_DIR.is_dir() or not _SOURCE_TREE_DIR.is_dir() else _SOURCE_TREE_DIR
+    return _PACKAGE_DIR
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
