@@ -685,8 +685,9 @@ def run_device_case(model, params, dtype, n, d, device, *, repeats=5, budget=2.0
 
 
 def device_markdown(records, device_name):
-    lines = ["<!-- written by `ksync bench --device` -->", "", f"Device: {device_name}.", "", "| model | params | dtype | n | d | path | ours ms | SDPA ms | "
-             "SDPA / ours | pairs/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["<!-- written by `ksync bench --device` -->", "", f"Device: {device_name}.", "",
+             "| model | params | dtype | n | d | path | ours ms | SDPA ms | SDPA / ours | pairs/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         sdpa = f"{1e3 * r['sdpa_s']:.2f} | {r['x_sdpa']:.2f}×" if "sdpa_s" in r else "– | –"
         lines.append(f"| {r['model']} | {r['params'] or ''} | {r['dtype']} | {r['n']} | {r['d']} | "

@@ -179,8 +179,8 @@ def simulate(model: str | Interaction | Callable[[np.ndarray], np.ndarray], x0: 
     rows. integrator: "euler", "rk4" (stage points on the manifold) or a callable step(f, x, dt).
     noise > 0 adds √dt·noise·ξ (Euler–Maruyama; each sample has its own counter-based stream from
     `seed`). seed=[s_0, s_1, …]: an ensemble whose sample k is the run simulate(seed=s_k) (its x0
-    and noise; with x0 given, its noise). return_weights=True also stores a_ij at the saved steps as "attention" (time, query,
-    key). store: a zarr path; saved steps are streamed to it and the Dataset is opened lazily
+    and noise; with x0 given, its noise). return_weights=True also stores a_ij at the saved steps as
+    "attention" (time, query, key). store: a zarr path; saved steps are streamed to it and the Dataset is opened lazily
     (overwrite=True replaces a store of ours). backend "numba" (CPU) or "torch" (device cpu/cuda).
     Returns a Dataset with "x" (time, particle, component) [+ leading "sample"].
     """

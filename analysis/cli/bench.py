@@ -58,7 +58,7 @@ def run(args) -> int:
         import threadpoolctl
 
         threadpoolctl.threadpool_limits(threads)
-    for flag in ("json", "markdown", "figure"):
+    for flag in ("json", "markdown"):  # --figure (or its default) is checked where it is used
         if getattr(args, flag):
             refuse_foreign(getattr(args, flag), f"--{flag}")
     repeats = args.repeats or (2 if args.quick else 5)
@@ -113,14 +113,21 @@ def run(args) -> int:
         print(f"scaling figure: {figure} (windowed top-k log-log slope "
               f"{ds.attrs['windowed_loglog_slope']:.2f})")
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(dict(machine=machine, quick=bool(args.quick), repeats=repeats,
-                           started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
-                           seconds=time.time() - start, cases=records, scaling=scaling),
-                      fh, indent=1, default=float)
+        write_json(args.json, start, machine=machine, quick=bool(args.quick), repeats=repeats, cases=records,
+                   scaling=scaling)
         print(f"wrote {args.json}")
     return 0
+
+
+def write_json(path: str, start: float | None, **fields) -> None:
+    """``fields`` as the JSON file ``path`` (folders created), with the run's start and duration when
+    ``start`` (a time.time()) is given."""
+    if start is not None:
+        fields.update(started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
+                      seconds=time.time() - start)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(fields, fh, indent=1, default=float)
 
 
 def written_by_bench(path: str) -> bool:
@@ -144,7 +151,7 @@ def written_by_bench(path: str) -> bool:
 
 def refuse_foreign(path: str, flag: str) -> None:
     """FileExistsError unless ``path`` (for --figure: its PNG, PDF and .nc) is absent or ours to replace."""
-    stem, ext = os.path.splitext(path)
+    stem = os.path.splitext(path)[0]
     paths = [stem + e for e in (".png", ".pdf", ".nc")] if flag == "--figure" else [path]
     if not any(os.path.exists(p) for p in paths):
         return
@@ -160,11 +167,8 @@ def run_ensembles(args, bench, repeats, budget, start) -> int:
     print_machine(machine)
     command = " ".join(["ksync bench --ensembles"] + ["--quick"] * args.quick)
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(dict(machine=machine, quick=bool(args.quick), repeats=repeats, command=command,
-                           started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
-                           seconds=time.time() - start, cases=records), fh, indent=1, default=float)
+        write_json(args.json, start, machine=machine, quick=bool(args.quick), repeats=repeats,
+                   command=command, cases=records)
         print(f"wrote {args.json}")
     if args.markdown:
         with open(args.markdown, "w") as fh:
@@ -194,12 +198,8 @@ def run_headdim(args, bench, repeats, budget, start) -> int:
     def write(records, final=False):
         machine = bench.machine_summary()
         if args.json:
-            os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-            with open(args.json, "w") as fh:
-                json.dump(dict(machine=machine, quick=bool(args.quick), rounds=rounds, complete=final,
-                               clock=clock_name, command=command,
-                               started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
-                               seconds=time.time() - start, cases=records), fh, indent=1, default=float)
+            write_json(args.json, start, machine=machine, quick=bool(args.quick), rounds=rounds,
+                       complete=final, clock=clock_name, command=command, cases=records)
         if args.markdown:
             with open(args.markdown, "w") as fh:
                 fh.write(bench.headdim_markdown(records, machine, command=command, clock=clock_name))
@@ -239,8 +239,7 @@ def run_device(args, bench, repeats, budget) -> int:
     table = bench.device_markdown(done, name)
     print(table)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(device=name, torch=torch.__version__, cases=records), fh, indent=1, default=float)
+        write_json(args.json, None, device=name, torch=torch.__version__, cases=records)
     if args.markdown:
         with open(args.markdown, "w") as fh:
             fh.write(table + "\n")
