@@ -126,7 +126,8 @@ def check_seeds(seed):
     if isinstance(seed, (list, tuple, np.ndarray)):
         seeds = [check("seed", s) for s in np.asarray(seed, dtype=object).reshape(-1)]
         if not seeds or np.ndim(seed) != 1:
-            raise ValueError(f"seed as a sequence needs one integer per sample (1-D, non-empty), got {seed!r}")
+            raise ValueError(f"seed as a sequence needs one integer per sample (1-D, non-empty), "
+                             f"got {seed!r}")
         return seeds
     return check("seed", seed)
 
@@ -180,9 +181,9 @@ def simulate(model: str | Interaction | Callable[[np.ndarray], np.ndarray], x0: 
     noise > 0 adds √dt·noise·ξ (Euler–Maruyama; each sample has its own counter-based stream from
     `seed`). seed=[s_0, s_1, …]: an ensemble whose sample k is the run simulate(seed=s_k) (its x0
     and noise; with x0 given, its noise). return_weights=True also stores a_ij at the saved steps as
-    "attention" (time, query, key). store: a zarr path; saved steps are streamed to it and the Dataset is opened lazily
-    (overwrite=True replaces a store of ours). backend "numba" (CPU) or "torch" (device cpu/cuda).
-    Returns a Dataset with "x" (time, particle, component) [+ leading "sample"].
+    "attention" (time, query, key). store: a zarr path; saved steps are streamed to it and the
+    Dataset is opened lazily (overwrite=True replaces a store of ours). backend "numba" (CPU) or
+    "torch" (device cpu/cuda). Returns a Dataset with "x" (time, particle, component) [+ leading "sample"].
     """
     field = resolve_field(model, params)
     steps, dt = check("steps", steps), check("dt", dt)
