@@ -101,10 +101,9 @@ def collect(
     they finish and reused by a later call with the same adapter file, windows and code version, so an
     interrupted run loses at most the model it was measuring.
     """
-    import hashlib
-
     from analysis.bridge import extract, fit_preset
     from particles.nn import llm, load_checkpoint
+    from particles.nn.checkpoint import read_card
 
     runs = [r for r in shipped_runs(root) if seeds is None or r[1] in seeds]
     base, tok = llm.load_base()
@@ -118,9 +117,8 @@ def collect(
     parts = []
     for attention, seed, card in [("base", -1, None)] + runs:
         label = "base" if card is None else f"{attention}-s{seed}"
-        weights = llm.base_identity()["gguf_sha256"] if card is None else card.with_suffix(".pt")
-        if card is not None:
-            weights = hashlib.sha256(weights.read_bytes()).hexdigest()
+        # the weights' sha256: the base GGUF's, or the adapter's from its card (load_checkpoint checks it)
+        weights = llm.base_identity()["gguf_sha256"] if card is None else read_card(card)["sha256"]
         key = f"v{CACHE_VERSION} {weights} windows={n_windows} fit={fit_windows} ppl={ppl_windows}"
         cached = None if cache is None else Path(cache) / f"{label}.nc"
         if cached is not None and cached.exists():
