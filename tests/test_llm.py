@@ -166,6 +166,35 @@ def test_hybrid_matches_the_formulas(window, top_k):
         assert (a_k[..., (j > i) | (j <= i - window)] == 0).all()
 
 
+@pytest.mark.parametrize("T,window", [(9, 4), (8, 4), (5, 8), (12, 1)])
+def test_block_form_equals_the_dense_window(T, window):
+    """The Krause branch scores blocks of w queries against the 2w keys their windows reach; those
+    weights, put back into (T, T), are the dense definition: window ∧ padding, then top-k, softmax."""
+    from particles.nn.llm_attention import (
+        block_support,
+        blocks_to_dense,
+        krause_scores,
+        krause_weights,
+        window_blocks,
+    )
+
+    g = torch.Generator().manual_seed(T + window)
+    q, k = (torch.randn(2, 3, T, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    log_sigma = torch.rand(3, 1, 1, generator=g, dtype=torch.float64)
+    valid = torch.ones(2, T, dtype=torch.bool)
+    valid[1, :2] = False  # left padding of the second sequence
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    keep = (j <= i) & (j > i - window) & valid[:, None, None, :]  # (2, 1, T, T)
+    w = min(window, T)
+    q_blocks = torch.nn.functional.pad(q, (0, 0, 0, -T % w)).unflatten(-2, (-1, w))
+    s = krause_scores(q_blocks, window_blocks(k, w), log_sigma[..., None])
+    for top_k in (1, 3, 2 * w):
+        dense = krause_weights(krause_scores(q, k, log_sigma), keep, top_k)
+        blocks = krause_weights(s, block_support(T, w, keep), top_k)
+        torch.testing.assert_close(blocks_to_dense(blocks, T), dense, rtol=0, atol=1e-13)
+    assert blocks_to_dense(blocks, T)[1, :, :2].abs().max() == 0  # padded queries see no key
+
+
 def test_padding_is_never_a_key():
     model = _perturb(krausify(_llama(), window=5, top_k=3)).double()
     T = 8

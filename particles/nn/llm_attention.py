@@ -45,13 +45,6 @@ def krause_scores(q: torch.Tensor, k: torch.Tensor, log_sigma: torch.Tensor) -> 
     return -sq.clamp_min(0) / (2 * torch.exp(2 * log_sigma.to(dtype)))
 
 
-def window_support(T: int, window: int, device=None) -> torch.Tensor:
-    """Causal sliding window (T, T): key j visible from query i iff i − window < j ≤ i."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    return (j <= i) & (j > i - window)
-
-
 def mask_support(attention_mask, T: int) -> torch.Tensor | None:
     """Keys visible under a Hugging Face attention mask (4-D additive float or boolean), or None."""
     if attention_mask is None or attention_mask.ndim != 4:
@@ -62,15 +55,47 @@ def mask_support(attention_mask, T: int) -> torch.Tensor | None:
 
 def krause_weights(s: torch.Tensor, keep: torch.Tensor, top_k: int) -> torch.Tensor:
     """Softmax over the top_k largest scores among the kept keys; exactly 0 elsewhere."""
-    low = torch.finfo(s.dtype).min
-    s = s.masked_fill(~keep, low)
-    if top_k < s.shape[-1]:
-        idx = s.topk(top_k, dim=-1).indices
-        chosen = torch.zeros_like(keep.expand_as(s)).scatter_(-1, idx, True)
-        keep = keep & chosen
-        s = s.masked_fill(~keep, low)
-    a = F.softmax(s, dim=-1)
-    return a.masked_fill(~keep, 0.0)
+    s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
+    if top_k >= s.shape[-1]:
+        return F.softmax(s, dim=-1).masked_fill(~keep, 0.0)
+    top, idx = s.topk(top_k, dim=-1)  # a row with fewer than top_k kept keys picks masked ones: 0 below
+    return torch.zeros_like(s).scatter(-1, idx, F.softmax(top, dim=-1)).masked_fill(~keep, 0.0)
+
+
+def window_blocks(x: torch.Tensor, w: int) -> torch.Tensor:
+    """Rows of x (..., T, d) in blocks of w, each with the w rows before it: (..., ⌈T/w⌉, 2w, d)
+    (zeros before row 0 and after row T − 1). Block b holds keys (b − 1)w … (b + 1)w − 1, which are all
+    that a causal window of w sees from the queries bw … (b + 1)w − 1."""
+    T = x.shape[-2]
+    nb = -(-T // w)
+    x = F.pad(x, (0, 0, w, nb * w - T))  # (..., (nb + 1) w, d)
+    before, own = x[..., :-w, :].unflatten(-2, (nb, w)), x[..., w:, :].unflatten(-2, (nb, w))
+    return torch.cat([before, own], -2)
+
+
+def block_support(T: int, w: int, keep: torch.Tensor | None, device=None) -> torch.Tensor:
+    """The causal window of w in block form (⌈T/w⌉, w, 2w): query r of block b sees block column c iff
+    r < c ≤ r + w and the key (b − 1)w + c exists; ``keep`` (…, T, T) (padding) is cut into the same
+    blocks."""
+    nb = -(-T // w)
+    r = torch.arange(w, device=device)[:, None]
+    c = torch.arange(2 * w, device=device)[None, :]
+    key = torch.arange(nb, device=device)[:, None, None] * w - w + c  # absolute key index
+    support = (c > r) & (c <= r + w) & (key >= 0) & (key < T)
+    if keep is None:
+        return support
+    padded = F.pad(keep, (w, (nb + 1) * w - T - w, 0, nb * w - T))  # (…, nb w, (nb + 1) w)
+    blocks = torch.stack([padded[..., b * w : (b + 1) * w, b * w : (b + 2) * w] for b in range(nb)], -3)
+    return support & blocks
+
+
+def blocks_to_dense(a: torch.Tensor, T: int) -> torch.Tensor:
+    """Weights in block form (..., nb, w, 2w) → the (..., T, T) matrix they stand for."""
+    *lead, nb, w, _ = a.shape
+    dense = a.new_zeros(*lead, nb * w, (nb + 1) * w)
+    for b in range(nb):
+        dense[..., b * w : (b + 1) * w, b * w : (b + 2) * w] = a[..., b, :, :]
+    return dense[..., :T, w : w + T]
 
 
 class KrauseBranch(nn.Module):
@@ -145,7 +170,11 @@ class KrauseLlamaAttention(LlamaAttention):
                 "the Krause branch keeps no key/value cache: decode with use_cache=False"
             )
         o_s, a_s = super().forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
-        o_k, a_k = self.krause_branch(hidden_states, position_embeddings, attention_mask)
+        # the (B, H, T, T) weights only when somebody reads them
+        dense = a_s is not None or any(
+            m._forward_hooks or m._forward_pre_hooks for m in (self.hook_pattern, self.krause.hook_pattern)
+        )
+        o_k, a_k = self.krause_branch(hidden_states, position_embeddings, attention_mask, dense)
         g = self.hook_gate(F.softmax(self.gate(torch.cat([o_s, o_k], -1)), dim=-1))
         out = g[..., :1] * o_s + g[..., 1:] * o_k
         a = None
@@ -154,8 +183,10 @@ class KrauseLlamaAttention(LlamaAttention):
             a = self.hook_pattern(g[:, None, :, :1] * a_s + g[:, None, :, 1:] * a_k.to(a_s.dtype))
         return out, a
 
-    def krause_branch(self, h, position_embeddings, attention_mask=None):
-        """(o^K (B, T, D), a^K (B, H, T, T))."""
+    def krause_branch(self, h, position_embeddings, attention_mask=None, dense: bool = True):
+        """(o^K (B, T, D), a^K (B, H, T, T), or None when ``dense`` is False). The scores are computed
+        in blocks of w = min(window, T) queries against the 2w keys their windows can reach (T·2w
+        scores, not T²)."""
         kb = self.krause
         B, T, _ = h.shape
         shape = (B, T, -1, self.head_dim)
@@ -165,13 +196,14 @@ class KrauseLlamaAttention(LlamaAttention):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
-        keep = window_support(T, kb.window, h.device)[None, None]
-        padded = mask_support(attention_mask, T)
-        if padded is not None:
-            keep = keep & padded
-        a = kb.hook_pattern(krause_weights(krause_scores(q, k, kb.log_sigma), keep, kb.top_k))
-        o = (a.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, -1)
-        return kb.o_proj(o), a
+        w = min(kb.window, T)
+        keep = block_support(T, w, mask_support(attention_mask, T), h.device)
+        q_blocks = F.pad(q, (0, 0, 0, -T % w)).unflatten(-2, (-1, w))  # (B, H, nb, w, d)
+        s = krause_scores(q_blocks, window_blocks(k, w), kb.log_sigma[..., None])
+        a = krause_weights(s, keep, kb.top_k)  # (B, H, nb, w, 2w)
+        o = (a.to(v.dtype) @ window_blocks(v, w)).flatten(2, 3)[:, :, :T]
+        o = kb.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return o, (kb.hook_pattern(blocks_to_dense(a, T)) if dense else None)
 
     def extra_repr(self) -> str:
         return f"hybrid softmax + krause (window={self.krause.window}, top_k={self.krause.top_k})"
