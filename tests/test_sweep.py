@@ -114,6 +114,35 @@ def test_sync_equals_direct_simulate_and_metric_calls(reference):
     assert ds["final_clusters"].attrs["eps"] == 0.05
 
 
+@pytest.mark.parametrize("start", ["drawn", "fixed x0"])
+def test_the_seeds_of_a_point_are_one_compiled_call(start, monkeypatch):
+    """All seeds of a parameter point run as one simulate(seed=[...]) ensemble (with a fixed x0 the
+    seeds draw the noise); the values are those of one run per seed. An ensemble x0 is refused."""
+    import particles
+    from conftest import sphere_points
+
+    x0 = sphere_points(7, 3, seed=5) if start == "fixed x0" else None
+    kw = dict(steps=12, dt=0.1, noise=0.3, save_every=4) | ({"n": 7, "d": 3} if x0 is None else {"x0": x0})
+    calls, real = [], particles.simulate
+    monkeypatch.setattr(particles, "simulate",
+                        lambda *a, **k: (k["steps"] and calls.append(k["seed"])) or real(*a, **k))
+    metrics = {"final_clusters": {"eps": 0.05}, "mean_cosine_curve": {}}
+    ds = sweep("sa", {"beta": [1.0, 4.0]}, seeds=[2, 9, 4], metrics=metrics, scheduler="sync", progress=False,
+               **kw)
+    assert calls == [[2, 9, 4]] * 2  # (the steps=0 trial runs of the spec check are not counted)
+    monkeypatch.undo()
+    for beta in (1.0, 4.0):
+        for seed in (2, 9, 4):
+            run = simulate("sa", seed=seed, beta=beta, **kw)
+            at = ds.sel(beta=beta, seed=seed)
+            np.testing.assert_allclose(at["mean_cosine_curve"], analysis.mean_cosine(run["x"]), rtol=0, atol=1e-12)
+            assert at["final_clusters"] == analysis.count_clusters(run["x"].isel(time=-1).values, eps=0.05)
+    assert ds["mean_cosine_curve"].sel(beta=4.0).std("seed").max() > 1e-3  # the seeds' noise differs
+    with pytest.raises(ValueError, match="x0: a sweep point starts one system"):
+        sweep("sa", {"beta": [1.0]}, seeds=2, metrics=metrics, scheduler="sync", progress=False, steps=2, dt=0.1,
+              x0=np.stack([sphere_points(7, 3, seed=s) for s in (5, 6)]))
+
+
 def _metrics_of(run):
     """The sweep's metrics of one simulate run (the options the sweeps below use)."""
     last = run["x"].isel(time=-1).values
@@ -246,24 +275,25 @@ def test_resume_skips_finished_points_and_discards_unfinished_writes(tmp_path, r
     calls = []
     real = execution.run_point
 
-    def fail_after_three(params, seed, metrics):
-        if len(calls) == 3:
+    def fail_after_two_calls(params, seeds, metrics):
+        if len(calls) == 2:
             raise KeyboardInterrupt  # stands in for the process dying mid-sweep
-        calls.append((params, seed))
-        return real(params, seed, metrics)
+        calls.append(list(seeds))
+        return real(params, seeds, metrics)
 
-    monkeypatch.setattr(execution, "run_point", fail_after_three)
+    monkeypatch.setattr(execution, "run_point", fail_after_two_calls)
     with pytest.raises(KeyboardInterrupt):
         sweep(**SPEC, scheduler="sync", store=store, progress=False)
-    assert len(_points(store)) == 3
+    done = sum(len(seeds) for seeds in calls)  # one call runs all seeds of a parameter point
+    assert len(_points(store)) == done and all(seeds == [3, 7] for seeds in calls)
     # a write killed halfway leaves only a staging directory, which is not a finished point
     (store / ".tmp" / "0_0_0-dead").mkdir()
     (store / ".tmp" / "0_0_0-dead" / "zarr.json").write_text("{")
     monkeypatch.setattr(execution, "run_point", real)
     counted = []
-    monkeypatch.setattr(execution, "run_point", lambda *a: counted.append(1) or real(*a))
+    monkeypatch.setattr(execution, "run_point", lambda p, seeds, m: counted.extend(seeds) or real(p, seeds, m))
     ds = sweep(**SPEC, scheduler="sync", store=store, progress=False)
-    assert len(counted) == 8 - 3
+    assert len(counted) == 8 - done
     xr.testing.assert_identical(ds, reference)
     assert not any((store / ".tmp").iterdir())
 
@@ -318,13 +348,13 @@ def test_plain_open_zarr_of_a_store_shows_the_result(tmp_path, monkeypatch):
     real = execution.run_point
     calls = []
 
-    def stop_after_two(*args):
-        if len(calls) == 2:
+    def stop_after_one_call(*args):  # one call: both seeds of the first radius
+        if calls:
             raise KeyboardInterrupt  # stands in for the process dying mid-sweep
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(execution, "run_point", stop_after_two)
+    monkeypatch.setattr(execution, "run_point", stop_after_one_call)
     with pytest.raises(KeyboardInterrupt):
         sweep(**TINY, scheduler="sync", store=resumed, progress=False)
     assert not (resumed / "result").exists() and not _open_plain(resumed).data_vars

@@ -22,22 +22,32 @@ class SweepError(RuntimeError):
     """A point of the sweep failed (the finished points stay in the store)."""
 
 
-def run_point(params: dict, seed: int, metrics: dict) -> tuple[dict, dict]:
-    """Simulate one point and reduce it to the metrics (this runs on a worker).
+def run_point(params: dict, seeds: list[int], metrics: dict) -> list[tuple[dict, dict]]:
+    """Simulate one parameter point for every seed of ``seeds`` and reduce each run to the metrics
+    (this runs on a worker).
 
+    The seeds run as one ensemble, ``simulate(seed=[s_0, s_1, …])``: one compiled call whose sample k
+    is the run ``simulate(seed=s_k)`` (with a given start x0 (n, d), every sample starts there and the
+    seeds draw the noise).
     params: simulate keyword arguments with "model"; metrics: name → (Metric, options).
-    Returns (values, info) with values[name] a numpy scalar or 1-D array.
+    Returns one (values, info) per seed, values[name] a numpy scalar or 1-D array; info["seconds"] is
+    the call's time shared equally among its seeds.
     """
     from particles import simulate
 
     params = dict(params)
     model = params.pop("model")
     weights = any(m.needs_weights for m, _ in metrics.values())
+    x0 = params.pop("x0", None)
+    if x0 is not None:
+        x0 = np.broadcast_to(np.asarray(x0), (len(seeds),) + np.shape(x0))
     start = time.perf_counter()
-    ds = simulate(model, seed=seed, return_weights=weights, progress=False, **params)
-    values = {name: np.asarray(m.fn(ds, **opts)) for name, (m, opts) in metrics.items()}
-    info = {"seconds": time.perf_counter() - start, "host": socket.gethostname(), "pid": os.getpid()}
-    return values, info
+    ds = simulate(model, x0, seed=list(seeds), return_weights=weights, progress=False, **params)
+    runs = [ds.isel(sample=k).assign_attrs(seed=s) for k, s in enumerate(seeds)]
+    values = [{name: np.asarray(m.fn(run, **opts)) for name, (m, opts) in metrics.items()} for run in runs]
+    info = {"seconds": (time.perf_counter() - start) / len(seeds), "seeds_per_call": len(seeds),
+            "host": socket.gethostname(), "pid": os.getpid()}
+    return [(v, dict(info)) for v in values]
 
 
 def _probe(address: str, timeout: float) -> None:
@@ -114,32 +124,55 @@ def _connect(scheduler, workers, ntasks, connect_timeout=10.0, announce=None):
     return client, client.close
 
 
+def _by_parameter_point(todo) -> list[list]:
+    """The points of ``todo`` grouped by their parameter values (all seeds of one point together)."""
+    groups: dict = {}
+    for p in todo:
+        groups.setdefault(p.index[:-1], []).append(p)
+    return list(groups.values())
+
+
 def _execute(plan, todo, client, on_result):
-    """Run the points in ``todo`` (in-process when ``client`` is None), calling
-    ``on_result(point, values, info)`` as each finishes."""
+    """Run the points in ``todo`` (in-process when ``client`` is None), the seeds of one parameter
+    point in one call, calling ``on_result(point, values, info)`` as each finishes."""
     tasks = {name: (METRICS[name], opts) for name, opts in plan.metrics.items()}
+    groups = _by_parameter_point(todo)
+
+    def failed(group, err):
+        return SweepError(f"point {_group_label(group)} failed: {type(err).__name__}: {err}")
+
     if client is None:
-        for p in todo:
+        for group in groups:
             try:
-                values, info = run_point(plan.run_params(p), p.seed, tasks)
+                results = run_point(plan.run_params(group[0]), [p.seed for p in group], tasks)
             except Exception as err:
-                raise SweepError(f"point {p.label} failed: {type(err).__name__}: {err}") from err
-            on_result(p, values, info)
+                raise failed(group, err) from err
+            for p, (values, info) in zip(group, results):
+                on_result(p, values, info)
         return
     from distributed import as_completed
 
     futures = {}
     try:
-        for p in todo:
-            futures[client.submit(run_point, plan.run_params(p), p.seed, tasks, pure=False)] = p
+        for group in groups:
+            seeds = [p.seed for p in group]
+            futures[client.submit(run_point, plan.run_params(group[0]), seeds, tasks, pure=False)] = group
         for fut in as_completed(list(futures)):
-            p = futures.pop(fut)
+            group = futures.pop(fut)
             try:
-                values, info = fut.result()
+                results = fut.result()
             except Exception as err:
-                raise SweepError(f"point {p.label} failed: {type(err).__name__}: {err}") from err
-            on_result(p, values, info)
+                raise failed(group, err) from err
+            for p, (values, info) in zip(group, results):
+                on_result(p, values, info)
             fut.release()
     finally:
         if futures:
             client.cancel(list(futures))
+
+
+def _group_label(group) -> str:
+    """'beta=1.0, seed=0' for one point, 'beta=1.0, seeds=[0, 1, 2]' for the seeds run together."""
+    if len(group) == 1:
+        return group[0].label
+    return ", ".join([f"{k}={v!r}" for k, v in group[0].params.items()] + [f"seeds={[p.seed for p in group]}"])

@@ -250,6 +250,9 @@ def _check_points(plan: Plan) -> None:
         try:
             PARAMS["steps"].validate(kw.get("steps"))  # the trial run below uses steps=0
             kw["steps"] = 0
+            if kw.get("x0") is not None and np.ndim(kw["x0"]) != 2:
+                raise ValueError(f"x0: a sweep point starts one system, shape (n, d), got shape "
+                                 f"{np.shape(kw['x0'])}; its repetitions are the seeds (seeds=…)")
             simulate(model, seed=plan.seeds[0], progress=False, **kw)
         except (ValueError, TypeError) as err:
             where = ", ".join(f"{k}={v!r}" for k, v in params.items())
