@@ -118,8 +118,9 @@ def test_sync_equals_direct_simulate_and_metric_calls(reference):
 def test_the_seeds_of_a_point_are_one_compiled_call(start, monkeypatch):
     """All seeds of a parameter point run as one simulate(seed=[...]) ensemble (with a fixed x0 the
     seeds draw the noise); the values are those of one run per seed. An ensemble x0 is refused."""
-    import particles
     from conftest import sphere_points
+
+    import particles
 
     x0 = sphere_points(7, 3, seed=5) if start == "fixed x0" else None
     kw = dict(steps=12, dt=0.1, noise=0.3, save_every=4) | ({"n": 7, "d": 3} if x0 is None else {"x0": x0})
@@ -135,12 +136,13 @@ def test_the_seeds_of_a_point_are_one_compiled_call(start, monkeypatch):
         for seed in (2, 9, 4):
             run = simulate("sa", seed=seed, beta=beta, **kw)
             at = ds.sel(beta=beta, seed=seed)
-            np.testing.assert_allclose(at["mean_cosine_curve"], analysis.mean_cosine(run["x"]), rtol=0, atol=1e-12)
+            np.testing.assert_allclose(at["mean_cosine_curve"], analysis.mean_cosine(run["x"]),
+                                       rtol=0, atol=1e-12)
             assert at["final_clusters"] == analysis.count_clusters(run["x"].isel(time=-1).values, eps=0.05)
     assert ds["mean_cosine_curve"].sel(beta=4.0).std("seed").max() > 1e-3  # the seeds' noise differs
     with pytest.raises(ValueError, match="x0: a sweep point starts one system"):
-        sweep("sa", {"beta": [1.0]}, seeds=2, metrics=metrics, scheduler="sync", progress=False, steps=2, dt=0.1,
-              x0=np.stack([sphere_points(7, 3, seed=s) for s in (5, 6)]))
+        sweep("sa", {"beta": [1.0]}, seeds=2, metrics=metrics, scheduler="sync", progress=False, steps=2,
+              dt=0.1, x0=np.stack([sphere_points(7, 3, seed=s) for s in (5, 6)]))
 
 
 def _metrics_of(run):
@@ -291,7 +293,8 @@ def test_resume_skips_finished_points_and_discards_unfinished_writes(tmp_path, r
     (store / ".tmp" / "0_0_0-dead" / "zarr.json").write_text("{")
     monkeypatch.setattr(execution, "run_point", real)
     counted = []
-    monkeypatch.setattr(execution, "run_point", lambda p, seeds, m: counted.extend(seeds) or real(p, seeds, m))
+    monkeypatch.setattr(execution, "run_point",
+                        lambda p, seeds, m: counted.extend(seeds) or real(p, seeds, m))
     ds = sweep(**SPEC, scheduler="sync", store=store, progress=False)
     assert len(counted) == 8 - done
     xr.testing.assert_identical(ds, reference)

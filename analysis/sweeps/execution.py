@@ -175,4 +175,5 @@ def _group_label(group) -> str:
     """'beta=1.0, seed=0' for one point, 'beta=1.0, seeds=[0, 1, 2]' for the seeds run together."""
     if len(group) == 1:
         return group[0].label
-    return ", ".join([f"{k}={v!r}" for k, v in group[0].params.items()] + [f"seeds={[p.seed for p in group]}"])
+    seeds = [p.seed for p in group]
+    return ", ".join([f"{k}={v!r}" for k, v in group[0].params.items()] + [f"seeds={seeds}"])

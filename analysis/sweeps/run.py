@@ -40,7 +40,8 @@ def sweep(model: str | Interaction | Callable[[np.ndarray], np.ndarray],
     module.qualname (particles.simulate.describe_model); or an axis "model". axes: {parameter: [values]}.
     seeds: n (seeds 0..n-1) or a list; the seeds of one parameter point run as one ensemble,
     simulate(seed=[...]) (one compiled call; sample k is the run seed=s_k). metrics: names, or
-    {name: {option: value}} (see the module docstring). store: a path for the resumable zarr store, or None (nothing written).
+    {name: {option: value}} (see the module docstring). store: a path for the resumable zarr
+    store, or None (nothing written).
     scheduler: None (LocalCluster with ``workers`` processes on 127.0.0.1), "sync" (in-process),
     a scheduler address or a ``distributed.Client``. connect_timeout: seconds to wait for a
     scheduler address to answer. steps, dt and ``**fixed``: passed to every ``simulate`` call.
