@@ -96,7 +96,8 @@ def as_dataarray(x, layout: Layout, param: str) -> xr.DataArray:
             raise ValueError(f"{param}: expected 2 to {2 + len(layout.leading)} axes ({names}, leading ones "
                              f"optional), got ndim={arr.ndim}")
         da = xr.DataArray(arr, dims=layout.leading[len(layout.leading) - lead:] + layout.core)
-    if not (np.issubdtype(da.dtype, np.number) or da.dtype == bool) or np.issubdtype(da.dtype, np.complexfloating):
+    if (not (np.issubdtype(da.dtype, np.number) or da.dtype == bool)
+            or np.issubdtype(da.dtype, np.complexfloating)):
         raise TypeError(f"{param}: expected real numbers, got dtype {da.dtype}")
     return da
 
@@ -160,7 +161,8 @@ def query_rows(queries, da: xr.DataArray) -> xr.DataArray | None:
             raise ValueError(f"queries: a boolean selector needs shape ({n},), got {sel.shape}")
         return xr.DataArray(sel, dims=("query",))
     if sel.ndim > 1 or not np.issubdtype(sel.dtype, np.integer):
-        raise ValueError(f"queries: expected an int, a slice, int indices or a boolean array, got {queries!r}")
+        raise ValueError("queries: expected an int, a slice, int indices or a boolean array, "
+                         f"got {queries!r}")
     if np.any((sel < -n) | (sel >= n)):
         raise ValueError(f"queries: indices must lie in [{-n}, {n}), got {queries!r}")
     rows[sel] = True
@@ -289,7 +291,8 @@ def _over_block(spec: _Spec, arguments: dict, has_mask: bool, has_rows: bool, bl
         queries = np.ones((len(items), n), bool)
     if spec.stacked and masks is None:
         kw = dict(arguments, queries=queries) if "queries" in spec.wants else arguments
-        return np.asarray(spec.f(items, **kw), dtype=spec.dtype).reshape(lead + spec.out_shape(block.shape[-2:]))
+        return np.asarray(spec.f(items, **kw), dtype=spec.dtype).reshape(
+            lead + spec.out_shape(block.shape[-2:]))
     out = np.full((len(items),) + spec.out_shape(block.shape[-2:]), spec.fill, dtype=spec.dtype)
     for i, item in enumerate(items):
         if missing[i]:

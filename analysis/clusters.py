@@ -4,8 +4,9 @@ Two counts (docs/metrics.md):
 
 * ``"graph"``: connected components of the ε-graph ‖x_i − x_j‖ ≤ ε (Euclidean distance, ε in the
   units of x — on the unit sphere for extracted trajectories, see ``count_clusters``; the clusters
-  of bounded-confidence / Hegselmann–Krause opinion dynamics). Found with a k-d tree over grid cells, so the cost grows with the number of occupied
-  cells, not with the number of close pairs (collapsed clusters cost O(n log n), not O(n²)).
+  of bounded-confidence / Hegselmann–Krause opinion dynamics). Found with a k-d tree over grid cells,
+  so the cost grows with the number of occupied cells, not with the number of close pairs (collapsed
+  clusters cost O(n log n), not O(n²)).
 * ``"gram"``: the count of Geshkovski et al. (arXiv 2312.10794): with u_i = x_i/‖x_i‖,
   B_ij = 1[⟨u_i, u_j⟩ > 1 − ε] and the count is rank(B), the numerical rank with numpy's default
   tolerance (max|λ(B)| · n · machine-ε, from the eigenvalues of the symmetric B). Here ε is a
@@ -121,8 +122,9 @@ def _sizes(x, eps, *, sphere=None):
 def cluster_sizes(
     x: np.ndarray | xr.DataArray | xr.Dataset, eps: float, *, sphere: bool | None = None, token_mask=None,
 ) -> xr.DataArray:
-    """Sizes m_a = |{i : c_i = a}| of the ε-graph components (``cluster_labels``), largest first, along a "cluster" axis padded with 0 up
-    to the largest count over the leading axes (a single configuration gives a 1-D DataArray).
+    """Sizes m_a = |{i : c_i = a}| of the ε-graph components (``cluster_labels``), largest first,
+    along a "cluster" axis padded with 0 up to the largest count over the leading axes (a single
+    configuration gives a 1-D DataArray).
     ``sphere`` and ``token_mask`` as in ``count_clusters``. Finding the largest count computes the
     sizes (a lazy input is evaluated)."""
     sizes = _sizes(x, eps, sphere=sphere, token_mask=token_mask)

@@ -173,7 +173,8 @@ def normalised_energy(
     return np.mean(np.exp(beta * (x @ x.T - 1.0))) if len(x) else np.nan
 
 
-for _f in (rank_collapse, effective_rank, mean_cosine, dirichlet_energy, interaction_energy, normalised_energy):
+for _f in (rank_collapse, effective_rank, mean_cosine, dirichlet_energy, interaction_energy,
+           normalised_energy):
     _f.__doc__ = _f.__doc__.format(sphere=SPHERE_DOC)
 
 

@@ -50,6 +50,7 @@ def spectral_summary(
     A single matrix gives a Dataset of 0-d variables; a missing (all-NaN) matrix gives counts -1
     and a NaN gap.
     """
-    out = _summary(A, tol, token_mask=token_mask).assign_coords(quantity=list(QUANTITIES)).to_dataset("quantity")
+    out = (_summary(A, tol, token_mask=token_mask)
+           .assign_coords(quantity=list(QUANTITIES)).to_dataset("quantity"))
     return out.assign(blocks=out.blocks.fillna(-1).astype(int),
                       unit_eigenvalues=out.unit_eigenvalues.fillna(-1).astype(int))

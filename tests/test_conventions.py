@@ -35,8 +35,8 @@ def extracted():
          "attention": (("sample", "layer", "head", "query", "key"), RNG.random((2, 3, 2, 4, 4)))},
         coords={"sample": [0, 1], "layer": [0, 1, 2], "token": np.arange(4),
                 "token_mask": (("sample", "token"), mask),
-                "token_str": (("sample", "token"), np.array([["<s>", "a", "b", "c"], ["<s>", "d", "e", "<pad>"]],
-                                                            dtype=object)),
+                "token_str": (("sample", "token"),
+                              np.array([["<s>", "a", "b", "c"], ["<s>", "d", "e", "<pad>"]], dtype=object)),
                 "top_k": ("layer", np.array([None, 4, 8], dtype=object))},
         attrs={"source": "huggingface", "causal": True, "config": {"d_model": 6, "grid": [2, 2]},
                "window": None, "grid": [8, 8], "one_layer": [5], "heads": ["softmax", "krause"], "none": [],
@@ -140,7 +140,8 @@ def test_bad_input_is_refused():
 
 
 def test_particles_conventions_does_not_import_analysis():
-    code = "import sys, particles.conventions; sys.exit(any(m.split('.')[0] == 'analysis' for m in sys.modules))"
+    code = ("import sys, particles.conventions; "
+            "sys.exit(any(m.split('.')[0] == 'analysis' for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -151,7 +152,8 @@ def test_library_writers_write_cf_files(suffix, tmp_path):
     from particles.store import write_dataset
 
     ds = extracted()
-    for name, write in (("store", lambda p: write_dataset(ds, p, kind="extraction")), ("bridge", lambda p: save(ds, p))):
+    for name, write in (("store", lambda p: write_dataset(ds, p, kind="extraction")),
+                        ("bridge", lambda p: save(ds, p))):
         path = tmp_path / f"{name}{suffix}"
         write(path)
         back = conventions.decode(read_back(path))

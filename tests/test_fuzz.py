@@ -204,7 +204,8 @@ def argvs(draw):
         argv += ([action.option_strings[0]] if action.option_strings else []) + values
     if mode == "wild" and draw(st.integers(0, 4)) == 0:
         argv.append(draw(st.sampled_from(["--no-such-option", "--debug", "extra"])))
-    if "--no-progress" not in argv and "--no-progress" in parser._option_string_actions and draw(st.booleans()):
+    if ("--no-progress" not in argv and "--no-progress" in parser._option_string_actions
+            and draw(st.booleans())):
         argv.append("--no-progress")
     return argv
 
@@ -428,7 +429,8 @@ def test_metrics_read_dimension_names_not_order(seed, order, metric):
     """A labelled trajectory gives the same metric in any dimension order (the names say what is what)."""
     import xarray as xr
 
-    x = xr.DataArray(np.random.default_rng(seed).standard_normal((4, 6, 3)), dims=("time", "particle", "component"))
+    x = xr.DataArray(np.random.default_rng(seed).standard_normal((4, 6, 3)),
+                     dims=("time", "particle", "component"))
     kw = {"eps": 0.8} if metric == "count_clusters" else {}
     f = getattr(analysis, metric)
     np.testing.assert_allclose(np.asarray(f(x.transpose(*order), **kw)), np.asarray(f(x, **kw)))

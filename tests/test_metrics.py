@@ -1,7 +1,5 @@
 """Metric values on constructed inputs with known answers (docs/metrics.md, issue 5 item 3)."""
 
-import functools
-
 import numpy as np
 import pytest
 import xarray as xr
@@ -307,7 +305,8 @@ def test_point_metrics_read_item_axes_by_name(name):
 def test_transposed_count_clusters_of_the_issue():
     """count_clusters(ds.x.transpose("time", "component", "particle")) returned 3 at every step."""
     x = merging_trajectory()
-    assert analysis.count_clusters(x.transpose("time", "component", "particle"), eps=0.05).values.tolist() == [8, 4, 2, 1]
+    counts = analysis.count_clusters(x.transpose("time", "component", "particle"), eps=0.05)
+    assert counts.values.tolist() == [8, 4, 2, 1]
     assert analysis.mean_cosine(x.transpose("time", "component", "particle")).values == pytest.approx(
         analysis.mean_cosine(x.values).values)
 
@@ -343,7 +342,8 @@ def test_key_query_attention_is_not_read_as_query_key():
         (lambda: analysis.mean_cosine(xr.DataArray(np.zeros((4, 3)))), "x", "component"),
         (lambda: analysis.effective_rank(xr.DataArray(np.zeros((2, 4, 3)), dims=("time", "particle", "dim"))),
          "x", "component"),
-        (lambda: analysis.rank_collapse(xr.DataArray(np.zeros((4, 4, 3)), dims=("particle", "token", "component"))),
+        (lambda: analysis.rank_collapse(
+            xr.DataArray(np.zeros((4, 4, 3)), dims=("particle", "token", "component"))),
          "x", "several"),
         (lambda: analysis.first_token_mass(xr.DataArray(np.zeros((2, 4, 4)), dims=("layer", "q", "k"))),
          "attention", "query"),
@@ -428,7 +428,8 @@ def test_metrics_of_a_lazily_opened_zarr_trajectory_stay_lazy(tmp_path):
         "gram": lambda d: analysis.count_clusters(d.x, eps=0.05, method="gram"),
         "labels": lambda d: analysis.cluster_labels(d, eps=0.05),
         "effective_rank": analysis.effective_rank,
-        "mean_cosine": lambda d: analysis.mean_cosine(d.x.transpose("component", "sample", "time", "particle")),
+        "mean_cosine": lambda d: analysis.mean_cosine(
+            d.x.transpose("component", "sample", "time", "particle")),
         "first_token_mass": analysis.first_token_mass,
         "sink_excess": lambda d: analysis.sink_excess(d, k=1),
         "sink_rate": lambda d: analysis.sink_rate(d, eps=0.1, relative=True),
@@ -477,11 +478,15 @@ def padded_extraction(left=False):
     return ds, real
 
 
-MASKED_POINT_METRICS = {k: v for k, v in POINT_METRICS.items() if k not in ("cluster_labels", "cluster_sizes")}
+MASKED_POINT_METRICS = {k: v for k, v in POINT_METRICS.items()
+                        if k not in ("cluster_labels", "cluster_sizes")}
 MASKED_POINT_METRICS["count_clusters"] = lambda x: analysis.count_clusters(x, eps=0.3)
-MASKED_ATTENTION_METRICS = dict(ATTENTION_METRICS, sink_excess=lambda a, **kw: analysis.sink_excess(a, 1, **kw),
-                                rel_rate=lambda a, **kw: analysis.sink_rate(a, eps=0.2, relative=True, **kw),
-                                cls=lambda a, **kw: analysis.sink_excess(a, queries=0, **kw))
+MASKED_ATTENTION_METRICS = dict(
+    ATTENTION_METRICS,
+    sink_excess=lambda a, **kw: analysis.sink_excess(a, 1, **kw),
+    rel_rate=lambda a, **kw: analysis.sink_rate(a, eps=0.2, relative=True, **kw),
+    cls=lambda a, **kw: analysis.sink_excess(a, queries=0, **kw),
+)
 
 
 @pytest.mark.parametrize("left", [False, True])
@@ -500,8 +505,9 @@ def test_point_metrics_leave_padding_out(name, left):
 
 @pytest.mark.parametrize("name", sorted(POINT_METRICS))
 def test_a_sample_of_padding_only(name):
-    x = xr.DataArray(RNG.normal(size=(2, 3, 4, 2)), dims=("sample", "layer", "token", "component"),
-                     coords={"token_mask": (("sample", "token"), np.array([[1, 1, 1, 1], [0, 0, 0, 0]], bool))})
+    x = xr.DataArray(
+        RNG.normal(size=(2, 3, 4, 2)), dims=("sample", "layer", "token", "component"),
+        coords={"token_mask": (("sample", "token"), np.array([[1, 1, 1, 1], [0, 0, 0, 0]], bool))})
     out = POINT_METRICS[name](x)
     if name.startswith("count") or name in ("massive_activations", "cluster_sizes"):
         assert (out.sel(sample=1) == 0).all()
@@ -514,7 +520,8 @@ def test_a_sample_of_padding_only(name):
 def test_token_mask_keyword_and_labels_of_padding():
     ds, real = padded_extraction()
     bare = ds.x.drop_vars("token_mask")
-    xr.testing.assert_identical(analysis.effective_rank(bare, token_mask=ds.token_mask), analysis.effective_rank(ds))
+    xr.testing.assert_identical(analysis.effective_rank(bare, token_mask=ds.token_mask),
+                                analysis.effective_rank(ds))
     np.testing.assert_array_equal(analysis.effective_rank(bare, token_mask=ds.token_mask.values),
                                   analysis.effective_rank(ds))
     labels = analysis.cluster_labels(ds, eps=0.3)

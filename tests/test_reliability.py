@@ -625,8 +625,8 @@ def test_compare_names_what_it_cannot_read(tmp_path, capsys):
     rc, err = run_cli(["compare", text], capsys)
     assert_one_line(rc, err, "compare")
     assert "not a netCDF file or zarr store" in err and "notes.txt" in err
-    assert main(["sweep", str(_spec(tmp_path, HK_SPEC)), "-o", str(tmp_path / "s.zarr"), "--scheduler", "sync",
-                 "--no-progress"]) == 0
+    assert main(["sweep", str(_spec(tmp_path, HK_SPEC)), "-o", str(tmp_path / "s.zarr"),
+                 "--scheduler", "sync", "--no-progress"]) == 0
     rc, err = run_cli(["compare", tmp_path / "s.zarr"], capsys)
     assert_one_line(rc, err, "compare")
     assert "sweep store" in err and "open_sweep" in err

@@ -796,7 +796,8 @@ def _integrate(plan, mode, args):
 
     bounds = np.linspace(0, count, threads + 1).round().astype(np.int64)
     with ThreadPoolExecutor(threads) as pool:
-        jobs = [pool.submit(integrate_tiles, plan, mode, *args, bounds[k], bounds[k + 1]) for k in range(threads)]
+        jobs = [pool.submit(integrate_tiles, plan, mode, *args, bounds[k], bounds[k + 1])
+                for k in range(threads)]
         for job in jobs:
             job.result()
 
