@@ -303,3 +303,30 @@ def test_ablation_figure_plots_mean_and_t_interval(tmp_path, monkeypatch):
     exc = saved.sel(task="text-bos", variant="dot+window+topk", metric="alpha0_excess_out")
     np.testing.assert_allclose(exc["depth"].values[np.isfinite(exc["mean"].values)], [1, 2, 3, 4])
     assert out.attrs["figure"] == "ablation_bridge"
+
+
+def test_merge_variants_keeps_earlier_cells_and_prefers_the_new_runs():
+    """collect --keep-other-variants: cells collected from an earlier run store stay in the data file
+    beside the new store's cells; a cell in both comes from the new store; missing seeds are NaN."""
+    import xarray as xr
+
+    from analysis.findings.collect import merge_variants
+
+    def runs(variants, seeds, value):
+        shape = (len(variants), len(seeds))
+        return xr.Dataset(
+            {"steps": (("variant", "seed"), np.full(shape, 100.0)),
+             "score": (("variant", "seed"), np.full(shape, value))},
+            coords={"variant": variants, "seed": seeds},
+            attrs={"n_runs": int(np.prod(shape)), "experiment": "x"},
+        )
+
+    old = runs(["dot", "rbf+window+topk"], [0, 1, 2], 1.0)
+    new = runs(["dot", "rbf"], [0], 2.0)
+    merged = merge_variants(old, new)
+    assert list(merged["variant"].values) == ["rbf+window+topk", "dot", "rbf"]
+    assert merged["score"].sel(variant="dot", seed=0) == 2.0  # the new store's run
+    assert np.isnan(merged["score"].sel(variant="dot", seed=1))  # not carried over from the old one
+    assert (merged["score"].sel(variant="rbf+window+topk") == 1.0).all()
+    assert merged.attrs["n_runs"] == 3 + 2
+    xr.testing.assert_identical(merge_variants(old.sel(variant=["dot"]), new), new)

@@ -165,6 +165,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--experiments", nargs="+", default=["vit-ablation", "causal-ablation", "sink-long", "recall"]
     )
+    ap.add_argument(
+        "--keep-other-variants",
+        action="store_true",
+        help="keep the variants of an existing OUTDIR/<experiment>.nc that the store does not hold "
+        "(runs collected from an earlier store); default: off (the file is the store's runs only)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,9 +180,28 @@ def main(argv=None) -> int:
         except FileNotFoundError as err:
             print(err)
             continue
-        encode(ds).to_netcdf(out / f"{exp}.nc")
-        print(f"{exp}: {ds.attrs['n_runs']} runs -> {out / (exp + '.nc')}")
+        path = out / f"{exp}.nc"
+        if args.keep_other_variants and path.exists():
+            with xr.open_dataset(path) as old:
+                ds = merge_variants(decode(old.load()), ds)
+        tmp = path.with_name(f".{path.name}.tmp")
+        encode(ds).to_netcdf(tmp)
+        tmp.replace(path)
+        print(f"{exp}: {ds.attrs['n_runs']} runs -> {path}")
     return 0
+
+
+def merge_variants(old: xr.Dataset, new: xr.Dataset) -> xr.Dataset:
+    """``new`` plus the variants of ``old`` that ``new`` lacks (old ones first, in their order); a
+    variant in both is taken from ``new``. Seeds and per-run axes are joined (missing → NaN)."""
+    kept = [v for v in old["variant"].values if v not in set(new["variant"].values)]
+    if not kept:
+        return new
+    merged = xr.concat([old.sel(variant=kept), new], "variant", join="outer", data_vars="all",
+                       coords="different", compat="equals", combine_attrs="override")
+    merged.attrs = dict(new.attrs, n_runs=int(old.sel(variant=kept)["steps"].notnull().sum())
+                        + int(new.attrs["n_runs"]))
+    return merged
 
 
 if __name__ == "__main__":
