@@ -153,10 +153,13 @@ def main(argv=None) -> int:
     ap.add_argument("root", help="run store directory")
     ap.add_argument("--parts", default="aebfcedg", help="stages in order (default aebfcedg; e = distances)")
     args = ap.parse_args(argv)
+    import numba
     import torch
 
     torch.set_num_threads(1)
-    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    # numba.set_num_threads, not the NUMBA_NUM_THREADS variable: numba is imported by now, and a
+    # variable that differs from the launched thread pool makes every later compile fail
+    numba.set_num_threads(1)
     plan = full_plan(args.parts)
     log = lambda m: print(m, flush=True)  # noqa: E731
     measure_missing(plan, args.root, log=log)  # runs whose measurement failed earlier
