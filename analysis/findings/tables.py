@@ -276,7 +276,7 @@ def main(argv=None) -> int:
         if not path.exists():
             continue
         ds = _open(path)
-        print(f"## {name} (seeds: {list(ds['seed'].values)})\n")
+        print(f"## {name} (seeds: {[int(s) for s in ds['seed'].values]})\n")
         print(cell_table(ds, order), "\n")
         print(effects_table(ds), "\n")
         for key in responses(ds):
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
             print(training_table(_open(d / f"{name}.nc"), metric, order), "\n")
     if (d / "sink-long.nc").exists():
         ds = _open(d / "sink-long.nc")
-        print(f"## sink-long (seeds: {list(ds['seed'].values)})\n")
+        print(f"## sink-long (seeds: {[int(s) for s in ds['seed'].values]})\n")
         steps = [s for s in ds["probe_step"].values if s % 1000 == 0 or s == ds["probe_step"].values.max()]
         print(probe_table(ds, variants=("dot",), steps=steps), "\n")
         print(cell_table(ds, ("dot",)), "\n")
