@@ -190,17 +190,22 @@ def make_trained_vs_simulated(quick=False, out=None, progress=True) -> xr.Datase
     ]
     data = {t: _load(n) for t, n in tasks}
     data = {t: ds for t, ds in data.items() if "w_distance" in ds}
-    ncols = max(len(SIM_CELLS[t]) for t in data)
+    # the cells whose runs have distances (a data file may join cells of stores without them)
+    cells = {
+        t: [c for c in SIM_CELLS[t] if c in ds["variant"].values
+            and bool(np.isfinite(ds["w_distance"].sel(variant=c)).any())]
+        for t, ds in data.items()
+    }
+    ncols = max(len(c) for c in cells.values())
     nrows = 2 * len(data)
     fig, axes, legend_ax = _grid_with_legend(nrows, ncols, (4.4 * ncols, 3.6 * nrows + 2.6))
     plotted = []
     for t_index, (task, ds) in enumerate(data.items()):
-        for c, cell in enumerate(SIM_CELLS[task]):
+        for c in range(len(cells[task]), ncols):
+            axes[2 * t_index, c].set_visible(False)
+            axes[2 * t_index + 1, c].set_visible(False)
+        for c, cell in enumerate(cells[task]):
             ax, axc = axes[2 * t_index, c], axes[2 * t_index + 1, c]
-            if cell not in ds["variant"].values:
-                ax.set_visible(False)
-                axc.set_visible(False)
-                continue
             sub = ds.sel(variant=cell)
             for series in sub["series"].values:
                 ci = _ci_over_seeds(sub["w_distance"].sel(series=series))
