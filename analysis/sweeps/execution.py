@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from .registry import METRICS
+from .spec import params_label
 
 #: the scheduler's HTTP server (dashboard, with bokeh installed) on a free loopback port
 #: (by default it tries port 8787, which a second cluster on the machine finds taken)
@@ -175,5 +176,5 @@ def _group_label(group) -> str:
     """'beta=1.0, seed=0' for one point, 'beta=1.0, seeds=[0, 1, 2]' for the seeds run together."""
     if len(group) == 1:
         return group[0].label
-    seeds = [p.seed for p in group]
-    return ", ".join([f"{k}={v!r}" for k, v in group[0].params.items()] + [f"seeds={seeds}"])
+    seeds = f"seeds={[p.seed for p in group]}"
+    return f"{params_label(group[0].params)}, {seeds}" if group[0].params else seeds

@@ -45,7 +45,7 @@ class Point:
 
     @property
     def label(self) -> str:
-        return ", ".join([f"{k}={v!r}" for k, v in self.params.items()] + [f"seed={self.seed}"])
+        return f"{params_label(self.params)}, seed={self.seed}" if self.params else f"seed={self.seed}"
 
 
 @dataclass
@@ -98,6 +98,11 @@ class Plan:
         if self.dt is not None:
             base["dt"] = self.dt
         return {**base, **point.params}
+
+
+def params_label(params: dict) -> str:
+    """'beta=1.0, top_k=4': the swept values of a point, as messages name it."""
+    return ", ".join(f"{k}={v!r}" for k, v in params.items())
 
 
 def recorded(name: str, value):
@@ -255,7 +260,7 @@ def _check_points(plan: Plan) -> None:
                                  f"{np.shape(kw['x0'])}; its repetitions are the seeds (seeds=…)")
             simulate(model, seed=plan.seeds[0], progress=False, **kw)
         except (ValueError, TypeError) as err:
-            where = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            where = params_label(params)
             raise type(err)(f"{err} (at {where})" if where else str(err)) from err
 
 

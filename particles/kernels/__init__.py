@@ -52,7 +52,7 @@ HK1D_WORK_PER_OPINION = 16  # the sweep's cost per opinion, in the same units
 RANGE_TOP_K_COST = 4  # a scored pair of the range kernel with top-k, in the same units
 SYMMETRIC_MIN_N = 512
 LANES_MIN_SAMPLES = 16  # ensembles this large integrate tiles of samples vectorised over the samples
-LANES = 64  # samples per LANES tile: the lane loops vectorise in blocks of 64 (fp32: 16 × 4 unrolled)
+LANES_PER_TILE = 64  # samples per LANES tile: the lane loops vectorise in blocks of 64 (fp32: 16 × 4)
 
 
 @contextmanager
@@ -307,13 +307,12 @@ class VelocityField:
     def trajectory_plan(self, parallel: bool = False, samples: int = 1):
         """The plan of kernels/trajectory.py for this field and `samples` systems (None: no
         compiled trajectory). Ensembles of at least LANES_MIN_SAMPLES systems on the dense,
-        windowed or causal rows (no top-k, d ≤ 4) run LANES tiles of LANES samples, vectorised over
+        windowed or causal rows (no top-k, d ≤ 4) run LANES tiles of LANES_PER_TILE samples, vectorised over
         the samples (the last tile padded: trajectory.run)."""
         if samples >= LANES_MIN_SAMPLES and self.path in ("fused", "symmetric"):
-            lanes = LANES
             symmetric = symmetric_scores(self.interaction, len(self.dims))
             kind = trajectory.SYMMETRIC_LANES if symmetric else trajectory.LANES
-            return trajectory.make_plan(kind, self.dims, self.score_s, self.radius_s, lanes=lanes)
+            return trajectory.make_plan(kind, self.dims, self.score_s, self.radius_s, lanes=LANES_PER_TILE)
         return _BY_NAME[self.path].plan(self, parallel)
 
     def work(self, n: int) -> int:
