@@ -32,6 +32,7 @@ TEST_METRIC = {
     "digits-vit": ("test_accuracy", "test accuracy"),
     "text-bos": ("test_bits_per_char", "bits/char"),
     "recall": ("test_accuracy", "accuracy"),
+    "backcopy": ("test_bits_per_token", "bits/token"),
 }
 RECALL_METRICS = ("test_accuracy", "accuracy_inside_window", "accuracy_outside_window")
 DISTANCE_SCALARS = (
@@ -119,7 +120,7 @@ def _one(r) -> xr.Dataset:
     probes = card.get("probes")
     if probes:
         steps = np.array([p["step"] for p in probes], float)
-        for k in ("alpha0", "alpha0_excess", "alpha0_max_head"):
+        for k in (k for k in probes[0] if k != "step"):  # every per-layer number of the probe
             out[f"probe_{k}"] = (("probe_step", "attn_layer"), np.array([p[k] for p in probes], float))
         out = out.assign_coords(probe_step=steps)
     return out

@@ -20,6 +20,12 @@ d. ``recall``: one-factor-at-a-time around a base Krause config (window 16, top-
    next) in the order of ``RECALL_ORDER``, so a sweep cut short by the compute budget has complete
    seeds for the variants that decide the question (is the task learnable at all, capacity = window,
    top-k, optimisation = lr, σ init) and none for the last ones.
+h. ``sink-backcopy``: Bigram-Backcopy with a BOS token (Guo et al., 2024; task ``backcopy``: one
+   block, one head, d = 64), where attention is needed only after a trigger token — the setting in
+   which a softmax head learns to park its dormant rows on BOS. All 8 cells of the causal ablation
+   (window 16, top-k 8), 5 seeds, 3000 steps, the backcopy probe (α₀ on dormant / active rows, the
+   dormant rows' self-weight) every 100 steps; measured on 256 held-out sequences. ``h`` runs
+   seeds 0, 2, 4 and ``i`` seeds 1, 3, so the two can run side by side on 2 cores.
 
 On the shared machine (load 4-8) ``d`` runs in a second process beside ``c e g``
 (``--parts d`` and ``--parts ceg``: the plans touch different experiments, so they never train the
@@ -88,6 +94,17 @@ def sink_long(seeds=SEEDS):
     ]
 
 
+BACKCOPY_TRAIN = dict(steps=3000, probe_every=100)
+
+
+def sink_backcopy(seeds=(0, 1, 2, 3, 4)):
+    return [
+        Run("sink-backcopy", cell, s, "backcopy", cell, dict(BACKCOPY_TRAIN), probe="backcopy")
+        for s in seeds
+        for cell in CAUSAL_CELLS
+    ]
+
+
 def causal_ablation(seeds=SEEDS):
     return [
         Run("causal-ablation", cell, s, "text-bos", cell, dict(TEXT_TRAIN), probe="first_token")
@@ -117,6 +134,8 @@ PLANS = {
     "c": causal_ablation,
     "d": recall,
     "g": lambda: sink_long((1, 2)),
+    "h": lambda: sink_backcopy((0, 2, 4)),
+    "i": lambda: sink_backcopy((1, 3)),
 }
 N_DISTANCES = 128
 

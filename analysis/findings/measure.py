@@ -175,15 +175,54 @@ def first_token_probe(windows: torch.Tensor):
     return probe
 
 
-def measure_attention_only(model, inputs) -> xr.Dataset:
-    """a0 and a0_uniform (layer, head, query) of ``inputs`` without the token metrics (fast)."""
+def backcopy_probe(windows: torch.Tensor, active: torch.Tensor):
+    """A training probe for Bigram-Backcopy: :func:`first_token_probe`'s numbers plus, per layer and
+    mean over heads, ``alpha0_dormant`` = mean a_i0 over the dormant rows that can see the first
+    token (i ≥ 1, not ``active``, 0 in the locality support of i), ``alpha0_dormant_uniform`` = the
+    same for uniform weights over each row's visible keys, ``alpha0_active`` = mean a_i0 over the
+    active rows, ``self_dormant`` = mean a_ii over all dormant rows (i ≥ 1) and ``previous_active``
+    = mean a_i,i−1 over the active rows (the copy)."""
+    active = active.numpy()
+    dormant = ~active
+    dormant[:, 0] = False
+
+    def probe(model) -> dict:
+        blocks = list(model.blocks)
+        a = _attention(model, windows).mean(2)  # (B, L, T, T), mean over heads
+        T = a.shape[-1]
+        sizes, first = (np.stack(v) for v in zip(*(_support_sizes(b.attn, T) for b in blocks)))
+        out = {}
+        for layer in range(len(blocks)):
+            sees = dormant & first[layer][None, :]
+            rows = np.arange(T)
+            out.setdefault("alpha0_dormant", []).append(a[:, layer, :, 0][sees].mean())
+            out.setdefault("alpha0_dormant_uniform", []).append(
+                np.broadcast_to(1.0 / sizes[layer], sees.shape)[sees].mean()
+            )
+            out.setdefault("alpha0_active", []).append(a[:, layer, :, 0][active].mean())
+            out.setdefault("self_dormant", []).append(a[:, layer, rows, rows][dormant].mean())
+            prev = a[:, layer, rows[1:], rows[:-1]]
+            out.setdefault("previous_active", []).append(prev[active[:, 1:]].mean())
+        return {**first_token(model), **{k: [float(x) for x in v] for k, v in out.items()}}
+
+    first_token = first_token_probe(windows)
+    return probe
+
+
+def _attention(model, inputs) -> np.ndarray:
+    """The attention weights (B, L, H, T, T) of every block of ``model`` on ``inputs`` (float64)."""
     from particles.nn.hooks import capture, hook_sites
 
-    blocks = list(model.blocks)
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(len(blocks))]
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(len(model.blocks))]
     with capture(hook_sites(model), names) as got:
         model(inputs)
-    a = torch.stack([got[n] for n in names], 1).double().numpy()  # (B, L, H, T, T)
+    return torch.stack([got[n] for n in names], 1).double().numpy()
+
+
+def measure_attention_only(model, inputs) -> xr.Dataset:
+    """a0 and a0_uniform (layer, head, query) of ``inputs`` without the token metrics (fast)."""
+    blocks = list(model.blocks)
+    a = _attention(model, inputs)  # (B, L, H, T, T)
     sums = _attention_sums(blocks, a, entropy=False)
     dims = ("attn_layer", "head", "query")
     return xr.Dataset({k: (dims, v / a.shape[0]) for k, v in sums.items()})

@@ -50,7 +50,7 @@ def held_out(task: str, n: int):
     """The first ``n`` held-out inputs of ``task`` (fixed order)."""
     from particles.nn import TASKS
 
-    if task == "text-bos":
+    if hasattr(TASKS.get(task), "held_out"):  # tasks with their own held-out inputs
         t = TASKS[task]()
         t.setup()
         return t.held_out(n)
@@ -66,7 +66,14 @@ def _probe(run: Run):
         from .measure import first_token_probe
 
         return first_token_probe(held_out(run.task, 64))
-    raise ValueError(f"probe must be None or 'first_token', got {run.probe!r}")
+    if run.probe == "backcopy":
+        from particles.nn import TASKS
+
+        from .measure import backcopy_probe
+
+        windows = held_out(run.task, 64)
+        return backcopy_probe(windows, TASKS[run.task]().active_rows(windows))
+    raise ValueError(f"probe must be None, 'first_token' or 'backcopy', got {run.probe!r}")
 
 
 def execute(run: Run, root, *, progress: bool = False) -> Path:

@@ -7,6 +7,7 @@
   sorted key order with blank lines; characters outside '\\n' + ASCII 32–126 map to token 0 (unknown).
   The first 90 % of the characters are the training split, the last 10 % the held-out split.
 * recall: synthetic associative recall (see :func:`recall_batch`).
+* backcopy: the Bigram-Backcopy sequences of Guo et al. (2024) (see :func:`backcopy_batch`).
 """
 
 from __future__ import annotations
@@ -83,3 +84,31 @@ def recall_batch(
     targets[:, 0::2] = torch.where(seen, values, -100)
     dist[:, 0::2] = torch.where(seen, 2 * (t - last), 0)
     return seq, targets, dist
+
+
+def bigram_table(vocab: int, *, concentration: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """A fixed random bigram transition matrix P (vocab, vocab), rows ~ Dirichlet(concentration)."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.dirichlet(np.full(vocab, concentration), size=vocab)).float()
+
+
+def backcopy_batch(
+    n: int, length: int, table: torch.Tensor, triggers, *, generator: torch.Generator | None = None
+):
+    """Bigram-Backcopy (Guo et al., 2024, "Active-dormant attention heads"): sequences (n, length) in
+    which x_{t+1} = x_{t−1} after a trigger token x_t ∈ ``triggers`` (the copy: a job for attention)
+    and x_{t+1} ~ P[x_t] otherwise (the bigram: an MLP's job, attention has nothing to do there).
+    x_0 is uniform over the non-trigger tokens. Returns (tokens (n, length), is_copy (n, length)):
+    is_copy[:, t] marks the positions whose token was copied (determined by x_{t−2})."""
+    vocab = table.shape[0]
+    trig = torch.zeros(vocab, dtype=torch.bool)
+    trig[list(triggers)] = True
+    plain = (~trig).nonzero().squeeze(1)
+    x = torch.empty((n, length), dtype=torch.long)
+    copy = torch.zeros((n, length), dtype=torch.bool)
+    x[:, 0] = plain[torch.randint(len(plain), (n,), generator=generator)]
+    for t in range(1, length):
+        drawn = torch.multinomial(table[x[:, t - 1]], 1, generator=generator).squeeze(1)
+        copy[:, t] = trig[x[:, t - 1]] & (t >= 2)
+        x[:, t] = torch.where(copy[:, t], x[:, t - 2], drawn)
+    return x, copy

@@ -1,4 +1,4 @@
-"""Training tasks: digits-vit, digits-ar, text-lm, text-bos, recall, and the ablation cells.
+"""Training tasks: digits-vit, digits-ar, text-lm, text-bos, recall, backcopy, and the ablation cells.
 
 ``train(task, attention, epochs=None, seed=0)`` → (model, card). ``attention`` is a name from the
 task's ``attentions`` (including the 2 × 2 × 2 ablation cells of :func:`ablation_cells`, e.g.
@@ -372,7 +372,74 @@ class Recall(Task):
         }
 
 
-TASKS = {t.name: t for t in (DigitsViT, DigitsAR, TextLM, TextBOS, Recall)}
+class Backcopy(Task):
+    """Bigram-Backcopy with a BOS token (Guo et al., 2024): the task in which a first-token sink forms.
+
+    Tokens 0..vocab−1, a fixed bigram table (:func:`data.bigram_table`, seed 0) and three trigger
+    tokens; after a trigger the next token copies the one before it (:func:`data.backcopy_batch`).
+    The model reads [BOS, x_0, …, x_{T−2}] and predicts every x_t. A query row is *active* when it
+    must copy (its token is a trigger) and *dormant* otherwise: attention has nothing to add there,
+    and a softmax head, whose weights must sum to one, can only do nothing by attending to a token
+    with a small value — BOS, which is always there. Loss on every token; the held-out metrics
+    separate the copy (accuracy) from the bigram (bits above the table's entropy).
+    """
+
+    name, batch_size, lr = "backcopy", 32, 3e-3
+    vocab, triggers, window, top_k = 32, (0, 1, 2), 16, 8
+    model_defaults = dict(
+        model="causal_lm", vocab_size=vocab, seq_len=64, bos=vocab, d_model=64, n_heads=1, n_layers=1, mlp_ratio=4
+    )
+    attentions = causal_attentions(window=window, top_k=top_k)
+    steps, epochs = 100, 20  # 2000 steps by default
+    weight_decay = 0.0
+
+    def setup(self, subset=None):
+        self.table = data.bigram_table(self.vocab)
+        self.T = self.model_defaults["seq_len"]
+
+    def _batch(self, n, g):
+        return data.backcopy_batch(n, self.T, self.table, self.triggers, generator=g)
+
+    def held_out(self, n: int | None = None) -> torch.Tensor:
+        """``n`` (default 1024) held-out sequences (n, seq_len), the same every call (seed 12345)."""
+        return self._batch(1024 if n is None else n, torch.Generator().manual_seed(12345))[0]
+
+    def active_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, T) bool: query rows that must copy — the rows whose input token is a trigger."""
+        trig = torch.zeros(self.vocab + 1, dtype=torch.bool)
+        trig[list(self.triggers)] = True
+        return trig[torch.cat([torch.full_like(x[:, :1], self.vocab), x[:, :-1]], 1)]
+
+    def steps_per_epoch(self):
+        return self.steps
+
+    def batches(self, g):
+        for _ in range(self.steps):
+            yield self._batch(self.batch_size, g)[0]
+
+    def loss(self, model, x):
+        return F.cross_entropy(model(x).reshape(-1, model.vocab_size), x.reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(self, model):
+        x = self.held_out()
+        logp = model(x).log_softmax(-1)
+        copy = self.active_rows(x)
+        nll = -logp.gather(-1, x[..., None])[..., 0]
+        p = self.table[x[:, :-1]]  # bigram rows of the plain positions' previous tokens
+        h = -(p * p.clamp_min(1e-30).log()).sum(-1)  # the table's entropy there: the best possible loss
+        plain = ~copy[:, 1:]
+        return {
+            "copy_accuracy": (logp.argmax(-1) == x)[copy].float().mean().item(),
+            "bigram_bits": nll[:, 1:][plain].mean().item() / LN2,
+            "bigram_bits_optimal": h[plain].mean().item() / LN2,
+            "test_bits_per_token": nll.mean().item() / LN2,
+            "n_copy_positions": int(copy.sum()),
+            "n_test_sequences": len(x),
+        }
+
+
+TASKS = {t.name: t for t in (DigitsViT, DigitsAR, TextLM, TextBOS, Recall, Backcopy)}
 
 
 # --- building and training ---------------------------------------------------------------------
