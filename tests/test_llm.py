@@ -358,6 +358,35 @@ def test_lora_targets_and_adapter_round_trip(attention, monkeypatch, tmp_path):
         load_checkpoint(tmp_path / f"smollm2-{attention}-s0.pt")
 
 
+def test_numpy_dropout_masks_replace_every_lora_dropout(monkeypatch):
+    """Every LoRA dropout becomes a MaskedDropout on one seeded numpy source: unbiased (E[y] = x),
+    the keep rate 1 − round(p·2¹⁶)/2¹⁶, identity in eval, the same masks from the same seed and
+    from a restored state."""
+    _tiny_base(monkeypatch)
+    torch.manual_seed(0)
+    peft_model, _ = llm.build("krause", krause=dict(window=4, top_k=2, sigma=5.5, gate=0.8))
+    masks = llm.use_numpy_dropout(peft_model, seed=3)
+    drops = [m for m in peft_model.modules() if isinstance(m, torch.nn.Dropout)]
+    masked = [m for m in peft_model.modules() if isinstance(m, llm.MaskedDropout)]
+    assert not drops and len(masked) == 2 * 11 and all(m.masks is masks for m in masked)
+    d = masked[0]
+    x = torch.ones(400, 500)
+    y = d.train()(x)
+    kept = (y > 0).float().mean().item()
+    assert kept == pytest.approx(1 - 6554 / 65536, abs=3e-3)
+    assert y.mean().item() == pytest.approx(1.0, abs=4e-3)
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(65536 / (65536 - 6554))]
+    assert torch.equal(d.eval()(x), x)
+    state = masks.state()
+    a = masks.keep((3, 7), 0.1)
+    masks.restore(state)
+    assert torch.equal(masks.keep((3, 7), 0.1), a)
+    assert torch.equal(llm.DropoutMasks(3).keep((50,), 0.1), llm.DropoutMasks(3).keep((50,), 0.1))
+    assert not torch.equal(llm.DropoutMasks(3).keep((50,), 0.1), llm.DropoutMasks(4).keep((50,), 0.1))
+    with pytest.raises(ValueError, match="p must be"):
+        llm.MaskedDropout(1.0, masks)
+
+
 def test_corpus_split_and_windows():
     class Tok:
         def __call__(self, text, add_special_tokens=False):

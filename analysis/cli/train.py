@@ -1,6 +1,6 @@
 """``ksync train TASK --attention NAME [--epochs N | --steps N] [--lr LR] [--seed S] [--out DIR]``.
 
-TASK is one of digits-vit, digits-ar, text-lm, text-bos, recall (writes OUT/NAME.pt + .json, NAME
+TASK is one of digits-vit, digits-ar, text-lm, text-bos, recall, backcopy (writes OUT/NAME.pt + .json, NAME
 defaulting to TASK-ATTENTION; an existing checkpoint is replaced only with --force), or
 ``ablations``: the digits-vit controls (RBF alone, dot-product + locality, dot-product + top-k,
 full Krause, softmax) over several seeds, summarised as mean ± sd in OUT/ablations.json.
@@ -17,7 +17,7 @@ from pathlib import Path
 from . import UsageError
 from ._args import add_force, output_name, positive_float, positive_int
 
-TASK_NAMES = ("digits-vit", "digits-ar", "text-lm", "text-bos", "recall", "ablations", "smollm2")
+TASK_NAMES = ("digits-vit", "digits-ar", "text-lm", "text-bos", "recall", "backcopy", "ablations", "smollm2")
 
 
 def register(subparsers):

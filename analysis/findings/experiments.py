@@ -170,7 +170,9 @@ def distances_missing(runs, root, *, n: int = N_DISTANCES, log=print) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", help="run store directory")
-    ap.add_argument("--parts", default="aebfcedg", help="stages in order (default aebfcedg; e = distances)")
+    ap.add_argument(
+        "--parts", default="aebfcedghi", help="stages in order (default aebfcedghi; e = distances)"
+    )
     args = ap.parse_args(argv)
     import numba
     import torch

@@ -76,12 +76,12 @@ def complete(ds: xr.Dataset) -> bool:
     return len({cell_factors(str(v)) for v in ds["variant"].values if str(v)[:3] in ("dot", "rbf")}) == 8
 
 
-def effects_table(ds: xr.Dataset, keys=None) -> str:
-    """One row per response, one column per factorial effect of the 2 × 2 × 2 (estimate ± 95 % CI);
-    ** marks an interval that excludes 0. Empty until every cell has runs."""
+def effects_table(ds: xr.Dataset, keys=None, resp=None) -> str:
+    """One row per response (default :func:`responses`), one column per factorial effect of the
+    2 × 2 × 2 (estimate ± 95 % CI); ** marks an interval that excludes 0. Empty until every cell has runs."""
     if not complete(ds):
         return ""
-    resp = responses(ds)
+    resp = resp or responses(ds)
     keys = keys or [k for k in resp if "layer 0" not in k]
     names = None
     rows = []
@@ -262,6 +262,61 @@ def recall_table(ds: xr.Dataset) -> str:
     return "\n".join(rows)
 
 
+SINK_AT = 0.5  # a dormant-row α₀ above this marks the step at which the sink formed
+
+
+def backcopy_responses(ds: xr.Dataset) -> dict[str, xr.DataArray]:
+    """Scalar responses of the Bigram-Backcopy sink experiment over (variant, seed), block 1, from
+    the probe at the end of training (64 held-out sequences) and the held-out metrics."""
+    end = {
+        k: ds[f"probe_{k}"].isel(probe_step=-1, attn_layer=0)
+        for k in (
+            "alpha0_dormant",
+            "alpha0_dormant_uniform",
+            "alpha0_active",
+            "self_dormant",
+            "previous_active",
+            "alpha0",
+        )
+    }
+    a = ds["probe_alpha0_dormant"].isel(attn_layer=0)
+    formed = (a > SINK_AT).values
+    first = np.where(formed.any(-1), ds["probe_step"].values[formed.argmax(-1)], np.nan)
+    return {
+        "α₀, dormant rows that see BOS": end["alpha0_dormant"],
+        "α₀ − uniform, those rows": end["alpha0_dormant"] - end["alpha0_dormant_uniform"],
+        "α₀, active rows": end["alpha0_active"],
+        "self-weight a_ii, dormant rows": end["self_dormant"],
+        "previous-token weight, active rows": end["previous_active"],
+        "α₀, all rows": end["alpha0"],
+        f"step α₀ (dormant) > {SINK_AT}": xr.DataArray(
+            first, dims=a.dims[:2], coords={d: a[d] for d in a.dims[:2]}
+        ),
+        "copy accuracy": ds["copy_accuracy"],
+        "bigram bits above the optimum": ds["bigram_bits"] - ds["bigram_bits_optimal"],
+    }
+
+
+def backcopy_table(ds: xr.Dataset, order=LM_ORDER) -> str:
+    """Per cell: the sink numbers of :func:`backcopy_responses`, mean ± 95 % CI over seeds; the
+    formation step is the number of seeds that formed a sink and their median step."""
+    resp = backcopy_responses(ds)
+    rows = ["| cell | " + " | ".join(resp) + " |", "|---" * (len(resp) + 1) + "|"]
+    for v in _order(ds, order):
+        cells = []
+        for k, r in resp.items():
+            x = r.sel(variant=v).values
+            if k.startswith("step"):
+                ok = x[np.isfinite(x)]
+                cells.append(
+                    f"{len(ok)}/{len(x)} seeds" + (f", median {np.median(ok):.0f}" if len(ok) else "")
+                )
+            else:
+                cells.append(fmt(x, 4 if "accuracy" in k or "bits" in k else 3))
+        rows.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def _open(path) -> xr.Dataset:
     from particles.conventions import decode
 
@@ -303,6 +358,13 @@ def main(argv=None) -> int:
     if (d / "vit-interventions.nc").exists():
         print("## vit-interventions (max |Δ logits| with rows set to uniform)\n")
         print(intervention_table(_open(d / "vit-interventions.nc")), "\n")
+    if (d / "sink-backcopy.nc").exists():
+        ds = _open(d / "sink-backcopy.nc")
+        print(f"## sink-backcopy (seeds: {[int(s) for s in ds['seed'].values]})\n")
+        print(backcopy_table(ds), "\n")
+        resp = backcopy_responses(ds)
+        keys = [k for k in resp if not k.startswith("step") and "accuracy" not in k]
+        print(effects_table(ds, keys, resp), "\n")
     if (d / "recall.nc").exists():
         print("## recall\n")
         print(recall_table(_open(d / "recall.nc")))

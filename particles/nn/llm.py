@@ -16,7 +16,8 @@
   whatever it is.)
 * LoRA (``add_lora``): r = 16, α = 32, dropout 0.1 on q/k/v/o of every attention branch and on the
   MLP's gate/up/down projections, as in the official Krause-Llama code; the hybrid's gate W_g, b is
-  trained fully, σ stays frozen. Adapters (LoRA A/B, gate, log σ) are stored in float16.
+  trained fully, σ stays frozen. Adapters (LoRA A/B, gate, log σ) are stored in float16. Training
+  draws the dropout masks from numpy (``use_numpy_dropout``), not from torch's one-thread generator.
 """
 
 from __future__ import annotations
@@ -159,6 +160,62 @@ def add_lora(model, lora: dict | None = None):
         if name.endswith("log_sigma"):
             p.requires_grad_(False)
     return peft_model
+
+
+class DropoutMasks:
+    """The random source of every LoRA dropout of one model: numpy's PCG64, seeded.
+
+    ``keep(shape, p)`` = 1[u ≥ m]/(1 − m/2¹⁶) as float32, u uniform on 0..2¹⁶−1 and m = round(p·2¹⁶):
+    inverted dropout with keep probability 1 − m/2¹⁶ (p = 0.1 → 0.099 991), unbiased. torch draws its
+    own dropout masks on one thread, one element at a time; in a 2-thread Krause-SmolLM2 step that
+    was a quarter of the step. The state travels with a resumable run (``state`` / ``restore``)."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng([int(seed), 0x4C6F5241])  # a stream apart from the data plan's
+
+    def keep(self, shape, p: float) -> torch.Tensor:
+        m = int(round(p * 65536))
+        u = self.rng.integers(0, 65536, size=int(np.prod(shape)), dtype=np.uint16)
+        mask = (u >= m).astype(np.float32)
+        mask *= np.float32(65536 / (65536 - m))
+        return torch.from_numpy(mask).view(shape)
+
+    def state(self) -> str:
+        return json.dumps(self.rng.bit_generator.state)
+
+    def restore(self, state: str):
+        self.rng.bit_generator.state = json.loads(state)
+
+
+class MaskedDropout(torch.nn.Module):
+    """Dropout y = x · keep(x.shape, p) in training (identity in eval), masks from a :class:`DropoutMasks`."""
+
+    def __init__(self, p: float, masks: DropoutMasks):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"p must be in [0, 1), got {p!r}")
+        self.p, self.masks = float(p), masks
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x * self.masks.keep(x.shape, self.p).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, masks=numpy PCG64"
+
+
+def use_numpy_dropout(peft_model, seed: int) -> DropoutMasks:
+    """Replace every LoRA dropout of ``peft_model`` (``nn.Dropout`` in peft's ``lora_dropout``) by a
+    :class:`MaskedDropout` drawing from one :class:`DropoutMasks` seeded with ``seed``; returns it."""
+    masks = DropoutMasks(seed)
+    for module in peft_model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for name, d in drops.items():
+                if isinstance(d, torch.nn.Dropout):
+                    drops[name] = MaskedDropout(d.p, masks)
+    return masks
 
 
 def adapter_names(peft_model) -> list[str]:

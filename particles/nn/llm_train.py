@@ -76,13 +76,18 @@ def train_smollm2(
     force: bool = False,
     heldout_windows: int | None = None,
     attn_implementation: str = "sdpa",
+    dropout_masks: str = "numpy",
 ) -> dict:
     """Fine-tune one arm (``attention`` = "krause" | "softmax") with ``seed``; returns the card.
 
     The softmax attention (the control's, the hybrid's softmax branch) runs as ``attn_implementation``:
-    "sdpa" (default; 1.8x faster per step than "eager" on CPU, the same function) during training."""
+    "sdpa" (default; 1.8x faster per step than "eager" on CPU, the same function) during training.
+    ``dropout_masks``: "numpy" (default: :class:`llm.DropoutMasks`, seeded by ``seed``) or "torch"
+    (torch's own dropout, as the adapters of 2026-12-05 were trained; 1.2-1.3x slower per step)."""
     if attention not in ("krause", "softmax"):
         raise ValueError(f"attention must be 'krause' or 'softmax', got {attention!r}")
+    if dropout_masks not in ("numpy", "torch"):
+        raise ValueError(f"dropout_masks must be 'numpy' or 'torch', got {dropout_masks!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     name = run_name(attention, seed)
@@ -97,6 +102,7 @@ def train_smollm2(
     torch.manual_seed(seed)
     t_load = time.perf_counter()
     model, tok = llm.build(attention, base=llm.load_base(attn_implementation))
+    masks = llm.use_numpy_dropout(model, seed) if dropout_masks == "numpy" else None
     data = llm.corpus(tok)
     bos = tok.bos_token_id
     plan = offsets(len(data["train"]), steps, B, T, seed)
@@ -117,6 +123,12 @@ def train_smollm2(
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["rng"])
+        if bool(st.get("dropout_masks")) != (masks is not None):
+            raise RuntimeError(
+                f"{state_path} was saved with other dropout masks; pass dropout_masks= to match"
+            )
+        if masks is not None:
+            masks.restore(st["dropout_masks"])
         start, elapsed = int(st["step"]), float(st["elapsed"])
     load_s = time.perf_counter() - t_load
     model.train()
@@ -146,7 +158,7 @@ def train_smollm2(
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             if (step + 1) % save_every == 0 and step + 1 < steps:
-                _save_state(state_path, model, opt, sched, step + 1, elapsed, plan)
+                _save_state(state_path, model, opt, sched, step + 1, elapsed, plan, masks)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss):.3f}")
@@ -176,6 +188,7 @@ def train_smollm2(
             schedule="linear warm-up then cosine to 0",
             threads=torch.get_num_threads(),
             attn_implementation=attn_implementation,
+            dropout_masks=dropout_masks,
             steps_done=steps,
             train_seconds=round(elapsed, 1),
             sec_per_step=round(elapsed / max(1, steps), 3),
@@ -208,8 +221,9 @@ def _sha(plan) -> str:
     return hashlib.sha256(np.ascontiguousarray(plan).tobytes()).hexdigest()
 
 
-def _save_state(path, model, opt, sched, step, elapsed, plan):
+def _save_state(path, model, opt, sched, step, elapsed, plan, masks=None):
     state = dict(
+        dropout_masks=masks.state() if masks is not None else "",
         adapters=llm.adapter_state(model, dtype=torch.float32),
         optimizer=opt.state_dict(),
         scheduler=sched.state_dict(),
@@ -224,13 +238,20 @@ def _save_state(path, model, opt, sched, step, elapsed, plan):
 
 
 def step_time(
-    attention: str, *, steps: int = 3, threads: int = 1, attn_implementation: str = "eager"
+    attention: str,
+    *,
+    steps: int = 3,
+    threads: int = 1,
+    attn_implementation: str = "eager",
+    dropout_masks: str = "numpy",
 ) -> float:
     """Median seconds of one training step at 4 × 256 tokens (after one warm-up step)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     base = llm.load_base(attn_implementation)
     model, tok = llm.build(attention, base=base)
+    if dropout_masks == "numpy":
+        llm.use_numpy_dropout(model, 0)
     params = _trainable(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randint(3, tok.vocab_size, (4, 256))

@@ -387,7 +387,14 @@ class Backcopy(Task):
     name, batch_size, lr = "backcopy", 32, 3e-3
     vocab, triggers, window, top_k = 32, (0, 1, 2), 16, 8
     model_defaults = dict(
-        model="causal_lm", vocab_size=vocab, seq_len=64, bos=vocab, d_model=64, n_heads=1, n_layers=1, mlp_ratio=4
+        model="causal_lm",
+        vocab_size=vocab,
+        seq_len=64,
+        bos=vocab,
+        d_model=64,
+        n_heads=1,
+        n_layers=1,
+        mlp_ratio=4,
     )
     attentions = causal_attentions(window=window, top_k=top_k)
     steps, epochs = 100, 20  # 2000 steps by default
