@@ -89,3 +89,28 @@ def test_a_first_token_sink_forms_in_softmax_backcopy():
     assert end["alpha0_dormant"][0] > 0.8 and end["alpha0_active"][0] < 0.05
     assert end["previous_active"][0] > 0.8 and card["metrics"]["copy_accuracy"] > 0.95
     assert np.isfinite(card["metrics"]["bigram_bits"])
+
+
+def test_ksync_train_backcopy_writes_a_checkpoint_that_loads(tmp_path):
+    from analysis.cli import main
+    from particles.nn import load_checkpoint
+
+    assert (
+        main(
+            [
+                "train",
+                "backcopy",
+                "--attention",
+                "krause",
+                "--steps",
+                "3",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    model = load_checkpoint(tmp_path / "backcopy-krause.pt")
+    assert model.card["task"] == "backcopy" and model.card["steps"] == 3
+    assert 0 <= model.card["metrics"]["copy_accuracy"] <= 1
