@@ -24,7 +24,9 @@ def cpu_model() -> str:
 def main() -> int:
     from particles.nn.llm_train import step_time
 
-    flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    flags = next(
+        ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")
+    ).split()
     res = dict(
         cpu=cpu_model(),
         isa=[f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
