@@ -165,14 +165,18 @@ def first_token_probe(windows: torch.Tensor):
     """A training probe: per-layer α₀ = mean_{i,h} a_i0 and its excess over uniform, on fixed windows."""
 
     def probe(model) -> dict:
-        m = measure_attention_only(model, windows)
-        return {
-            "alpha0": m["a0"].mean(("head", "query")).values.tolist(),
-            "alpha0_excess": (m["a0"] - m["a0_uniform"]).mean(("head", "query")).values.tolist(),
-            "alpha0_max_head": m["a0"].mean("query").max("head").values.tolist(),
-        }
+        return first_token_numbers(measure_attention_only(model, windows))
 
     return probe
+
+
+def first_token_numbers(m: xr.Dataset) -> dict:
+    """:func:`first_token_probe`'s per-layer lists from :func:`measure_attention_only`'s output."""
+    return {
+        "alpha0": m["a0"].mean(("head", "query")).values.tolist(),
+        "alpha0_excess": (m["a0"] - m["a0_uniform"]).mean(("head", "query")).values.tolist(),
+        "alpha0_max_head": m["a0"].mean("query").max("head").values.tolist(),
+    }
 
 
 def backcopy_probe(windows: torch.Tensor, active: torch.Tensor):
@@ -188,7 +192,8 @@ def backcopy_probe(windows: torch.Tensor, active: torch.Tensor):
 
     def probe(model) -> dict:
         blocks = list(model.blocks)
-        a = _attention(model, windows).mean(2)  # (B, L, T, T), mean over heads
+        heads = _attention(model, windows)  # (B, L, H, T, T): one forward for every number
+        a = heads.mean(2)  # (B, L, T, T), mean over heads
         T = a.shape[-1]
         sizes, first = (np.stack(v) for v in zip(*(_support_sizes(b.attn, T) for b in blocks)))
         out = {}
@@ -203,9 +208,9 @@ def backcopy_probe(windows: torch.Tensor, active: torch.Tensor):
             out.setdefault("self_dormant", []).append(a[:, layer, rows, rows][dormant].mean())
             prev = a[:, layer, rows[1:], rows[:-1]]
             out.setdefault("previous_active", []).append(prev[active[:, 1:]].mean())
-        return {**first_token(model), **{k: [float(x) for x in v] for k, v in out.items()}}
+        first = first_token_numbers(_attention_dataset(blocks, heads))
+        return {**first, **{k: [float(x) for x in v] for k, v in out.items()}}
 
-    first_token = first_token_probe(windows)
     return probe
 
 
@@ -221,8 +226,11 @@ def _attention(model, inputs) -> np.ndarray:
 
 def measure_attention_only(model, inputs) -> xr.Dataset:
     """a0 and a0_uniform (layer, head, query) of ``inputs`` without the token metrics (fast)."""
-    blocks = list(model.blocks)
-    a = _attention(model, inputs)  # (B, L, H, T, T)
+    return _attention_dataset(list(model.blocks), _attention(model, inputs))
+
+
+def _attention_dataset(blocks, a: np.ndarray) -> xr.Dataset:
+    """a0 and a0_uniform (layer, head, query), mean over inputs, of the attention a (B, L, H, T, T)."""
     sums = _attention_sums(blocks, a, entropy=False)
     dims = ("attn_layer", "head", "query")
     return xr.Dataset({k: (dims, v / a.shape[0]) for k, v in sums.items()})
