@@ -272,7 +272,7 @@ def test_saturating_exp2(dtype, rtol, floor, top):
     np.testing.assert_array_equal(special, [2.0**floor, 2.0**floor, 1.0, 2.0, np.inf, np.inf])
 
 
-def _top_k_rows(rng, m):
+def _top_k_rows(rng, m, k):
     """Rows that exercise every branch of the threshold search: spread, clustered, tied, masked."""
     yield rng.random(m)
     yield np.concatenate([rng.normal(0, 1e-3, m // 2), rng.normal(5, 1e-3, m - m // 2)])  # two clumps
@@ -282,6 +282,7 @@ def _top_k_rows(rng, m):
     row[rng.random(m) < 0.5] = -np.inf  # radius-masked entries
     yield row
     yield np.where(rng.random(m) < 0.9, -np.inf, rng.random(m))  # fewer finite values than k
+    yield np.where(np.arange(m) < m - k, -np.inf, rng.random(m))  # exactly k finite values
     yield np.nextafter(0.5, 1.0) ** np.arange(m)  # neighbours one ulp apart: the floats run out
 
 
@@ -307,7 +308,7 @@ def test_top_k_threshold_is_exact(dtype):
 
     rng = np.random.default_rng(5)
     for m, k in ((128, 32), (37, 5), (600, 599), (64, 1)):
-        for row in _top_k_rows(rng, m):
+        for row in _top_k_rows(rng, m, k):
             s = row.astype(dtype)
             thr, exact = top_k_threshold(s.copy(), m, k, s.min(), s.max())
             kth = np.sort(s)[::-1][k - 1]
@@ -315,6 +316,17 @@ def test_top_k_threshold_is_exact(dtype):
                 assert np.count_nonzero(s >= thr) == k
             else:
                 assert thr == kth and np.count_nonzero(s >= thr) > k
+
+
+@pytest.mark.parametrize("model, params", [("hk", {}), ("krause", {"sigma": 1.0}), ("sa", {"beta": 1.0})])
+def test_top_k_one_with_isolated_particles(model, params):
+    """top_k = 1 and a radius that leaves each particle alone (exactly k finite scores per row):
+    the kernel's weights are the identity and agree with the reference (once a division by zero)."""
+    x = np.array([[0.0], [1.0], [2.0]])
+    it = make_interaction(model, radius=0.1, top_k=1, **params)
+    field = velocity_field(it, 3, 1, np.float64)
+    np.testing.assert_array_equal(field.weights(x), np.eye(3))
+    np.testing.assert_allclose(field(x), reference.velocity(x, it), atol=1e-15)
 
 
 def test_store_streams_the_same_trajectory(tmp_path):

@@ -270,9 +270,11 @@ def top_k_threshold(s, m, k, mn, mx):
     """
     big, half = s.dtype.type(np.finfo(s.dtype).max), s.dtype.type(0.5)
     a, ca, b = mn, m, mx
-    if a < -big:
+    if a < -big:  # radius-masked −inf entries
         c = _count_ge(s, m, -big)
-        if c >= k:
+        if c == k:  # exactly k finite scores (f(−big) = −½ too: no secant through a and b)
+            return -big, EXACT
+        if c > k:
             a, ca = -big, c
     fa, fb = s.dtype.type(ca - k) - half, s.dtype.type(1 - k) - half
     kept = 0  # +1: a was moved last, −1: b was
