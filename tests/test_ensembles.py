@@ -167,3 +167,35 @@ def test_phase_diagram():
         phase_diagram("sa", {"beta": [1.0], "sigma": [1.0]})
     with pytest.raises(ValueError, match="times"):
         phase_diagram("sa", {"beta": [1.0]}, times=[0.05], dt=0.1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("geometry", [trajectory.SPHERE, trajectory.EUCLIDEAN])
+def test_vectorised_euler_step_is_the_general_one_bit_for_bit(dtype, geometry):
+    """The noiseless d ≤ 4 Euler step (_euler_plain, vectorised) = the general per-column loop, to
+    the last bit, for every d ≤ 4 and both geometries."""
+    rng = np.random.default_rng(4)
+    for d in (1, 2, 3, 4):
+        N = 131  # not a multiple of any vector width
+        x = rng.standard_normal((d, N)).astype(dtype)
+        if geometry == trajectory.SPHERE:
+            x /= np.sqrt((x * x).sum(0))
+        v = rng.standard_normal((N, d)).astype(dtype)
+        st = trajectory.stepping(geometry, "euler", 0.1, 0.0, True, dtype)
+        keys, order, xi = np.zeros(1, np.uint64), np.empty(0, np.int64), np.empty(d, dtype)
+        general, plain = x.copy(), x.copy()
+        trajectory._euler_update((), st, general, v, keys, 1, 0, order, xi, np.empty((0, 0), dtype))
+        trajectory._euler_update((0,) * d, st, plain, v, keys, 1, 0, order, xi, np.empty((d, N), dtype))
+        assert d == 1 and geometry == trajectory.SPHERE or not np.array_equal(general, x)  # S⁰ = {±1}
+        np.testing.assert_array_equal(plain, general)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_finite_check_sees_every_non_finite_entry(bad):
+    x = np.zeros((3, 257))
+    assert trajectory._finite(x)
+    for c, p in ((0, 0), (2, 256), (1, 100)):
+        y = x.copy()
+        y[c, p] = bad
+        assert not trajectory._finite(y)
+        assert not trajectory._finite(y.astype(np.float32))

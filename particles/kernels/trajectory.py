@@ -554,10 +554,69 @@ def _retract(st, y, i, d):
             y[c, i] = y[c, i] / nrm
 
 
+@njit(cache=True, error_model="numpy")
+def _euler_plain(dims, st, x, v, vt):
+    """The noiseless step of _euler_update for d = len(dims) ≤ 4, by the same operations in the same
+    order (the same numbers): v copied component-major into vt, then one loop over the columns on
+    unit-stride 1-D views, which LLVM vectorises (numba's default division-by-zero check kept it
+    scalar: 4.6× slower on a 64-sample tile)."""
+    D, N = len(dims), x.shape[1]
+    for p in range(N):
+        for c in range(D):
+            vt[c, p] = v[p, c]
+    e1, e2, e3 = min(1, D - 1), min(2, D - 1), min(3, D - 1)
+    x0, x1, x2, x3 = x[0], x[e1], x[e2], x[e3]
+    v0, v1, v2, v3 = vt[0], vt[e1], vt[e2], vt[e3]
+    dt = st.dt
+    if st.geometry != SPHERE:
+        for p in range(N):
+            x0[p] = x0[p] + dt * (v0[p] - x0[p])
+            if D > 1:
+                x1[p] = x1[p] + dt * (v1[p] - x1[p])
+            if D > 2:
+                x2[p] = x2[p] + dt * (v2[p] - x2[p])
+            if D > 3:
+                x3[p] = x3[p] + dt * (v3[p] - x3[p])
+        return
+    zero = x.dtype.type(0.0)
+    for p in range(N):
+        a0, a1, a2, a3 = x0[p], x1[p], x2[p], x3[p]
+        dot = zero + a0 * v0[p]
+        if D > 1:
+            dot += a1 * v1[p]
+        if D > 2:
+            dot += a2 * v2[p]
+        if D > 3:
+            dot += a3 * v3[p]
+        y0 = a0 + dt * (v0[p] - dot * a0)
+        y1 = a1 + dt * (v1[p] - dot * a1)
+        y2 = a2 + dt * (v2[p] - dot * a2)
+        y3 = a3 + dt * (v3[p] - dot * a3)
+        nrm2 = zero + y0 * y0
+        if D > 1:
+            nrm2 += y1 * y1
+        if D > 2:
+            nrm2 += y2 * y2
+        if D > 3:
+            nrm2 += y3 * y3
+        nrm = np.sqrt(nrm2)
+        x0[p] = y0 / nrm
+        if D > 1:
+            x1[p] = y1 / nrm
+        if D > 2:
+            x2[p] = y2 / nrm
+        if D > 3:
+            x3[p] = y3 / nrm
+
+
 @njit(cache=True)
-def _euler_update(dims, st, x, v, keys, lanes, step, order, xi):
+def _euler_update(dims, st, x, v, keys, lanes, step, order, xi, vt):
     """x ← R(x + dt f(x) [+ √dt·noise·T_x ξ]), f from the velocity v at x. Column p of x is particle
-    p // lanes of sample p % lanes (its noise: keys[p % lanes], element particle·d + c)."""
+    p // lanes of sample p % lanes (its noise: keys[p % lanes], element particle·d + c). Without
+    noise and for d ≤ 4: :func:`_euler_plain` (vt: its (d, N) scratch)."""
+    if not st.noisy and len(dims) > 0:
+        _euler_plain(dims, st, x, v, vt)
+        return
     d, N = x.shape
     d = _dim(dims, x)
     t = x.dtype.type
@@ -604,9 +663,10 @@ def _rk4_stage(dims, st, stage, x, src, v, acc, y):
         _retract(st, y if stage < 3 else x, p, d)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _finite(x):
-    """True if every entry of x is finite (0·inf and 0·NaN are NaN)."""
+    """True if every entry of x is finite (0·inf and 0·NaN are NaN; FASTMATH has no nnan/ninf, so
+    the sum still sees them, and reassociation lets it vectorise: 6× faster)."""
     chk = x.dtype.type(0.0)
     for c in range(x.shape[0]):
         for p in range(x.shape[1]):
@@ -614,12 +674,32 @@ def _finite(x):
     return chk == 0.0
 
 
+@njit(parallel=True, cache=True)
+def _gather_parallel(src, order, x):
+    """x[c, p] ← src[0, order[p], c] over the cores (a random gather of 10⁶ opinions: 2× faster
+    than one core on 2 cores)."""
+    for p in prange(order.shape[0]):
+        for c in range(x.shape[0]):
+            x[c, p] = src[0, order[p], c]
+
+
+@njit(parallel=True, cache=True)
+def _scatter_parallel(x, order, out):
+    """out[0, order[p], c] ← x[c, p] over the cores (the inverse of _gather_parallel)."""
+    for p in prange(order.shape[0]):
+        for c in range(x.shape[0]):
+            out[0, order[p], c] = x[c, p]
+
+
 @njit(cache=True)
-def _load(src, order, lanes, x):
+def _load(src, order, lanes, x, parallel=False):
     """x (d, n·L) ← the tile src (L, n, d): column row·L + lane holds particle row of sample lane, or,
-    with an order (one sample), column p holds particle order[p]."""
+    with an order (one sample), column p holds particle order[p] (parallel: over the cores)."""
     L, n, d = src.shape
     if order.shape[0] > 0:
+        if parallel:
+            _gather_parallel(src, order, x)
+            return
         for p in range(n):
             for c in range(d):
                 x[c, p] = src[0, order[p], c]
@@ -631,18 +711,22 @@ def _load(src, order, lanes, x):
 
 
 @njit(cache=True)
-def _save(x, order, out):
+def _save(x, order, out, parallel=False):
     """out (L, n, d) ← the component-major state x in particle order (the inverse of _load)."""
     L, n, d = out.shape
     if order.shape[0] > 0:
+        if parallel:
+            _scatter_parallel(x, order, out)
+            return
         for p in range(n):
             for c in range(d):
                 out[0, order[p], c] = x[c, p]
         return
-    for lane in range(L):
-        for row in range(n):
-            for c in range(d):
-                out[lane, row, c] = x[c, row * L + lane]
+    for row in range(n):  # unit-stride reads of each row's lanes: 2.4× faster than lane-major
+        for c in range(d):
+            src = x[c, row * L:(row + 1) * L]
+            for lane in range(L):
+                out[lane, row, c] = src[lane]
 
 
 @njit(cache=True, nogil=True)
@@ -659,23 +743,25 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
     L, n, d = x0.shape
     N = n * L
     x = np.empty((d, N), x0.dtype)
-    _load(x0, order, L, x)
+    spread = len(mode) == len(PARALLEL)  # one sample, the kernels over the cores: so are the unsorted copies
+    _load(x0, order, L, x, spread)
     y, acc = np.empty_like(x), np.empty_like(x)
     m = 0 if st.identity else N
     qb, kb, vb = np.empty((d, m), x0.dtype), np.empty((d, m), x0.dtype), np.empty((d, m), x0.dtype)
     v = np.empty((N, d), x0.dtype)
     xi = np.empty(d, x0.dtype)
+    vt = np.empty((d, N) if len(plan.dims) > 0 else (0, 0), x0.dtype)
     ws = workspace(plan, mode, spec, x, L)
     slot = 0
     if keep.shape[0] > 0 and keep[0] == step0:
-        _save(x, order, out[:, 0])
+        _save(x, order, out[:, 0], spread)
         slot = 1
     for step in range(step0, stop):
         ok = True
         if st.integrator == EULER:
             ok = _field(plan, mode, spec, st, ws, L, Q, K, V, x, qb, kb, vb, v)
             if ok:
-                _euler_update(plan.dims, st, x, v, keys, L, step, order, xi)
+                _euler_update(plan.dims, st, x, v, keys, L, step, order, xi, vt)
         else:
             for stage in range(4):
                 ok = _field(plan, mode, spec, st, ws, L, Q, K, V, x if stage == 0 else y, qb, kb, vb, v)
@@ -689,9 +775,9 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
                 status[lane, 0], status[lane, 1] = code, at
             return
         if saving:
-            _save(x, order, out[:, slot])
+            _save(x, order, out[:, slot], spread)
             slot += 1
-    _save(x, order, x_end)
+    _save(x, order, x_end, spread)
 
 
 @njit(cache=True, nogil=True)
