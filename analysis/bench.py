@@ -470,14 +470,18 @@ class StepCase:
         return make_interaction(model, **(general_qkv(self.d) if self.qkv == "general" else {}))
 
 
-def headdim_cases(quick=False):
+def headdim_cases(quick=False, targets=False):
     """The grid of the head-dimension section: d = 3…128 at n = 4096 and 16384 (d ≥ 16), smaller n
-    for the crossover, both scores and dtypes, Q = K = I; general Q, K, V at n = 4096."""
+    for the crossover, both scores and dtypes, Q = K = I; general Q, K, V at n = 4096. targets: only
+    the target sizes (n = 4096 and 16384, d = 3, 4 and 16…128), no crossover sizes."""
     if quick:
         return [StepCase(score, "float32", n, d) for score in ("softmax", "rbf") for n in (512, 2048)
                 for d in (3, 16, 64)] + [StepCase("softmax", "float32", 2048, 64, "general")]
-    grid = [(n, d) for n in (256, 512, 1024, 4096) for d in HEADDIM_DIMS]
-    grid += [(16384, d) for d in (3, 16, 32, 64, 128)]
+    if targets:
+        grid = [(n, d) for n in (4096, 16384) for d in (3, 4, 16, 32, 64, 128)]
+    else:
+        grid = [(n, d) for n in (256, 512, 1024, 4096) for d in HEADDIM_DIMS]
+        grid += [(16384, d) for d in (3, 16, 32, 64, 128)]
     out = [StepCase(score, dtype, n, d) for score in ("softmax", "rbf") for dtype in ("float32", "float64")
            for n, d in grid]
     return out + [StepCase(score, dtype, 4096, d, "general") for score in ("softmax", "rbf")

@@ -78,13 +78,21 @@ def test_crossover_is_the_smallest_n_from_which_headdim_wins():
     assert "| softmax | identity | float32 | 64 | never" in bench.crossover_markdown(records)
 
 
+def test_headdim_target_grid_is_the_issue_sizes():
+    full, targets = bench.headdim_cases(), bench.headdim_cases(targets=True)
+    identity = {(c.score, c.dtype, c.n, c.d) for c in targets if c.qkv == "identity"}
+    assert identity == {(s, t, n, d) for s in ("softmax", "rbf") for t in ("float32", "float64")
+                        for n in (4096, 16384) for d in (3, 4, 16, 32, 64, 128)}
+    assert [c for c in targets if c.qkv == "general"] == [c for c in full if c.qkv == "general"]
+
+
 def test_ksync_bench_headdim_writes_json_and_markdown(tmp_path, monkeypatch):
     import numba
 
     from analysis.cli import main
 
     cases = [bench.StepCase("softmax", "float32", 200, 8), bench.StepCase("rbf", "float64", 200, 3)]
-    monkeypatch.setattr(bench, "headdim_cases", lambda quick=False: cases)
+    monkeypatch.setattr(bench, "headdim_cases", lambda quick=False, targets=False: cases)
     out, md = tmp_path / "h.json", tmp_path / "h.md"
     threads = torch.get_num_threads(), numba.get_num_threads()
     try:

@@ -25,7 +25,11 @@ def register(subparsers):
                    help="repeats per timing, >= 1 (best is kept; default 5, --quick 2)")
     p.add_argument("--headdim", action="store_true",
                    help="run the head-dimension section instead: one simulate step of our kernels vs the "
-                        "same step on torch's scaled_dot_product_attention, d = 3..128 (about 10 minutes)")
+                        "same step on torch's scaled_dot_product_attention, d = 3..128, n = 256..16384 "
+                        "(about 90 minutes at 1 thread; --targets: about 30)")
+    p.add_argument("--targets", action="store_true",
+                   help="with --headdim: only the target grid, n = 4096 and 16384 at d = 3, 4, 16, 32, 64, "
+                        "128 (general Q, K, V at n = 4096), without the crossover sizes")
     p.add_argument("--ensembles", action="store_true",
                    help="run the ensemble section instead: whole trajectories of many small systems "
                         "(2048 x 32 on the circle, fp64 and fp32; n = 64 for 500 steps; 1-D HK with 1e6 "
@@ -188,11 +192,12 @@ def print_machine(machine):
 
 
 def run_headdim(args, bench, repeats, budget, start) -> int:
-    cases = bench.headdim_cases(quick=args.quick)
+    cases = bench.headdim_cases(quick=args.quick, targets=args.targets)
     rounds = 1 if args.quick else 3
     clock = time.thread_time if args.cpu_time else time.perf_counter
     clock_name = "CPU time of the calling thread (1 thread)" if args.cpu_time else "wall time"
-    command = " ".join(["ksync bench --headdim"] + ["--quick"] * args.quick + ["--cpu-time"] * args.cpu_time
+    command = " ".join(["ksync bench --headdim"] + ["--quick"] * args.quick + ["--targets"] * args.targets
+                       + ["--cpu-time"] * args.cpu_time
                        + ([f"--threads {args.threads}"] if args.threads else []))
 
     def write(records, final=False):
