@@ -610,7 +610,8 @@ def headdim_markdown(records, machine, *, command, clock):
     rounds = len(records[0]["rounds"]["auto"]) if records else 0
     return (f"<!-- written by `{command}`, {time.strftime('%Y-%m-%d %H:%M')} -->\n\n"
             f"Machine: {m['cpu']} ({m['isa']}), {m['cores']} cores, 1-min load {m['load_average_1min']:.1f}; "
-            f"numba {m['numba']} ({m['numba_threads']} threads, {m['numba_threading_layer']} layer), torch "
+            f"numba {m['numba']} ({m['numba_threads']} threads, {m['numba_threading_layer']} layer, "
+            f"{m.get('numba_vector_bits', '?')}-bit vectors), torch "
             f"{m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}, headdim BLAS: "
             f"{m['headdim_blas']}. Clock: {clock}, best over {rounds} interleaved rounds.\n\n"
             f"## Steps\n\n{headdim_table(records)}\n\n"
@@ -708,6 +709,7 @@ def machine_summary():
     import torch
 
     from particles.kernels import headdim
+    from particles.vectors import vector_bits
 
     cpu, flags = platform.processor() or "", []
     try:
@@ -727,7 +729,8 @@ def machine_summary():
     out = dict(cpu=cpu, isa=" ".join(flags), cores=os.cpu_count(), numba=numba.__version__,
                numba_threading_layer=numba.config.THREADING_LAYER, numpy=np.__version__,
                torch=torch.__version__, torch_threads=torch.get_num_threads(),
-               numba_threads=numba.get_num_threads(), headdim_blas=headdim.blas_addresses()["library"],
+               numba_threads=numba.get_num_threads(), numba_vector_bits=vector_bits(),
+               headdim_blas=headdim.blas_addresses()["library"],
                python=platform.python_version(), load_average_1min=load)
     if keops_available():
         import pykeops

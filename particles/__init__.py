@@ -6,6 +6,10 @@
 
 __version__ = "0.1.0"
 
+from .vectors import prefer_512_bit_vectors  # noqa: E402
+
+prefer_512_bit_vectors()  # before numba compiles anything (see particles/vectors.py)
+
 from .interaction import MODELS, Interaction, make_interaction  # noqa: E402
 from .simulate import simulate  # noqa: E402
 

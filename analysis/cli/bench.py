@@ -178,7 +178,8 @@ def run_ensembles(args, bench, repeats, budget, start) -> int:
         with open(args.markdown, "w") as fh:
             fh.write(f"<!-- written by `{command}`, {time.strftime('%Y-%m-%d %H:%M')} -->\n\n"
                      f"Machine: {machine['cpu']} ({machine['isa']}), {machine['cores']} cores, 1-min load "
-                     f"{machine['load_average_1min']:.1f}. Times: best of {repeats} (wall).\n\n"
+                     f"{machine['load_average_1min']:.1f}; numba {machine.get('numba_vector_bits', '?')}-bit "
+                     f"vectors. Times: best of {repeats} (wall).\n\n"
                      + bench.ensemble_table(records) + "\n")
         print(f"wrote {args.markdown}")
     return 0
@@ -187,7 +188,8 @@ def run_ensembles(args, bench, repeats, budget, start) -> int:
 def print_machine(machine):
     print(f"machine: {machine['cpu']} ({machine['isa']}), {machine['cores']} cores, load "
           f"{machine['load_average_1min']:.1f}; threads numba {machine['numba_threads']} torch "
-          f"{machine['torch_threads']}; numba {machine['numba']}, numpy {machine['numpy']}, torch "
+          f"{machine['torch_threads']}; numba {machine['numba']} "
+          f"({machine.get('numba_vector_bits', '?')}-bit vectors), numpy {machine['numpy']}, torch "
           f"{machine['torch']}, headdim BLAS {machine['headdim_blas']}")
 
 

@@ -1,0 +1,58 @@
+"""512-bit vectors for the numba kernels on Intel AVX-512 cores.
+
+LLVM tunes Intel's AVX-512 cores (Skylake-X through Sapphire Rapids) to prefer 256-bit vectors
+("prefer-256-bit"), so numba's loops there use ymm registers only, while on AMD Zen 4 they use zmm.
+Measured on an Intel Xeon (AVX-512/AMX), one thread, n = 4096 (benchmarks/README.md, "Vector
+width"): the dense symmetric step is 15–31 % faster with 512-bit vectors in fp32 and fp64 for
+d = 3 and 4, and an ensemble of 2048 systems 17 % faster in fp64 (fp32 unchanged).
+
+:func:`prefer_512_bit_vectors` appends ``-prefer-256-bit`` to the host's CPU features for numba's
+code generation, before numba compiles anything. It does nothing when the CPU lacks avx512f, when
+the user set ``NUMBA_CPU_NAME`` or ``NUMBA_CPU_FEATURES`` (their choice wins), when
+``KSYNC_VECTOR_BITS=256`` asks for the LLVM default, or when numba has already compiled code in this
+process (its code generator is then fixed). The setting is process-wide: numba code of other
+libraries compiled afterwards uses it too.
+"""
+
+from __future__ import annotations
+
+import os
+
+PREFER_256 = "-prefer-256-bit"
+
+
+def vector_bits() -> int:
+    """The widest vectors numba's loops use in this process (512 or 256, or 128 without AVX)."""
+    import numba
+    from llvmlite import binding
+
+    features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
+    if "+avx512f" in features.split(","):
+        return 512 if PREFER_256 in features or not _prefers_256(numba.config.CPU_NAME) else 256
+    return 256 if "+avx" in features.split(",") else 128
+
+
+def _prefers_256(cpu_name) -> bool:
+    """LLVM's tuning for Intel AVX-512 cores; AMD's Zen 4 and later use full-width vectors."""
+    from llvmlite import binding
+
+    return not (cpu_name or binding.get_host_cpu_name()).startswith("znver")
+
+
+def prefer_512_bit_vectors() -> bool:
+    """Ask numba for 512-bit vectors (module docstring); True if the setting was applied."""
+    if os.environ.get("KSYNC_VECTOR_BITS", "") == "256":
+        return False
+    if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
+        return False
+    import numba
+    from llvmlite import binding
+    from numba.core.registry import cpu_target
+
+    if "_toplevel_target_context" in vars(cpu_target):  # numba's code generator exists already
+        return False
+    features = binding.get_host_cpu_features().flatten()
+    if "+avx512f" not in features.split(","):
+        return False
+    numba.config.CPU_FEATURES = f"{features},{PREFER_256}"
+    return True
