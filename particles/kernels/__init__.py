@@ -194,25 +194,27 @@ class Path:
     that it is the automatic choice when no earlier path is, `run(field, x, proj, out)` computes
     out ← v (proj: the component-major projections) and returns the path it actually took, and
     `plan(field, parallel)` is its compiled-trajectory plan (None: the Python stepping loop — the
-    neighbour lists are built by scipy's kd-tree, headdim calls BLAS per block, each call ≥ 0.1 ms)."""
+    neighbour lists are built by scipy's kd-tree, headdim calls BLAS per block, each call ≥ 0.1 ms);
+    `projects`: run reads proj (False: it works from x itself, and no projection is computed)."""
 
     name: str
     applies: Callable
     auto: Callable
     run: Callable
     plan: Callable = lambda f, parallel: None
+    projects: bool = True
 
 
 #: The paths in the order of preference (see the module docstring).
 PATH_TABLE = (
-    Path("hk1d", _is_hk1d, _is_hk1d, _run_hk1d, _plan_hk1d),
+    Path("hk1d", _is_hk1d, _is_hk1d, _run_hk1d, _plan_hk1d, projects=False),
     Path("neighbours", lambda it, n, d: it.radius is not None,
          lambda it, n, d: it.radius is not None and it.window is None and d <= neighbours.MAX_DIM
          and n >= neighbours.MIN_N, _run_neighbours),
     Path("symmetric", lambda it, n, d: symmetric_scores(it, d),
          lambda it, n, d: n >= SYMMETRIC_MIN_N and symmetric_scores(it, d), _run_symmetric, _plan_symmetric),
     Path("fused", _fused_applies, _fused_applies, _run_fused, _plan_fused),
-    Path("headdim", headdim.applies, headdim.auto, _run_headdim),
+    Path("headdim", headdim.applies, headdim.auto, _run_headdim, projects=False),
     Path("blas", _blas_applies, _blas_applies, _run_blas, _plan_blas),
     Path("range", lambda it, n, d: True, lambda it, n, d: True, _run_range, _plan_range),
 )
@@ -280,8 +282,9 @@ class VelocityField:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         out = np.empty(x.shape, dtype=self.dtype)
-        proj = None if self.path == "hk1d" else self.project(x)
-        self.last_path = _BY_NAME[self.path].run(self, x, proj, out)
+        path = _BY_NAME[self.path]
+        proj = self.project(x) if path.projects else None  # (headdim projected twice before: 3 GEMMs)
+        self.last_path = path.run(self, x, proj, out)
         if not self.interaction.normalise and not np.all(np.isfinite(out)):
             raise OverflowError(usa_overflow_message(self.interaction.beta, self.dtype))
         return out
