@@ -2,9 +2,10 @@
 
 LLVM tunes Intel's AVX-512 cores (Skylake-X through Sapphire Rapids) to prefer 256-bit vectors
 ("prefer-256-bit"), so numba's loops there use ymm registers only, while on AMD Zen 4 they use zmm.
-Measured on an Intel Xeon (AVX-512/AMX), one thread, n = 4096 (benchmarks/README.md, "Vector
-width"): the dense symmetric step is 15–31 % faster with 512-bit vectors in fp32 and fp64 for
-d = 3 and 4, and an ensemble of 2048 systems 17 % faster in fp64 (fp32 unchanged).
+Measured on an Intel Xeon (AVX-512/AMX; benchmarks/vector_width.py, its table in
+benchmarks/README.md): with 512-bit vectors the dense step at n = 4096 (one thread, SA and Krause,
+fp32 and fp64, d = 3 and 4) is 1.18–1.45× faster, an ensemble of 2048 systems of 32 tokens 1.24×
+in fp64 (1.01× in fp32), one n = 64 system 1.32×.
 
 :func:`prefer_512_bit_vectors` appends ``-prefer-256-bit`` to the host's CPU features for numba's
 code generation, before numba compiles anything. It does nothing when the CPU lacks avx512f, when
