@@ -23,11 +23,16 @@ PREFER_256 = "-prefer-256-bit"
 
 
 def vector_bits() -> int:
-    """The widest vectors numba's loops use in this process (512 or 256, or 128 without AVX)."""
+    """The widest vectors numba's loops use in this process (512 or 256, or 128 without AVX): from
+    its code generator's features once it exists, else from what it will be created with."""
     import numba
     from llvmlite import binding
+    from numba.core.registry import cpu_target
 
-    features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
+    features = None
+    if "_toplevel_target_context" in vars(cpu_target):  # (a private attribute: fall back without it)
+        features = getattr(cpu_target.target_context.codegen(), "_tm_features", None)
+    features = features or numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
     if "+avx512f" in features.split(","):
         return 512 if PREFER_256 in features or not _prefers_256(numba.config.CPU_NAME) else 256
     return 256 if "+avx" in features.split(",") else 128

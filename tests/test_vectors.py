@@ -10,7 +10,10 @@ from particles import vectors
 SCRIPT = """
 import numba, particles
 from particles.vectors import PREFER_256, vector_bits
-print(PREFER_256 in (numba.config.CPU_FEATURES or ""), vector_bits())
+before = vector_bits()
+numba.njit(lambda: 1)()  # the code generator now exists: vector_bits reads its features
+assert vector_bits() == before, (before, vector_bits())
+print(PREFER_256 in (numba.config.CPU_FEATURES or ""), before)
 """
 
 
