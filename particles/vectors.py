@@ -30,12 +30,20 @@ def vector_bits() -> int:
     from numba.core.registry import cpu_target
 
     features = None
-    if "_toplevel_target_context" in vars(cpu_target):  # (a private attribute: fall back without it)
+    if _codegen_exists():  # (a private attribute: fall back without it)
         features = getattr(cpu_target.target_context.codegen(), "_tm_features", None)
     features = features or numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
-    if "+avx512f" in features.split(","):
-        return 512 if PREFER_256 in features or not _prefers_256(numba.config.CPU_NAME) else 256
-    return 256 if "+avx" in features.split(",") else 128
+    flags = features.split(",")
+    if "+avx512f" in flags:
+        return 512 if PREFER_256 in flags or not _prefers_256(numba.config.CPU_NAME) else 256
+    return 256 if "+avx" in flags else 128
+
+
+def _codegen_exists() -> bool:
+    """True once numba has created its CPU code generator in this process (its features are fixed)."""
+    from numba.core.registry import cpu_target
+
+    return "_toplevel_target_context" in vars(cpu_target)
 
 
 def _prefers_256(cpu_name) -> bool:
@@ -53,9 +61,8 @@ def prefer_512_bit_vectors() -> bool:
         return False
     import numba
     from llvmlite import binding
-    from numba.core.registry import cpu_target
 
-    if "_toplevel_target_context" in vars(cpu_target):  # numba's code generator exists already
+    if _codegen_exists():
         return False
     features = binding.get_host_cpu_features().flatten()
     if "+avx512f" not in features.split(","):
