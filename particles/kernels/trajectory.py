@@ -53,6 +53,11 @@ SERIAL, PARALLEL = (0,), (0, 0)  # compile-time modes of the velocity (see veloc
 
 
 FUSED, SYMMETRIC, RANGE, HK1D, LANES, SYMMETRIC_LANES = 1, 2, 3, 4, 5, 6  # plan kinds
+# Bytes after each (component, particle) row of lanes in the symmetric-lanes sums: without them
+# every row is 2^k bytes long, so the six rows a pair updates (Σw, Σw·v for rows i and j) sit at
+# the same address modulo 4 KiB and the core holds each load back behind an unrelated store
+# (4K aliasing): fp64 ensemble 1.3x faster with them on an AMD EPYC (AVX2).
+LANE_ROW_PAD = 64
 
 
 class Plan(NamedTuple):
@@ -185,7 +190,8 @@ def _workspace(plan, mode, spec, xT, lanes):
     if kind == SYMMETRIC_LANES:
         def impl(plan, mode, spec, xT, lanes):
             d, N = xT.shape
-            return np.empty((d + 1, N // lanes, lanes), xT.dtype), np.empty(lanes, xT.dtype)
+            row = lanes + LANE_ROW_PAD // xT.itemsize
+            return np.empty((d + 1, N // lanes, row), xT.dtype), np.empty(lanes, xT.dtype)
         return impl
     if kind == HK1D:
         def impl(plan, mode, spec, xT, lanes):
