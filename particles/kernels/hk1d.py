@@ -32,6 +32,17 @@ def is_sorted(x):
 
 
 @njit(cache=True)
+def copy_sorted(x, xs):
+    """xs[:n] = x; True if x is non-decreasing (the copy and the check in one pass)."""
+    bad = 0
+    for p in range(x.shape[0]):
+        xs[p] = x[p]
+        if p > 0:
+            bad += x[p] < x[p - 1]
+    return bad == 0
+
+
+@njit(cache=True)
 def gather_sorted(x, perm, xs):
     """xs = x[perm]; returns the number of order violations xs[p] < xs[p − 1]."""
     n = x.shape[0]

@@ -210,20 +210,23 @@ def _hk1d_velocity(plan, parallel, spec, ws, xT, out):
     xs, p_hi, p_lo, tmp, perm = ws
     n = xT.shape[1]
     x = xT[0]
-    ordered = hk1d.is_sorted(x)
-    if ordered:
-        xs[:n] = x
-    else:
+    ordered = hk1d.copy_sorted(x, xs)
+    if not ordered:
         perm[:] = np.argsort(x, kind="mergesort")
         for p in range(n):
             xs[p] = x[perm[p]]
     hk1d.prefix_sums(xs, n, p_hi, p_lo)
+    means = out.reshape(n) if ordered else tmp  # sorted: the sweep writes v's one column itself
     if parallel:
-        hk1d.sweep(xs, n, p_hi, p_lo, spec.r2, tmp)
+        hk1d.sweep(xs, n, p_hi, p_lo, spec.r2, means)
     else:
-        hk1d.sweep_serial(xs, n, p_hi, p_lo, spec.r2, tmp)
-    for p in range(n):
-        out[p if ordered else perm[p], 0] = tmp[p] * plan.vscale
+        hk1d.sweep_serial(xs, n, p_hi, p_lo, spec.r2, means)
+    if not ordered:
+        for p in range(n):
+            out[perm[p], 0] = tmp[p] * plan.vscale
+    elif plan.vscale != 1.0:
+        for p in range(n):
+            means[p] = means[p] * plan.vscale
 
 
 def _fused_serial(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
