@@ -8,7 +8,7 @@ from numba import njit
 from particles import make_interaction, reference
 from particles.kernels import PATHS, choose_path, velocity_field
 from particles.kernels.fastexp import exp2_sat, fexp
-from particles.kernels.hk1d import SortedSweep
+from particles.kernels.hk1d import PARALLEL_SORT_MIN, SortedSweep, argsort
 from particles.kernels.neighbours import neighbour_lists
 
 
@@ -174,6 +174,20 @@ def test_hk1d_matches_a_direct_sum_for_many_opinions():
     for i in sample:
         near = x[(x - x[i]) ** 2 <= (R * (1 + 1e-9)) ** 2]
         assert abs(v[i] - near.mean()) < 1e-13
+
+
+@pytest.mark.parametrize("parts", [None, 1, 2, 3, 4])
+def test_hk1d_argsort_sorts_in_parallel_parts(parts):
+    """Sorted runs of 1-4 parts merged (an odd count leaves a run for the next round): a permutation
+    with x[perm] equal to np.sort(x), ties and float32 included."""
+    rng = np.random.default_rng(parts or 0)
+    n = 4 * PARALLEL_SORT_MIN + 7
+    tied, single = np.round(rng.normal(size=n), 1), rng.random(n).astype(np.float32)
+    for x in (rng.random(n), tied, single, rng.random(99)):
+        perm = argsort(x, parts)
+        assert perm.dtype == np.int64
+        np.testing.assert_array_equal(np.sort(perm), np.arange(x.shape[0]))
+        np.testing.assert_array_equal(x[perm], np.sort(x))
 
 
 def test_neighbour_lists_and_density_switch():

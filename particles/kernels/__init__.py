@@ -305,7 +305,7 @@ class VelocityField:
 
     def order(self, x: np.ndarray):
         """The working order of prepare (None: the particles' own order)."""
-        return np.argsort(x[:, 0]) if self.path == "hk1d" else None
+        return hk1d.argsort(np.ascontiguousarray(x[:, 0])) if self.path == "hk1d" else None
 
     def trajectory_plan(self, parallel: bool = False, samples: int = 1):
         """The plan of kernels/trajectory.py for this field and `samples` systems (None: no
