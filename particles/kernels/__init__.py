@@ -169,7 +169,10 @@ def _run_range(f, x, proj, out):
 
 # -- plans of the compiled trajectories (kernels/trajectory.py); None: the Python stepping loop ----
 def _plan_hk1d(f, parallel):
-    return trajectory.make_plan(trajectory.HK1D, vscale=1.0 if f.interaction.V is None else f.V[0, 0])
+    """dims = (0,): the state is one component, so the step is the vectorised d ≤ 4 Euler loop
+    (trajectory._euler_plain; the general loop took 9 ms of a 27 ms step at 10⁶ opinions)."""
+    return trajectory.make_plan(trajectory.HK1D, dims=(0,),
+                                vscale=1.0 if f.interaction.V is None else f.V[0, 0])
 
 
 def _plan_symmetric(f, parallel):
