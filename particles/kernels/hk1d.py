@@ -26,15 +26,6 @@ LOOKAHEAD = 4  # keys each end of the neighbour interval tests per position (+in
 
 
 @njit(cache=True)
-def is_sorted(x):
-    """x[p − 1] ≤ x[p] for every p (NaN-free input)."""
-    bad = 0
-    for p in range(1, x.shape[0]):
-        bad += x[p] < x[p - 1]
-    return bad == 0
-
-
-@njit(cache=True)
 def copy_sorted(x, xs):
     """xs[:n] = x; True if x is non-decreasing (the copy and the check in one pass)."""
     bad = 0
@@ -240,13 +231,12 @@ class SortedSweep:
         n = flat.shape[0]
         xs, p_hi, p_lo, v = self._buffers(n, flat.dtype)
         out = np.empty_like(flat)
-        if is_sorted(flat):  # e.g. simulate keeps 1-D HK in sorted order: no permutation at all
-            xs[:n] = flat
+        if copy_sorted(flat, xs):  # e.g. simulate keeps 1-D HK in sorted order: no permutation at all
             prefix_sums(xs, n, p_hi, p_lo)
             sweep(xs, n, p_hi, p_lo, r2, out)
             return out[:, None]
         if self.perm is None or self.perm.shape[0] != n or gather_sorted(flat, self.perm, xs) > 0:
-            self.perm = np.argsort(flat, kind="stable")
+            self.perm = argsort(flat)
             self.resorts += 1
             gather_sorted(flat, self.perm, xs)
         prefix_sums(xs, n, p_hi, p_lo)
