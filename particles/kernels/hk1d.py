@@ -94,7 +94,7 @@ def gather_sorted(x, perm, xs):
     return bad
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _two_sum_add(s, c, v):
     """(s, c) ← s + c + v with the rounding error of s + v kept in c (TwoSum; no fastmath here)."""
     t = s + v
@@ -103,9 +103,11 @@ def _two_sum_add(s, c, v):
     return t, c
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _near(xs, p, j, r2):
-    u = xs[j] - xs[p]
+    """(xs[j] − xs[p])² ≤ r2 (the indices are never negative: as unsigned, numba's wraparound code
+    for negative indices goes, which had been most of the sweep's instructions)."""
+    u = xs[np.uint64(j)] - xs[np.uint64(p)]
     return u * u <= r2
 
 
@@ -146,7 +148,7 @@ def prefix_sums(xs, n, p_hi, p_lo):
         p_lo[p + 1] = c
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _advance(xs, p, lo, hi, r2):
     """The neighbour interval [lo, hi] of position p from that of p − 1: both ends only move forward,
     by about one per position. Each end counts the keys it passes among the next LOOKAHEAD (the
@@ -169,10 +171,11 @@ def _advance(xs, p, lo, hi, r2):
     return lo, hi
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _window_mean(p_hi, p_lo, lo, hi):
     """mean of xs[lo..hi] from the compensated prefix sums."""
-    return ((p_hi[hi + 1] - p_hi[lo]) + (p_lo[hi + 1] - p_lo[lo])) / (hi - lo + 1)
+    a, b = np.uint64(lo), np.uint64(hi + 1)  # unsigned: no wraparound code (see _near)
+    return ((p_hi[b] - p_hi[a]) + (p_lo[b] - p_lo[a])) / (hi - lo + 1)
 
 
 @njit(cache=True)
