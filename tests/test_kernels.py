@@ -7,8 +7,8 @@ from numba import njit
 
 from particles import make_interaction, reference
 from particles.kernels import PATHS, choose_path, velocity_field
-from particles.kernels.fastexp import exp2_sat, fexp
-from particles.kernels.hk1d import PARALLEL_SORT_MIN, SortedSweep, argsort
+from particles.kernels.fastexp import WINDOW_LANES, count_far_left, count_near, exp2_sat, fexp
+from particles.kernels.hk1d import CHUNK, PARALLEL_SORT_MIN, SortedSweep, argsort
 from particles.kernels.neighbours import neighbour_lists
 
 
@@ -174,6 +174,60 @@ def test_hk1d_matches_a_direct_sum_for_many_opinions():
     for i in sample:
         near = x[(x - x[i]) ** 2 <= (R * (1 + 1e-9)) ** 2]
         assert abs(v[i] - near.mean()) < 1e-13
+
+
+@njit
+def _window_counts(xs, starts, centres, r2):
+    out = np.empty((starts.shape[0], 2), np.int64)
+    for k in range(starts.shape[0]):
+        out[k, 0] = count_near(xs, starts[k], centres[k], r2)
+        out[k, 1] = count_far_left(xs, starts[k], centres[k], r2)
+    return out
+
+
+@pytest.mark.parametrize("dtype, r2_dtype", [(np.float64, np.float64), (np.float32, np.float64),
+                                             (np.float32, np.float32)])
+def test_window_counts_match_the_scalar_predicate(dtype, r2_dtype):
+    """The vector counts of the 1-D HK sweep = the scalar counts over WINDOW_LANES keys: u² ≤ r2,
+    and u < 0 with u² > r2, u = x_j − c in the storage dtype and u² compared in r2's type (ties,
+    keys on both sides of c, +inf padding)."""
+    rng = np.random.default_rng(7)
+    xs = np.concatenate([np.round(rng.normal(size=500), 1), np.full(WINDOW_LANES, np.inf)]).astype(dtype)
+    starts = rng.integers(0, 500, 300)
+    centres = xs[rng.integers(0, 500, 300)]
+    r2 = r2_dtype(0.15**2)
+    got = _window_counts(xs, starts, centres, r2)
+    for (start, c), (near, far_left) in zip(zip(starts, centres), got):
+        u = xs[start:start + WINDOW_LANES] - c
+        square = (u * u).astype(r2_dtype)
+        assert near == np.count_nonzero(square <= r2)
+        assert far_left == np.count_nonzero((u < 0) & ~(square <= r2))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_hk1d_sweep_across_tasks_and_clusters(dtype):
+    """Several parallel tasks, ties, jumps of both window ends longer than the vector lookahead
+    (clusters of equal opinions with gaps wider than the radius), windows of one or two opinions
+    (an end that stays behind the position two back): every checked position is the
+    mean over the predicate (x_j − x_i)² ≤ r2, evaluated as the kernels do."""
+    rng = np.random.default_rng(5)
+    n, R = 2 * CHUNK + 123, 0.01
+    isolated = 2.0 + 3 * R * np.arange(300)  # windows of one opinion, and of two (the pairs)
+    pairs = 4.0 + 3 * R * np.repeat(np.arange(100), 2) + np.tile([0, R / 2], 100)
+    x = np.concatenate([np.repeat(rng.random(40), 1000), isolated, pairs,
+                        rng.random(n - 40500)]).astype(dtype)
+    rng.shuffle(x)
+    r2 = np.float64(R * R)
+    v = SortedSweep()(x[:, None], r2)[:, 0]
+    order = np.argsort(x, kind="stable")
+    edges = np.flatnonzero(np.diff(x[order]) > R)
+    checks = np.concatenate([order[[0, n - 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK]], order[edges],
+                             order[edges + 1], rng.choice(n, 100, replace=False), order[-500:]])
+    tol = 1e-13 if dtype == np.float64 else 1e-6  # float32: the mean rounded to the output dtype
+    for i in checks:
+        u = x - x[i]
+        near = x[(u * u).astype(np.float64) <= r2]
+        assert abs(v[i] - near.astype(np.float64).mean()) <= tol
 
 
 @pytest.mark.parametrize("parts", [None, 1, 2, 3, 4])

@@ -116,6 +116,14 @@ def _key_float_overload(k, like):
     return None
 
 
+def _splat(builder, value, vector_t):
+    """A vector with `value` in every lane."""
+    lanes = vector_t.count
+    undefined, lane0 = ir.Constant(vector_t, ir.Undefined), ir.Constant(ir.IntType(32), 0)
+    return builder.shuffle_vector(builder.insert_element(undefined, value, lane0), undefined,
+                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
 BLOCK_BYTES = 64  # one 512-bit vector: the block of count_ge_block
 
 
@@ -140,14 +148,61 @@ def count_ge_block(typingctx, s, start, thr):
         first = context.cast(builder, first, start_t, types.intp)
         pointer = builder.bitcast(builder.gep(data, [first]), vector_t.as_pointer())
         block = builder.load(pointer, align=array_t.dtype.bitwidth // 8)
-        threshold = context.cast(builder, threshold, thr_t, array_t.dtype)
-        undefined, lane0 = ir.Constant(vector_t, ir.Undefined), ir.Constant(ir.IntType(32), 0)
-        splat = builder.shuffle_vector(builder.insert_element(undefined, threshold, lane0), undefined,
-                                       ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+        splat = _splat(builder, context.cast(builder, threshold, thr_t, array_t.dtype), vector_t)
         mask = builder.bitcast(builder.fcmp_ordered(">=", block, splat), ir.IntType(lanes))
         return builder.zext(builder.ctpop(mask), ir.IntType(64))
 
     return types.int64(s, start, thr), codegen
+
+
+WINDOW_LANES = 8  # keys tested at once by count_near / count_far_left (the 1-D HK lookahead)
+
+
+def _window_count(left):
+    """The intrinsic #{l < WINDOW_LANES : pred(u_l)}, u_l = xs[start + l] − c in xs's dtype, with
+    pred u² ≤ r2 (left False) or u < 0 and not u² ≤ r2 (left True); u² is compared in r2's type
+    (as numba compares u * u <= r2), unchecked (start + WINDOW_LANES ≤ len(xs) is the caller's)."""
+
+    def typer(typingctx, xs, start, c, r2):
+        if not (isinstance(xs, types.Array) and xs.ndim == 1 and xs.layout == "C"
+                and xs.dtype in (types.float32, types.float64) and isinstance(start, types.Integer)
+                and isinstance(c, types.Float) and r2 in (xs.dtype, types.float64)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            xs_t, start_t, c_t, r2_t = signature.args
+            array, first, centre, bound = args
+            value_t = context.get_value_type(xs_t.dtype)
+            vector_t = ir.VectorType(value_t, WINDOW_LANES)
+            data = context.make_array(xs_t)(context, builder, array).data
+            first = context.cast(builder, first, start_t, types.intp)
+            pointer = builder.bitcast(builder.gep(data, [first]), vector_t.as_pointer())
+            u = builder.fsub(builder.load(pointer, align=xs_t.dtype.bitwidth // 8),
+                             _splat(builder, context.cast(builder, centre, c_t, xs_t.dtype), vector_t))
+            square = builder.fmul(u, u)
+            bound_t = vector_t
+            if r2_t != xs_t.dtype:
+                bound_t = ir.VectorType(context.get_value_type(r2_t), WINDOW_LANES)
+                square = builder.fpext(square, bound_t)
+            bound = _splat(builder, bound, bound_t)
+            if left:
+                mask = builder.and_(builder.fcmp_ordered("<", u, ir.Constant(vector_t, 0.0)),
+                                    builder.fcmp_unordered(">", square, bound))
+            else:
+                mask = builder.fcmp_ordered("<=", square, bound)
+            bits = builder.bitcast(mask, ir.IntType(WINDOW_LANES))
+            return builder.zext(builder.ctpop(bits), ir.IntType(64))
+
+        return types.int64(xs, start, c, r2), codegen
+
+    return typer
+
+
+count_near = intrinsic(_window_count(False))
+count_near.__doc__ = "#{l < WINDOW_LANES : (xs[start + l] − c)² ≤ r2}: keys in the radius (_window_count)."
+count_far_left = intrinsic(_window_count(True))
+count_far_left.__doc__ = ("#{l < WINDOW_LANES : xs[start + l] < c, (xs[start + l] − c)² > r2}: keys left "
+                          "of the radius (_window_count).")
 
 
 _ROUND_MAGIC = 6755399441055744.0  # 1.5·2^52: k + this has the integer k in its low mantissa bits

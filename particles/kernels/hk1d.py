@@ -21,8 +21,10 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .fastexp import WINDOW_LANES, count_far_left, count_near
+
 CHUNK = 1 << 16  # positions per parallel task in the sweep
-LOOKAHEAD = 4  # keys each end of the neighbour interval tests per position (+inf padding past the end)
+LOOKAHEAD = WINDOW_LANES  # keys each interval end tests per position (+inf padding past the end)
 
 
 @njit(cache=True)
@@ -150,20 +152,20 @@ def prefix_sums(xs, n, p_hi, p_lo):
 
 @njit(cache=True, inline="always")
 def _advance(xs, p, lo, hi, r2):
-    """The neighbour interval [lo, hi] of position p from that of p − 1: both ends only move forward,
-    by about one per position. Each end counts the keys it passes among the next LOOKAHEAD (the
-    predicate is monotone there, so the count is the step; the +inf padding stops hi at n − 1) and
-    only a longer jump takes the loop, so a step costs one load-compare-add latency, not one per key."""
-    step = 0
-    for ell in range(1, LOOKAHEAD + 1):
-        step += _near(xs, p, hi + ell, r2)
+    """The neighbour interval [lo, hi] of position p from that of an earlier position: both ends only
+    move forward, by about one per position. Each end counts the keys it passes among the next
+    LOOKAHEAD in one vector compare (the predicate is monotone there, so the count is the step;
+    the +inf padding stops hi at n − 1; a key left of the radius is below x_p, so lo never passes
+    p) and only a longer jump takes the loop: a step costs one load-compare-popcount latency, not
+    one per key."""
+    c = xs[np.uint64(p)]
+    hi = max(hi, p - 1)  # the keys counted start at p or later, where the predicate is monotone
+    step = count_near(xs, hi + 1, c, r2)
     hi += step
     if step == LOOKAHEAD:
         while _near(xs, p, hi + 1, r2):
             hi += 1
-    step = 0
-    for ell in range(LOOKAHEAD):
-        step += (lo + ell < p) & (not _near(xs, p, lo + ell, r2))
+    step = count_far_left(xs, lo, c, r2)
     lo += step
     if step == LOOKAHEAD:
         while not _near(xs, p, lo, r2):
@@ -178,16 +180,20 @@ def _window_mean(p_hi, p_lo, lo, hi):
     return ((p_hi[b] - p_hi[a]) + (p_lo[b] - p_lo[a])) / (hi - lo + 1)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sweep_task(xs, n, p_hi, p_lo, r2, out, task):
     """Positions task·CHUNK … of :func:`sweep`: the neighbour interval [lo, hi] of the first position
-    by bisection, then advanced position by position (:func:`_advance`); the window sum is the
-    difference of the compensated prefix sums."""
+    by bisection, then each position's interval advanced (:func:`_advance`) from that of the
+    position two back, so that two independent chains of loads and compares overlap (any earlier
+    interval is a valid start: both ends only move forward); the window sum is the difference of
+    the compensated prefix sums. (error_model numpy: hi − lo + 1 ≥ 1, no division check.)"""
     start = task * CHUNK
     lo, hi = _first_near(xs, start, r2), _last_near(xs, n, start, r2)
+    lo_back, hi_back = lo, hi  # two positions back
     for p in range(start, min(n, start + CHUNK)):
-        lo, hi = _advance(xs, p, lo, hi, r2)
-        out[p] = _window_mean(p_hi, p_lo, lo, hi)
+        lo_next, hi_next = _advance(xs, p, lo_back, hi_back, r2)
+        out[p] = _window_mean(p_hi, p_lo, lo_next, hi_next)
+        lo_back, hi_back, lo, hi = lo, hi, lo_next, hi_next
 
 
 @njit(parallel=True, cache=True)
