@@ -120,6 +120,52 @@ def test_results_do_not_depend_on_the_thread_count():
         assert abs(runs[0][1][0, 1, i, 0] - x[(x - x[i]) ** 2 <= bound].mean()) < 1e-12
 
 
+def _run_single(field, x0, steps=3):
+    """One system through trajectory.run with the row-parallel kernels (PARALLEL mode)."""
+    euclidean = field.interaction.geometry == "euclidean"
+    st = trajectory.stepping(1 if euclidean else 0, "euler", 1.0 if euclidean else 0.1, 0.0, True, x0.dtype)
+    keep = np.arange(steps + 1)
+    out = np.empty((1, len(keep)) + x0.shape[1:])
+    status = trajectory.run(field, field.trajectory_plan(True), st, x0, keep, np.zeros(1, np.uint64), out,
+                            parallel=True)
+    assert not status.any()
+    return out
+
+
+def test_single_system_buffers_are_reused_with_the_same_numbers(monkeypatch):
+    """A large single system keeps its state buffers for the next call of that shape (per thread):
+    the same numbers on reuse, after another shape, and from two threads at once; none kept above
+    REUSED_BUFFER_BYTES."""
+    import threading
+
+    hk0 = np.random.default_rng(3).random((1, 150_000, 1))
+    hk1 = np.random.default_rng(4).random((1, 150_000, 1))
+    sa0 = sphere_points(700, 3, seed=1)[None]
+    hk_field = velocity_field(make_interaction("hk", radius=0.002), hk0.shape[1], 1)
+    sa_field = velocity_field(make_interaction("sa", beta=2.0), sa0.shape[1], 3)
+    trajectory._reused.buffers = None
+    first = _run_single(hk_field, hk0)
+    kept = trajectory._reused.buffers[1]
+    np.testing.assert_array_equal(_run_single(hk_field, hk0), first)
+    assert trajectory._reused.buffers[1] is kept
+    sa_first = _run_single(sa_field, sa0)
+    assert trajectory._reused.buffers[1] is not kept
+    np.testing.assert_array_equal(_run_single(hk_field, hk0), first)
+    np.testing.assert_array_equal(_run_single(sa_field, sa0), sa_first)
+    other = {}
+    worker = threading.Thread(target=lambda: other.update(hk1=_run_single(hk_field, hk1)))
+    worker.start()
+    mine = _run_single(hk_field, hk0)
+    worker.join()
+    np.testing.assert_array_equal(mine, first)
+    trajectory._reused.buffers = None
+    np.testing.assert_array_equal(other["hk1"], _run_single(hk_field, hk1))
+    monkeypatch.setattr(trajectory, "REUSED_BUFFER_BYTES", 0)
+    trajectory._reused.buffers = None
+    np.testing.assert_array_equal(_run_single(hk_field, hk0), first)
+    assert trajectory._reused.buffers is None
+
+
 def test_blocks_of_saved_steps():
     keep = np.array([0, 3, 6, 9, 10])
     assert trajectory.blocks(keep) == [(0, 10, 0, 5)]

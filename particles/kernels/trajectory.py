@@ -25,6 +25,7 @@ tasks (steps; the symmetric kernel's per-task partial sums differ in the last bi
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import numba
@@ -100,8 +101,10 @@ class Stepping(NamedTuple):
 
 
 # -- per-plan workspace and velocity (compile-time dispatch on the plan type) ----------------------
-def workspace(plan, mode, spec, xT, lanes):  # pragma: no cover - numba overload below
-    """Scratch arrays of the plan's velocity for systems shaped like xT (d, n)."""
+def workspace(plan, mode, spec, xT, lanes, threads):  # pragma: no cover - numba overload below
+    """Scratch arrays of the plan's velocity for systems shaped like xT (d, n), with `threads` numba threads
+    (the row-parallel symmetric kernel's partial sums: the thread count is an argument, as numba code that
+    asks for it cannot be cached on disk)."""
     raise NotImplementedError
 
 
@@ -155,46 +158,46 @@ def _finish_symmetric(plan, spec, sums, which, redo, s, dist, qnorm, kmax, xT, q
 
 
 @overload(workspace)
-def _workspace(plan, mode, spec, xT, lanes):
+def _workspace(plan, mode, spec, xT, lanes, threads):
     kind = _plan_kind(plan)
     if kind == FUSED:
-        def impl(plan, mode, spec, xT, lanes):
+        def impl(plan, mode, spec, xT, lanes, threads):
             n = xT.shape[1]
             m = buffer_len(n, spec.window, spec.causal)
             return (np.empty(m, xT.dtype), np.empty(m if spec.use_radius else 1, xT.dtype), np.arange(n),
                     np.empty(n, xT.dtype))
         return impl
     if kind == SYMMETRIC:
-        def impl(plan, mode, spec, xT, lanes):
+        def impl(plan, mode, spec, xT, lanes, threads):
             d, n = xT.shape
             tasks = 1
             if len(mode) == 2:  # the parallel kernel's per-task partial sums
                 blocks = (n + SYMMETRIC_BLOCK - 1) // SYMMETRIC_BLOCK
-                tasks = max(1, min((blocks + 1) // 2, 2 * numba.get_num_threads()))
+                tasks = max(1, min((blocks + 1) // 2, 2 * threads))
             return (np.empty((d + 1, n), xT.dtype), np.empty((d + 1, SYMMETRIC_BLOCK), xT.dtype),
                     np.empty((tasks, d + 1, n), xT.dtype), np.empty(n, np.int64), np.empty((n, d), xT.dtype),
                     np.empty(n, xT.dtype), np.empty(1, xT.dtype), np.empty(n, xT.dtype))
         return impl
     if kind == RANGE:
-        def impl(plan, mode, spec, xT, lanes):
+        def impl(plan, mode, spec, xT, lanes, threads):
             m = buffer_len(xT.shape[1], spec.window, spec.causal)
             dist = np.empty(m if spec.use_radius else 1, xT.dtype)
             return np.empty(m, xT.dtype), np.empty(m, np.int64), dist
         return impl
     if kind == LANES:
-        def impl(plan, mode, spec, xT, lanes):
+        def impl(plan, mode, spec, xT, lanes, threads):
             d = xT.shape[0]
             return (np.empty(lanes, xT.dtype), np.empty(lanes, xT.dtype), np.empty((d, lanes), xT.dtype),
                     np.empty(lanes, xT.dtype), np.empty((d, lanes), xT.dtype))
         return impl
     if kind == SYMMETRIC_LANES:
-        def impl(plan, mode, spec, xT, lanes):
+        def impl(plan, mode, spec, xT, lanes, threads):
             d, N = xT.shape
             row = lanes + LANE_ROW_PAD // xT.itemsize
             return np.empty((d + 1, N // lanes, row), xT.dtype), np.empty(lanes, xT.dtype)
         return impl
     if kind == HK1D:
-        def impl(plan, mode, spec, xT, lanes):
+        def impl(plan, mode, spec, xT, lanes, threads):
             n = xT.shape[1]
             xs = np.empty(n + hk1d.LOOKAHEAD, xT.dtype)
             xs[n:] = np.inf
@@ -742,28 +745,39 @@ def _save(x, order, out, parallel=False):
 
 
 @njit(cache=True, nogil=True)
-def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, keys, out, x_end, status):
-    """A tile of L = x0.shape[0] samples (one, or the lanes of a LANES plan) from step0 to stop:
-    out[lane, slot] ← the state at step keep[slot] (particle order), x_end[lane] ← the state at
-    stop, status[lane] ← (code, step) on failure.
-
-    The tile is held as one component-major state (d, n·L), column p = particle p // L of sample
-    p % L. order (n,) maps working columns to particles (the 1-D HK sweep holds them sorted, L = 1)
-    or is empty. Finiteness is checked at saved steps (NaN and inf persist), usa weights at every
-    evaluation (an overflow there is reported at the step it happened).
-    """
+def state_buffers(plan, mode, spec, st, x0, threads):
+    """The arrays integrate_one works in for tiles shaped like x0 (L, n, d): the state x (d, n·L), RK4
+    stage point y and sum acc, the projections qb, kb, vb, the velocity v (n·L, d), the noise xi, the
+    component-major velocity vt and the plan's workspace. All are written before they are read (as
+    np.empty promises nothing), so one set serves any number of tiles and calls of that shape."""
     L, n, d = x0.shape
     N = n * L
     x = np.empty((d, N), x0.dtype)
-    spread = len(mode) == len(PARALLEL)  # one sample, the kernels over the cores: so are the unsorted copies
-    _load(x0, order, L, x, spread)
     y, acc = np.empty_like(x), np.empty_like(x)
     m = 0 if st.identity else N
     qb, kb, vb = np.empty((d, m), x0.dtype), np.empty((d, m), x0.dtype), np.empty((d, m), x0.dtype)
     v = np.empty((N, d), x0.dtype)
     xi = np.empty(d, x0.dtype)
     vt = np.empty((d, N) if len(plan.dims) > 0 else (0, 0), x0.dtype)
-    ws = workspace(plan, mode, spec, x, L)
+    return x, y, acc, qb, kb, vb, v, xi, vt, workspace(plan, mode, spec, x, L, threads)
+
+
+@njit(cache=True, nogil=True)
+def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, keys, out, x_end, status,
+                  bufs):
+    """A tile of L = x0.shape[0] samples (one, or the lanes of a LANES plan) from step0 to stop:
+    out[lane, slot] ← the state at step keep[slot] (particle order), x_end[lane] ← the state at
+    stop, status[lane] ← (code, step) on failure; bufs: its state_buffers.
+
+    The tile is held as one component-major state (d, n·L), column p = particle p // L of sample
+    p % L. order (n,) maps working columns to particles (the 1-D HK sweep holds them sorted, L = 1)
+    or is empty. Finiteness is checked at saved steps (NaN and inf persist), usa weights at every
+    evaluation (an overflow there is reported at the step it happened).
+    """
+    L = x0.shape[0]
+    x, y, acc, qb, kb, vb, v, xi, vt, ws = bufs
+    spread = len(mode) == len(PARALLEL)  # one sample, the kernels over the cores: so are the unsorted copies
+    _load(x0, order, L, x, spread)
     slot = 0
     if keep.shape[0] > 0 and keep[0] == step0:
         _save(x, order, out[:, 0], spread)
@@ -792,15 +806,29 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
     _save(x, order, x_end, spread)
 
 
+def _tile_buffers(bufs, plan, mode, spec, st, x0):  # pragma: no cover - numba overload below
+    """bufs if given, else a new state_buffers set for the tile x0."""
+    raise NotImplementedError
+
+
+@overload(_tile_buffers)
+def _tile_buffers_overload(bufs, plan, mode, spec, st, x0):
+    if len(bufs) == 0:
+        return lambda bufs, plan, mode, spec, st, x0: state_buffers(plan, mode, spec, st, x0, 1)
+    return lambda bufs, plan, mode, spec, st, x0: bufs
+
+
 @njit(cache=True, nogil=True)
 def integrate_tiles(plan, mode, spec, st, Q, K, V, x0, orders, step0, stop, keep, keys, out, x_end, status,
-                    first, last):
-    """integrate_one for the tiles first..last−1 of plan.lanes samples each (one call per thread)."""
+                    first, last, bufs):
+    """integrate_one for the tiles first..last−1 of plan.lanes samples each (one call per thread), in
+    the state_buffers `bufs` (one sample per tile), or in new ones per tile if bufs = ()."""
     S, L = x0.shape[0], plan.lanes
     for tile in range(first, last):
         a, b = tile * L, min(S, (tile + 1) * L)
+        tile_bufs = _tile_buffers(bufs, plan, mode, spec, st, x0[a:b])
         integrate_one(plan, mode, spec, st, Q, K, V, x0[a:b], orders[a], step0, stop, keep, keys[a:b],
-                      out[a:b], x_end[a:b], status[a:b])
+                      out[a:b], x_end[a:b], status[a:b], tile_bufs)
 
 
 # -- weights at saved steps ------------------------------------------------------------------------
@@ -896,21 +924,47 @@ def _full_tiles(x, keys, lanes):
 def _integrate(plan, mode, args):
     """integrate_one over every tile of `plan.lanes` samples; SERIAL: the tiles split into
     contiguous shares, one per thread (at most numba.get_num_threads()), each tile computed by one
-    thread whatever the thread count; PARALLEL: the samples in turn, the kernels parallel."""
+    thread whatever the thread count; PARALLEL: the samples in turn, the kernels parallel, in the
+    calling thread's reusable state buffers (_reused_buffers)."""
     S, L = args[5].shape[0], plan.lanes
     count = -(-S // L)
-    threads = 1 if mode == PARALLEL else max(1, min(numba.get_num_threads(), count))
+    if mode == PARALLEL:
+        integrate_tiles(plan, mode, *args, 0, count, _reused_buffers(plan, mode, args[0], args[1], args[5]))
+        return
+    threads = max(1, min(numba.get_num_threads(), count))
     if threads == 1:
-        integrate_tiles(plan, mode, *args, 0, count)
+        integrate_tiles(plan, mode, *args, 0, count, ())
         return
     from concurrent.futures import ThreadPoolExecutor
 
     bounds = np.linspace(0, count, threads + 1).round().astype(np.int64)
     with ThreadPoolExecutor(threads) as pool:
-        jobs = [pool.submit(integrate_tiles, plan, mode, *args, bounds[k], bounds[k + 1])
+        jobs = [pool.submit(integrate_tiles, plan, mode, *args, bounds[k], bounds[k + 1], ())
                 for k in range(threads)]
         for job in jobs:
             job.result()
+
+
+#: the most bytes of state buffers kept for reuse between calls (per thread; see _reused_buffers)
+REUSED_BUFFER_BYTES = 256 * 2**20
+_reused = threading.local()
+
+
+def _reused_buffers(plan, mode, spec, st, x0):
+    """The state_buffers of one sample of x0 (S, n, d), kept per thread for the next call with the
+    same plan, numbers and shape when they take at most REUSED_BUFFER_BYTES: a large system's first
+    touch of fresh pages costs a page fault per 4 KiB (about 3 ms per 8 MB here, 15-20 ms of a
+    10-step 1-D HK run with 10⁶ opinions); reused pages are warm. Every buffer is written before it
+    is read, so reuse gives the same numbers."""
+    threads = numba.get_num_threads()
+    key = (plan, mode, spec, st.identity, x0.shape[1:], x0.dtype.str, threads)
+    cached = getattr(_reused, "buffers", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    bufs = state_buffers(plan, mode, spec, st, x0[:1], threads)
+    size = sum(a.nbytes for a in bufs[:-1]) + sum(getattr(a, "nbytes", 0) for a in bufs[-1])
+    _reused.buffers = (key, bufs) if size <= REUSED_BUFFER_BYTES else None
+    return bufs
 
 
 def _write(sink, out, a):
