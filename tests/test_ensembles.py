@@ -15,8 +15,10 @@ CASES = [
     ("krause", dict(sigma=0.5, top_k=4), 15, 3, 3, trajectory.RANGE),
     ("hk", dict(radius=0.2), 40, 1, 2, trajectory.HK1D),
     ("krause", dict(sigma=0.6, window=5, causal=True), 13, 3, 17, trajectory.LANES),
-    ("sa", dict(beta=2.0), 12, 3, 17, trajectory.SYMMETRIC_LANES),
-    ("usa", dict(beta=1.0), 12, 3, 17, trajectory.SYMMETRIC_LANES),
+    ("sa", dict(beta=2.0), 12, 2, 17, trajectory.SYMMETRIC_LANES),
+    ("usa", dict(beta=1.0), 12, 2, 17, trajectory.SYMMETRIC_LANES),
+    ("sa", dict(beta=2.0), 12, 3, 17, trajectory.LANES),  # symmetric, but above SYMMETRIC_LANES_MAX_DIM
+    ("krause", dict(sigma=0.5), 11, 1, 17, trajectory.SYMMETRIC_LANES),
     ("sa", dict(beta=300.0, Q=np.diag([1.0, 2.0, 3.0]), K=np.diag([3.0, 1.0, 0.5])), 10, 3, 17,
      trajectory.LANES),  # the shift bound is loose: rows redone with their exact max
     ("sa", dict(beta=1.0), 520, 3, 1, trajectory.SYMMETRIC),

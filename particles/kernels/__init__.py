@@ -52,6 +52,10 @@ HK1D_WORK_PER_OPINION = 16  # the sweep's cost per opinion, in the same units
 RANGE_TOP_K_COST = 4  # a scored pair of the range kernel with top-k, in the same units
 SYMMETRIC_MIN_N = 512
 LANES_MIN_SAMPLES = 16  # ensembles this large integrate tiles of samples vectorised over the samples
+# SYMMETRIC_LANES (one exp per pair, both rows updated) up to this d; above it LANES. Measured on one
+# 64-sample tile, n = 32 (AMD EPYC, AVX-512): symmetric 1.7-1.9x faster at d ≤ 2 but 2-4x slower at
+# d = 3, 4 (ten rows read and written per pair: LLVM's loop left vector code)
+SYMMETRIC_LANES_MAX_DIM = 2
 LANES_PER_TILE = 64  # samples per LANES tile: the lane loops vectorise in blocks of 64 (fp32: 16 × 4)
 
 
@@ -314,9 +318,11 @@ class VelocityField:
         """The plan of kernels/trajectory.py for this field and `samples` systems (None: no
         compiled trajectory). Ensembles of at least LANES_MIN_SAMPLES systems on the dense,
         windowed or causal rows (no top-k, d ≤ 4) run LANES tiles of LANES_PER_TILE samples, vectorised over
-        the samples (the last tile padded: trajectory.run)."""
+        the samples (the last tile padded: trajectory.run); SYMMETRIC_LANES tiles when the scores are
+        symmetric and d ≤ SYMMETRIC_LANES_MAX_DIM."""
         if samples >= LANES_MIN_SAMPLES and self.path in ("fused", "symmetric"):
-            symmetric = symmetric_scores(self.interaction, len(self.dims))
+            symmetric = len(self.dims) <= SYMMETRIC_LANES_MAX_DIM and symmetric_scores(self.interaction,
+                                                                                      len(self.dims))
             kind = trajectory.SYMMETRIC_LANES if symmetric else trajectory.LANES
             return trajectory.make_plan(kind, self.dims, self.score_s, self.radius_s, lanes=LANES_PER_TILE)
         return _BY_NAME[self.path].plan(self, parallel)
