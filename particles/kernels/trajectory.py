@@ -748,8 +748,10 @@ def _save(x, order, out, parallel=False):
 def state_buffers(plan, mode, spec, st, x0, threads):
     """The arrays integrate_one works in for tiles shaped like x0 (L, n, d): the state x (d, n·L), RK4
     stage point y and sum acc, the projections qb, kb, vb, the velocity v (n·L, d), the noise xi, the
-    component-major velocity vt and the plan's workspace. All are written before they are read (as
-    np.empty promises nothing), so one set serves any number of tiles and calls of that shape."""
+    component-major velocity vt and the plan's workspace. Each is either written before it is read in
+    every call (as np.empty promises nothing) or set here once and only read afterwards (the +inf
+    padding of the sorted 1-D HK opinions, the FUSED row list), so one set serves any number of
+    tiles and calls of that shape."""
     L, n, d = x0.shape
     N = n * L
     x = np.empty((d, N), x0.dtype)
