@@ -53,8 +53,8 @@ RANGE_TOP_K_COST = 4  # a scored pair of the range kernel with top-k, in the sam
 SYMMETRIC_MIN_N = 512
 LANES_MIN_SAMPLES = 16  # ensembles this large integrate tiles of samples vectorised over the samples
 # SYMMETRIC_LANES (one exp per pair, both rows updated) up to this d; above it LANES. Measured on one
-# 64-sample tile, n = 32 (AMD EPYC, AVX-512): symmetric 1.7-1.9x faster at d ≤ 2 but 2-4x slower at
-# d = 3, 4 (ten rows read and written per pair: LLVM's loop left vector code)
+# 64-sample tile, n = 16, 32, 96 (AMD EPYC, AVX-512): symmetric 1.2-1.9x faster at d ≤ 2 but 2-4x
+# slower at d = 3, 4 (eight or ten rows read and written per pair: the loop leaves vector code)
 SYMMETRIC_LANES_MAX_DIM = 2
 LANES_PER_TILE = 64  # samples per LANES tile: the lane loops vectorise in blocks of 64 (fp32: 16 × 4)
 
