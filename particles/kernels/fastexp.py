@@ -129,6 +129,28 @@ def _splat(builder, value, vector_t):
                                   ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
+def _block_args(array, start, value):
+    """The argument types of the block intrinsics: a C-contiguous 1-D float32/float64 array, an
+    integer start and a float."""
+    return (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+            and array.dtype in (types.float32, types.float64) and isinstance(start, types.Integer)
+            and isinstance(value, types.Float))
+
+
+def _load_block(context, builder, array_t, array, start_t, start, lanes):
+    """(vector type, array[start:start + lanes] as one unchecked vector load)."""
+    vector_t = ir.VectorType(context.get_value_type(array_t.dtype), lanes)
+    data = context.make_array(array_t)(context, builder, array).data
+    first = context.cast(builder, start, start_t, types.intp)
+    pointer = builder.bitcast(builder.gep(data, [first]), vector_t.as_pointer())
+    return vector_t, builder.load(pointer, align=array_t.dtype.bitwidth // 8)
+
+
+def _count_true(builder, mask, lanes):
+    """The true lanes of a vector compare as an int64: the lane mask as an integer, popcounted."""
+    return builder.zext(builder.ctpop(builder.bitcast(mask, ir.IntType(lanes))), ir.IntType(64))
+
+
 BLOCK_BYTES = 64  # one 512-bit vector: the block of count_ge_block
 
 
@@ -138,24 +160,16 @@ def count_ge_block(typingctx, s, start, thr):
     C-contiguous 1-D array, unchecked (start + block ≤ len(s) is the caller's promise). One vector
     compare whose lane mask is reinterpreted as an integer and popcounted: no horizontal vector sum,
     which is what a plain counting loop waits on."""
-    if not (isinstance(s, types.Array) and s.ndim == 1 and s.layout == "C"
-            and s.dtype in (types.float32, types.float64) and isinstance(start, types.Integer)
-            and isinstance(thr, types.Float)):
+    if not _block_args(s, start, thr):
         return None
     lanes = BLOCK_BYTES * 8 // s.dtype.bitwidth
 
     def codegen(context, builder, signature, args):
         array_t, start_t, thr_t = signature.args
         array, first, threshold = args
-        value_t = context.get_value_type(array_t.dtype)
-        vector_t = ir.VectorType(value_t, lanes)
-        data = context.make_array(array_t)(context, builder, array).data
-        first = context.cast(builder, first, start_t, types.intp)
-        pointer = builder.bitcast(builder.gep(data, [first]), vector_t.as_pointer())
-        block = builder.load(pointer, align=array_t.dtype.bitwidth // 8)
+        vector_t, block = _load_block(context, builder, array_t, array, start_t, first, lanes)
         splat = _splat(builder, context.cast(builder, threshold, thr_t, array_t.dtype), vector_t)
-        mask = builder.bitcast(builder.fcmp_ordered(">=", block, splat), ir.IntType(lanes))
-        return builder.zext(builder.ctpop(mask), ir.IntType(64))
+        return _count_true(builder, builder.fcmp_ordered(">=", block, splat), lanes)
 
     return types.int64(s, start, thr), codegen
 
@@ -169,21 +183,14 @@ def _window_count(left):
     (as numba compares u * u <= r2), unchecked (start + WINDOW_LANES ≤ len(xs) is the caller's)."""
 
     def typer(typingctx, xs, start, c, r2):
-        if not (isinstance(xs, types.Array) and xs.ndim == 1 and xs.layout == "C"
-                and xs.dtype in (types.float32, types.float64) and isinstance(start, types.Integer)
-                and isinstance(c, types.Float) and r2 in (xs.dtype, types.float64)):
+        if not (_block_args(xs, start, c) and r2 in (xs.dtype, types.float64)):
             return None
 
         def codegen(context, builder, signature, args):
             xs_t, start_t, c_t, r2_t = signature.args
             array, first, centre, bound = args
-            value_t = context.get_value_type(xs_t.dtype)
-            vector_t = ir.VectorType(value_t, WINDOW_LANES)
-            data = context.make_array(xs_t)(context, builder, array).data
-            first = context.cast(builder, first, start_t, types.intp)
-            pointer = builder.bitcast(builder.gep(data, [first]), vector_t.as_pointer())
-            u = builder.fsub(builder.load(pointer, align=xs_t.dtype.bitwidth // 8),
-                             _splat(builder, context.cast(builder, centre, c_t, xs_t.dtype), vector_t))
+            vector_t, block = _load_block(context, builder, xs_t, array, start_t, first, WINDOW_LANES)
+            u = builder.fsub(block, _splat(builder, context.cast(builder, centre, c_t, xs_t.dtype), vector_t))
             square = builder.fmul(u, u)
             bound_t = vector_t
             if r2_t != xs_t.dtype:
@@ -195,8 +202,7 @@ def _window_count(left):
                                     builder.fcmp_unordered(">", square, bound))
             else:
                 mask = builder.fcmp_ordered("<=", square, bound)
-            bits = builder.bitcast(mask, ir.IntType(WINDOW_LANES))
-            return builder.zext(builder.ctpop(bits), ir.IntType(64))
+            return _count_true(builder, mask, WINDOW_LANES)
 
         return types.int64(xs, start, c, r2), codegen
 

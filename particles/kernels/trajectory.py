@@ -216,8 +216,7 @@ def _hk1d_velocity(plan, parallel, spec, ws, xT, out):
     ordered = hk1d.copy_sorted(x, xs)
     if not ordered:
         perm[:] = np.argsort(x, kind="mergesort")
-        for p in range(n):
-            xs[p] = x[perm[p]]
+        hk1d.gather_sorted(x, perm, xs)
     hk1d.prefix_sums(xs, n, p_hi, p_lo)
     means = out.reshape(n) if ordered else tmp  # sorted: the sweep writes v's one column itself
     if parallel:
