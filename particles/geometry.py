@@ -87,7 +87,8 @@ class Sphere(Geometry):
         if np.any(norms == 0):
             raise ValueError("x0 has a zero row, which cannot be put on the sphere")
         off = np.abs(norms - 1) > 8 * np.finfo(x.dtype).eps
-        x[off] /= norms[off][:, None]
+        if off.any():
+            x[off] /= norms[off][:, None]
         return x
 
     def sample(self, rng, shape, dtype=np.float64):

@@ -10,8 +10,12 @@ from tqdm.auto import tqdm
 
 @contextmanager
 def progress_bar(*, enabled: bool = True, **kwargs):
-    """``with progress_bar(total=n, desc=...) as bar: ... bar.update(k)``; ``enabled=False`` shows nothing."""
-    bar = tqdm(disable=not enabled, **kwargs)
+    """``with progress_bar(total=n, desc=...) as bar: ... bar.update(k)``; ``enabled=False`` shows nothing
+    (and builds no tqdm: a bar that does nothing, for calls that take less time than tqdm's set-up)."""
+    if not enabled:
+        yield _NoBar()
+        return
+    bar = tqdm(**kwargs)
     try:
         yield bar
     except BaseException:
@@ -19,3 +23,10 @@ def progress_bar(*, enabled: bool = True, **kwargs):
         raise
     finally:
         bar.close()
+
+
+class _NoBar:
+    """What a disabled bar offers its callers."""
+
+    def update(self, n=1):
+        pass

@@ -232,18 +232,108 @@ def test_vectorised_euler_step_is_the_general_one_bit_for_bit(dtype, geometry):
         st = trajectory.stepping(geometry, "euler", 0.1, 0.0, True, dtype)
         keys, order, xi = np.zeros(1, np.uint64), np.empty(0, np.int64), np.empty(d, dtype)
         general, plain = x.copy(), x.copy()
-        trajectory._euler_update((), st, general, v, keys, 1, 0, order, xi, np.empty((0, 0), dtype))
-        trajectory._euler_update((0,) * d, st, plain, v, keys, 1, 0, order, xi, np.empty((d, N), dtype))
+        trajectory._euler_update((), st, general, v, keys, 1, 0, order, xi, np.empty((0, 0), dtype), 0, N)
+        trajectory._euler_update((0,) * d, st, plain, v, keys, 1, 0, order, xi, np.empty((d, N), dtype), 0, N)
         assert d == 1 and geometry == trajectory.SPHERE or not np.array_equal(general, x)  # S⁰ = {±1}
         np.testing.assert_array_equal(plain, general)
+        part, vt = x.copy(), np.empty((d, N), dtype)  # a range of columns (a lockstep thread's share)
+        trajectory._euler_update((0,) * d, st, part, v, keys, 1, 0, order, xi, vt, 40, 97)
+        np.testing.assert_array_equal(part[:, 40:97], general[:, 40:97])
+        np.testing.assert_array_equal(np.delete(part, np.s_[40:97], 1), np.delete(x, np.s_[40:97], 1))
 
 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_finite_check_sees_every_non_finite_entry(bad):
     x = np.zeros((3, 257))
-    assert trajectory._finite(x)
+    assert trajectory._finite(x, 0, 257)
     for c, p in ((0, 0), (2, 256), (1, 100)):
         y = x.copy()
         y[c, p] = bad
-        assert not trajectory._finite(y)
-        assert not trajectory._finite(y.astype(np.float32))
+        assert not trajectory._finite(y, 0, 257)
+        assert not trajectory._finite(y.astype(np.float32), 0, 257)
+        assert trajectory._finite(y, 0, p) and trajectory._finite(y, p + 1, 257)  # only the columns asked
+
+
+LOCKSTEP_CASES = [  # (model, params, n, d, integrator, noise)
+    ("sa", dict(beta=2.0), 67, 3, "euler", 0.0),
+    ("sa", dict(beta=2.0), 67, 3, "rk4", 0.0),
+    ("sa", dict(beta=1.0), 50, 2, "euler", 0.1),
+    ("krause", dict(sigma=0.5, window=9, causal=True), 41, 4, "rk4", 0.0),
+    ("krause", dict(sigma=0.5, radius=0.8, geometry="euclidean"), 40, 1, "euler", 0.0),
+    ("sa", dict(beta=3.0, Q=np.diag([1.0, 2.0, 0.5]), K=np.diag([0.5, 1.0, 2.0]), V=-np.eye(3)), 33, 3, "rk4",
+     0.0),
+]
+
+
+@pytest.mark.parametrize("model, params, n, d, integrator, noise", LOCKSTEP_CASES)
+@pytest.mark.parametrize("parties", [2, 3])
+def test_lockstep_threads_give_the_single_thread_numbers(model, params, n, d, integrator, noise, parties):
+    """One system on 2 or 3 threads in lockstep (integrate_rows: each owns a share of the rows and
+    meets the others at a spin barrier twice per evaluation) = the same system on one thread, to the
+    last bit: every row is computed by the same code; Euler, RK4, Euler–Maruyama, projections."""
+    it = make_interaction(model, **params)
+    field = velocity_field(it, n, d)
+    plan = field.trajectory_plan(False, 1)
+    assert plan.kind == (0,) * trajectory.FUSED
+    x0 = _x0(it, n, d, 1, seed=5)
+    x0 = x0 if it.geometry == "euclidean" else x0 / np.linalg.norm(x0, axis=-1, keepdims=True)
+    st = trajectory.stepping(1 if it.geometry == "euclidean" else 0, integrator, 0.05, noise, it.identity_qkv,
+                             np.float64)
+    keep = np.array([0, 3, 4, 9, 30])
+    keys = np.array([12345], np.uint64)
+    outs = []
+    for lockstep in (1, parties):
+        out = np.full((1, len(keep), n, d), np.nan)
+        status = trajectory.run(field, plan, st, x0, keep, keys, out, lockstep=lockstep, ticks=2)
+        assert not status.any()
+        outs.append(out)
+    assert not np.array_equal(outs[0][0, -1], x0[0])
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
+def test_lockstep_threads_stop_together_at_a_failure():
+    """A usa overflow found by one thread's rows stops every thread at the same step, as on one."""
+    n, d = 40, 3
+    it = make_interaction("usa", beta=800.0, geometry="euclidean")
+    field = velocity_field(it, n, d)
+    x0 = np.zeros((1, n, d))
+    x0[0, :, 0] = 1.0
+    x0[0, :30] = 0.1 * sphere_points(30, 3, seed=2)  # only rows 30-39 (the second thread's) overflow: s = 800
+    st = trajectory.stepping(1, "euler", 0.01, 0.0, True, np.float64)
+    keep = np.arange(6)
+    statuses = []
+    for lockstep in (1, 2):
+        out = np.zeros((1, len(keep), n, d))
+        statuses.append(trajectory.run(field, field.trajectory_plan(False, 1), st, x0, keep,
+                                       np.zeros(1, np.uint64), out, lockstep=lockstep))
+    assert statuses[0][0, 0] == trajectory.USA_OVERFLOW
+    np.testing.assert_array_equal(statuses[1], statuses[0])
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two numba threads")
+def test_simulate_runs_one_system_in_lockstep_with_the_same_numbers(monkeypatch):
+    """simulate puts one mid-sized system on the threads in lockstep (kernels.lockstep), also in
+    place of the serial symmetric kernel, and not a tiny one or an ensemble; one thread gives the same
+    numbers (bit for bit on the FUSED rows)."""
+    from particles import kernels
+
+    seen = []
+    real_run = trajectory.run
+    monkeypatch.setattr(trajectory, "run", lambda *a, **k: (seen.append(k["lockstep"]), real_run(*a, **k))[1])
+    x0 = sphere_points(64, 3, seed=3)
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        two = simulate("sa", x0, steps=80, dt=0.1, beta=2.0).x.values
+        simulate("sa", x0, steps=1, dt=0.1, beta=2.0)  # too little work for the helpers
+        simulate("sa", np.stack([x0, x0]), steps=80, dt=0.1, beta=2.0)  # samples go to threads instead
+        numba.set_num_threads(1)
+        one = simulate("sa", x0, steps=80, dt=0.1, beta=2.0).x.values
+    finally:
+        numba.set_num_threads(previous)
+    assert seen == [2, 1, 1, 1]
+    np.testing.assert_array_equal(two, one)
+    field = velocity_field(make_interaction("sa", beta=1.0), 600, 3)
+    assert field.trajectory_plan(False, 1).kind == (0,) * trajectory.SYMMETRIC
+    plan, threads = kernels.lockstep(field, field.trajectory_plan(False, 1), 1, 100)
+    assert plan.kind == (0,) * trajectory.FUSED and threads == min(numba.get_num_threads(), 600 // 24)

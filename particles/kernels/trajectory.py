@@ -46,6 +46,7 @@ from .dense import (
 from .fastexp import LOG2E, exp2_sat
 from .noise import normal, step_key
 from .rows import FASTMATH, RBF, SOFTMAX, _dot4, _sqdist4, buffer_len, candidate_range
+from .sync import arrive, new_sync, run_group
 
 SPHERE, EUCLIDEAN = 0, 1  # geometry codes (particles.geometry: Geometry.code)
 EULER, RK4 = 0, 1
@@ -232,9 +233,9 @@ def _hk1d_velocity(plan, parallel, spec, ws, xT, out):
 
 
 def _fused_serial(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
-    s, dist, which, qnorm = ws
+    s, dist, which, qnorm = ws  # which: the rows to compute, into out[0], out[1], … (integrate_rows)
     kmax = np.sqrt(_norms(qT, kT, qnorm))
-    fused_task(plan.dims, plan.score_s, plan.radius_s, spec, 0, xT.shape[1], which, xT, qT, kT, vT, qnorm,
+    fused_task(plan.dims, plan.score_s, plan.radius_s, spec, 0, which.shape[0], which, xT, qT, kT, vT, qnorm,
                kmax, s, dist, out)
 
 
@@ -499,11 +500,11 @@ def _velocity(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
 
 # -- one sample's trajectory -------------------------------------------------------------------------
 @njit(cache=True)
-def _project(M, src, dst):
-    """dst ← M src for component-major (d, n) arrays."""
-    d, n = src.shape
+def _project(M, src, dst, first, last):
+    """dst ← M src for columns first..last−1 of component-major (d, n) arrays."""
+    d = src.shape[0]
     for a in range(d):
-        for i in range(n):
+        for i in range(first, last):
             acc = src.dtype.type(0.0)
             for b in range(d):
                 acc += M[a, b] * src[b, i]
@@ -516,9 +517,10 @@ def _field(plan, mode, spec, st, ws, lanes, Q, K, V, src, qb, kb, vb, v):
     if st.identity:
         velocity(plan, mode, spec, ws, lanes, src, src, src, src, v)
     else:
-        _project(Q, src, qb)
-        _project(K, src, kb)
-        _project(V, src, vb)
+        n = src.shape[1]
+        _project(Q, src, qb, 0, n)
+        _project(K, src, kb, 0, n)
+        _project(V, src, vb, 0, n)
         velocity(plan, mode, spec, ws, lanes, src, qb, kb, vb, v)
     if spec.normalise:
         return True
@@ -566,7 +568,7 @@ def _retract(st, y, i, d):
 
 
 @njit(cache=True, error_model="numpy")
-def _euler_plain(dims, st, x, v, vt):
+def _euler_plain(dims, st, x, v, vt, first, last):
     """The noiseless step of _euler_update for d = len(dims) ≤ 4, by the same operations in the same
     order (the same numbers): v copied component-major into vt (d > 1), then one loop over the
     columns on unit-stride 1-D views, which LLVM vectorises (numba's default division-by-zero
@@ -577,13 +579,13 @@ def _euler_plain(dims, st, x, v, vt):
     if D == 1:  # v (N, 1) is one unit-stride column already (1-D HK: 16 MB less to move per step)
         v0 = v1 = v2 = v3 = v.reshape(N)
     else:
-        for p in range(N):
+        for p in range(first, last):
             for c in range(D):
                 vt[c, p] = v[p, c]
         v0, v1, v2, v3 = vt[0], vt[e1], vt[e2], vt[e3]
     dt = st.dt
     if st.geometry != SPHERE:
-        for p in range(N):
+        for p in range(first, last):
             x0[p] = x0[p] + dt * (v0[p] - x0[p])
             if D > 1:
                 x1[p] = x1[p] + dt * (v1[p] - x1[p])
@@ -593,7 +595,7 @@ def _euler_plain(dims, st, x, v, vt):
                 x3[p] = x3[p] + dt * (v3[p] - x3[p])
         return
     zero = x.dtype.type(0.0)
-    for p in range(N):
+    for p in range(first, last):
         a0, a1, a2, a3 = x0[p], x1[p], x2[p], x3[p]
         dot = zero + a0 * v0[p]
         if D > 1:
@@ -624,18 +626,17 @@ def _euler_plain(dims, st, x, v, vt):
 
 
 @njit(cache=True)
-def _euler_update(dims, st, x, v, keys, lanes, step, order, xi, vt):
-    """x ← R(x + dt f(x) [+ √dt·noise·T_x ξ]), f from the velocity v at x. Column p of x is particle
-    p // lanes of sample p % lanes (its noise: keys[p % lanes], element particle·d + c). Without
-    noise and for d ≤ 4: :func:`_euler_plain` (vt: its (d, N) scratch)."""
+def _euler_update(dims, st, x, v, keys, lanes, step, order, xi, vt, first, last):
+    """x ← R(x + dt f(x) [+ √dt·noise·T_x ξ]) for columns first..last−1, f from the velocity v at x.
+    Column p of x is particle p // lanes of sample p % lanes (its noise: keys[p % lanes], element
+    particle·d + c). Without noise and for d ≤ 4: :func:`_euler_plain` (vt: its (d, N) scratch)."""
     if not st.noisy and len(dims) > 0:
-        _euler_plain(dims, st, x, v, vt)
+        _euler_plain(dims, st, x, v, vt, first, last)
         return
-    d, N = x.shape
     d = _dim(dims, x)
     t = x.dtype.type
     h = step_key(keys[0], step)
-    for p in range(N):
+    for p in range(first, last):
         dot = _tangent_dot(st, x, v, p, d)
         if st.noisy:
             particle = p // lanes if order.shape[0] == 0 else order[p]
@@ -655,14 +656,13 @@ def _euler_update(dims, st, x, v, keys, lanes, step, order, xi, vt):
 
 
 @njit(cache=True)
-def _rk4_stage(dims, st, stage, x, src, v, acc, y):
-    """Stage `stage` (0..3) of RK4, f evaluated at src with velocity v: acc += w·f and the next stage
-    point y ← R(x + c·f) (stages 0-2), or x ← R(x + dt/6·acc) (stage 3)."""
-    d, N = x.shape
+def _rk4_stage(dims, st, stage, x, src, v, acc, y, first, last):
+    """Stage `stage` (0..3) of RK4 for columns first..last−1, f evaluated at src with velocity v:
+    acc += w·f and the next stage point y ← R(x + c·f) (stages 0-2), or x ← R(x + dt/6·acc) (stage 3)."""
     d = _dim(dims, x)
     weight = x.dtype.type(1.0 if stage == 0 or stage == 3 else 2.0)
     step = st.half if stage < 2 else st.dt
-    for p in range(N):
+    for p in range(first, last):
         dot = _tangent_dot(st, src, v, p, d)
         for c in range(d):
             f = _f(st, src, v, dot, p, c)
@@ -678,12 +678,12 @@ def _rk4_stage(dims, st, stage, x, src, v, acc, y):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _finite(x):
-    """True if every entry of x is finite (0·inf and 0·NaN are NaN; FASTMATH has no nnan/ninf, so
-    the sum still sees them, and reassociation lets it vectorise: 6× faster)."""
+def _finite(x, first, last):
+    """True if every entry of x's columns first..last−1 is finite (0·inf and 0·NaN are NaN; FASTMATH
+    has no nnan/ninf, so the sum still sees them, and reassociation lets it vectorise: 6× faster)."""
     chk = x.dtype.type(0.0)
     for c in range(x.shape[0]):
-        for p in range(x.shape[1]):
+        for p in range(first, last):
             chk += x[c, p] * 0.0
     return chk == 0.0
 
@@ -735,6 +735,11 @@ def _save(x, order, out, parallel=False):
         for p in range(n):
             for c in range(d):
                 out[0, order[p], c] = x[c, p]
+        return
+    if L == 1:
+        for p in range(n):
+            for c in range(d):
+                out[0, p, c] = x[c, p]
         return
     for row in range(n):  # unit-stride reads of each row's lanes: 2.4× faster than lane-major
         for c in range(d):
@@ -788,15 +793,15 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
         if st.integrator == EULER:
             ok = _field(plan, mode, spec, st, ws, L, Q, K, V, x, qb, kb, vb, v)
             if ok:
-                _euler_update(plan.dims, st, x, v, keys, L, step, order, xi, vt)
+                _euler_update(plan.dims, st, x, v, keys, L, step, order, xi, vt, 0, x.shape[1])
         else:
             for stage in range(4):
                 ok = _field(plan, mode, spec, st, ws, L, Q, K, V, x if stage == 0 else y, qb, kb, vb, v)
                 if not ok:
                     break
-                _rk4_stage(plan.dims, st, stage, x, x if stage == 0 else y, v, acc, y)
+                _rk4_stage(plan.dims, st, stage, x, x if stage == 0 else y, v, acc, y, 0, x.shape[1])
         saving = slot < keep.shape[0] and step + 1 == keep[slot]
-        if not ok or ((saving or step + 1 == stop) and not _finite(x)):
+        if not ok or ((saving or step + 1 == stop) and not _finite(x, 0, x.shape[1])):
             code, at = (USA_OVERFLOW, step) if not ok else (NONFINITE, step + 1)
             for lane in range(L):
                 status[lane, 0], status[lane, 1] = code, at
@@ -805,6 +810,99 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
             _save(x, order, out[:, slot], spread)
             slot += 1
     _save(x, order, x_end, spread)
+
+
+@njit(cache=True)
+def _field_rows(plan, spec, st, ws, Q, K, V, src, qb, kb, vb, v, first, last, sync, me, parties, round_):
+    """integrate_rows: v[first:last] ← the velocity of rows first..last−1 at the state src (ws: this
+    thread's FUSED workspace, its row list first..last−1); projections of the own columns first, then
+    a barrier (every thread reads every column of them). Returns (usa overflow flag, next round)."""
+    if st.identity:
+        velocity(plan, SERIAL, spec, ws, 1, src, src, src, src, v[first:last])
+    else:
+        _project(Q, src, qb, first, last)
+        _project(K, src, kb, first, last)
+        _project(V, src, vb, first, last)
+        arrive(sync, me, parties, round_, 0)
+        round_ += 1
+        velocity(plan, SERIAL, spec, ws, 1, src, qb, kb, vb, v[first:last])
+    chk = v.dtype.type(0.0)
+    if not spec.normalise:
+        for i in range(first, last):
+            for c in range(v.shape[1]):
+                chk += v[i, c] * 0.0
+    return (0 if chk == 0.0 else USA_OVERFLOW), round_
+
+
+@njit(cache=True, nogil=True)
+def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_end, status, shared, ws, xi,
+                   first, last, sync, me, parties):
+    """integrate_one for one sample (x0 (1, n, d), a FUSED plan) on `parties` threads in lockstep:
+    thread `me` owns the particles first..last−1 (their velocity rows, state update, saving) and
+    meets the others at a barrier (sync.arrive) after every field evaluation, when every thread
+    has read the whole state, and after every update, when it is complete: two rounds per Euler
+    step, eight per RK4 step. shared: one state_buffers set for all threads (each writes only its
+    own columns); ws, xi: this thread's workspace (row list first..last−1) and noise scratch. Every
+    row is computed as integrate_one computes it, so the numbers are the same to the last bit;
+    failures (a usa overflow, a non-finite state) are combined at the barriers, so all threads stop
+    at the same step and thread 0 reports it."""
+    x, y, acc, qb, kb, vb, v, _, vt, _ = shared
+    order = np.empty(0, np.int64)
+    d = x.shape[0]
+    for p in range(first, last):
+        for c in range(d):
+            x[c, p] = x0[0, p, c]
+    slot = 0
+    if keep.shape[0] > 0 and keep[0] == step0:
+        _save_rows(x, out[0, 0], first, last)
+        slot = 1
+    round_ = 0
+    arrive(sync, me, parties, round_, 0)  # every column loaded
+    round_ += 1
+    code, at = 0, 0
+    for step in range(step0, stop):
+        for stage in range(1 if st.integrator == EULER else 4):
+            src = x if stage == 0 else y
+            flag, round_ = _field_rows(plan, spec, st, ws, Q, K, V, src, qb, kb, vb, v, first, last, sync, me,
+                                       parties, round_)
+            flag = arrive(sync, me, parties, round_, flag)  # every thread has read src
+            round_ += 1
+            if flag != 0:
+                code, at = USA_OVERFLOW, step
+                break
+            if st.integrator == EULER:
+                _euler_update(plan.dims, st, x, v, keys, 1, step, order, xi, vt, first, last)
+            else:
+                _rk4_stage(plan.dims, st, stage, x, src, v, acc, y, first, last)
+            if stage < 3 and st.integrator != EULER:
+                arrive(sync, me, parties, round_, 0)  # the stage point y is complete
+                round_ += 1
+        if code != 0:
+            break
+        saving = slot < keep.shape[0] and step + 1 == keep[slot]
+        bad = 0
+        if (saving or step + 1 == stop) and not _finite(x, first, last):
+            bad = NONFINITE
+        if arrive(sync, me, parties, round_, bad) != 0:  # the state is complete (and finite?)
+            code, at = NONFINITE, step + 1
+            break
+        round_ += 1
+        if saving:
+            _save_rows(x, out[0, slot], first, last)
+            slot += 1
+    if code != 0:
+        if me == 0:
+            status[0, 0], status[0, 1] = code, at
+        return
+    _save_rows(x, x_end[0], first, last)
+
+
+@njit(cache=True, inline="always")
+def _save_rows(x, out, first, last):
+    """out (n, d) rows first..last−1 ← the component-major state x."""
+    for p in range(first, last):
+        for c in range(x.shape[0]):
+            out[p, c] = x[c, p]
 
 
 def _tile_buffers(bufs, plan, mode, spec, st, x0):  # pragma: no cover - numba overload below
@@ -844,8 +942,8 @@ def weights_all(dims, spec, identity, Q, K, traj, out):
         qT, kT = xT, xT
         if not identity:
             qT, kT = np.empty_like(xT), np.empty_like(xT)
-            _project(Q, xT, qT)
-            _project(K, xT, kT)
+            _project(Q, xT, qT, 0, n)
+            _project(K, xT, kT, 0, n)
         range_task(dims, spec, 0, n, xT, qT, kT, xT, True, np.empty(m, xT.dtype), np.empty(m, np.int64),
                    np.empty(m if spec.use_radius else 1, xT.dtype), out[s, t])
 
@@ -865,6 +963,8 @@ def blocks(keep: np.ndarray, ticks: int = 1, max_slots: int | None = None):
     first); at most `max_slots` slots per call, and at least `ticks` calls when steps allow (for a
     progress bar)."""
     steps = int(keep[-1])
+    if ticks == 1 and max_slots is None:  # one call (the common case, without the set arithmetic)
+        return [(0, steps, 0, len(keep))]
     ends = set(int(s) for s in np.linspace(0, steps, ticks + 1)[1:].round())
     if max_slots is not None:
         ends.update(int(e) for e in keep[max_slots - 1::max_slots])
@@ -878,10 +978,11 @@ def blocks(keep: np.ndarray, ticks: int = 1, max_slots: int | None = None):
 
 
 def run(field, plan, st: Stepping, x0: np.ndarray, keep: np.ndarray, keys: np.ndarray, sink, *,
-        weights=None, parallel=False, ticks=1, max_slots=None, bar=None):
+        weights=None, parallel=False, lockstep=1, ticks=1, max_slots=None, bar=None):
     """Integrate x0 (S, n, d) to every step of keep with `plan`; sink[s, slot] ← the saved states
-    (an array or a TrajectoryStore), weights[s, slot] ← a_ij if given. Returns (status (S, 2), slot
-    count written): status rows (code, step) with code OK, USA_OVERFLOW or NONFINITE."""
+    (an array or a TrajectoryStore), weights[s, slot] ← a_ij if given. lockstep > 1: one sample (a
+    FUSED plan) on that many threads in lockstep (integrate_rows). Returns status (S, 2): rows
+    (code, step) with code OK, USA_OVERFLOW or NONFINITE."""
     S, n, d = x0.shape
     Q, K, V = field.Q, field.K, field.V
     x = np.ascontiguousarray(x0)
@@ -895,7 +996,10 @@ def run(field, plan, st: Stepping, x0: np.ndarray, keep: np.ndarray, keys: np.nd
         status = np.zeros((x.shape[0], 2), np.int64)
         args = (field.spec, st, Q, K, V, x, orders, np.int64(step0), np.int64(stop), keep[a:b], keys, out,
                 x_end, status)
-        _integrate(Plan(*plan), PARALLEL if parallel else SERIAL, args)
+        if lockstep > 1:
+            _integrate_rows(Plan(*plan), args, lockstep)
+        else:
+            _integrate(Plan(*plan), PARALLEL if parallel else SERIAL, args)
         if status[:S, 0].any():
             return status[:S]
         out = out[:S]
@@ -944,6 +1048,24 @@ def _integrate(plan, mode, args):
                 for k in range(threads)]
         for job in jobs:
             job.result()
+
+
+def _integrate_rows(plan, args, parties):
+    """integrate_rows on `parties` threads (this one and persistent helpers, sync.run_group), the
+    particles split into contiguous shares."""
+    spec, st, Q, K, V, x, orders, step0, stop, keep, keys, out, x_end, status = args
+    if x.shape[0] != 1 or _plan_kind(numba.typeof(plan)) != FUSED:
+        raise ValueError("lockstep threads integrate one sample with a FUSED plan")
+    n = x.shape[1]
+    shared = state_buffers(plan, SERIAL, spec, st, x, 1)
+    s, dist, _, qnorm = shared[-1]
+    words = new_sync(parties)
+    bounds = np.linspace(0, n, parties + 1).round().astype(np.int64)
+    calls = [(plan, spec, st, Q, K, V, x, step0, stop, keep, keys, out, x_end, status, shared,
+              (np.empty_like(s), np.empty_like(dist), np.arange(a, b), np.empty_like(qnorm)),
+              np.empty_like(shared[7]), a, b, words, np.int64(me), np.int64(parties))
+             for me, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    run_group(integrate_rows, calls)
 
 
 #: the most bytes of state buffers kept for reuse between calls (per thread; see _reused_buffers)

@@ -1,0 +1,35 @@
+"""The lockstep barrier (particles/kernels/sync.py): every thread leaves a round only after all have
+arrived, and sees the largest flag of that round."""
+
+import numpy as np
+from numba import njit
+
+from particles.kernels.sync import arrive, new_sync, run_group
+
+
+@njit(nogil=True)
+def _rounds(words, me, parties, steps, log):
+    """Per step: write my slot of log, meet, check that every thread's write of this step is
+    visible and that the round's flag is the largest raised (step·(me + 1) by thread step % parties),
+    meet again (so that log is not rewritten while another thread reads it). Returns the errors."""
+    errors, round_ = 0, 0
+    for step in range(steps):
+        log[me] = step
+        flag = step * (me + 1) if step % parties == me else 0
+        top = arrive(words, me, parties, round_, flag)
+        for k in range(parties):
+            errors += log[k] != step  # a thread not yet at this step, or already past it: the barrier leaked
+        errors += top != step * (step % parties + 1)
+        arrive(words, me, parties, round_ + 1, 0)
+        round_ += 2
+    return errors
+
+
+def test_barrier_rounds_and_flags():
+    for parties in (1, 2, 3):
+        words, log = new_sync(parties), np.full(parties, -1, np.int64)
+        steps = 2000
+        errors = run_group(_rounds, [(words, np.int64(me), np.int64(parties), np.int64(steps), log)
+                                     for me in range(parties)])
+        assert errors == [0] * parties
+        assert words[0] == 2 * steps * parties  # every arrival counted
