@@ -262,6 +262,8 @@ LOCKSTEP_CASES = [  # (model, params, n, d, integrator, noise)
     ("krause", dict(sigma=0.5, radius=0.8, geometry="euclidean"), 40, 1, "euler", 0.0),
     ("sa", dict(beta=3.0, Q=np.diag([1.0, 2.0, 0.5]), K=np.diag([0.5, 1.0, 2.0]), V=-np.eye(3)), 33, 3, "rk4",
      0.0),
+    ("krause", dict(sigma=0.5, top_k=7), 45, 3, "euler", 0.05),  # RANGE rows
+    ("sa", dict(beta=1.0, window=6), 40, 6, "rk4", 0.0),  # d > 4: RANGE rows
 ]
 
 
@@ -274,7 +276,7 @@ def test_lockstep_threads_give_the_single_thread_numbers(model, params, n, d, in
     it = make_interaction(model, **params)
     field = velocity_field(it, n, d)
     plan = field.trajectory_plan(False, 1)
-    assert plan.kind == (0,) * trajectory.FUSED
+    assert plan.kind == (0,) * (trajectory.RANGE if it.top_k or d > 4 else trajectory.FUSED)
     x0 = _x0(it, n, d, 1, seed=5)
     x0 = x0 if it.geometry == "euclidean" else x0 / np.linalg.norm(x0, axis=-1, keepdims=True)
     st = trajectory.stepping(1 if it.geometry == "euclidean" else 0, integrator, 0.05, noise, it.identity_qkv,

@@ -83,17 +83,17 @@ def threads_for(work: int):
 def lockstep(field: VelocityField, plan, samples: int, evaluations: int):
     """(plan, threads) for trajectory.run: one sample below SERIAL_WORK pairs per evaluation, with
     at least LOCKSTEP_MIN_WORK pairs in all its `evaluations` and LOCKSTEP_MIN_ROWS rows per thread,
-    runs the FUSED rows on up to numba.get_num_threads() threads in lockstep (also in place of the
-    serial SYMMETRIC kernel: on 2 threads 1.0-1.5x faster than it at n = 512-1400, d = 2, 3);
-    anything else keeps `plan` on its own (threads = 1)."""
-    kinds = ((0,) * trajectory.FUSED, (0,) * trajectory.SYMMETRIC)
+    runs its FUSED or RANGE rows on up to numba.get_num_threads() threads in lockstep (the FUSED rows
+    also in place of the serial SYMMETRIC kernel: on 2 threads 1.0-1.5x faster than it at n =
+    512-1400, d = 2, 3); anything else keeps `plan` on its own (threads = 1)."""
+    kinds = ((0,) * trajectory.FUSED, (0,) * trajectory.SYMMETRIC, (0,) * trajectory.RANGE)
     if samples != 1 or plan is None or plan.kind not in kinds:
         return plan, 1
     n, work = field.n, field.work(field.n)
     threads = min(numba.get_num_threads(), n // LOCKSTEP_MIN_ROWS)
     if work >= SERIAL_WORK or work * evaluations < LOCKSTEP_MIN_WORK or threads < 2:
         return plan, 1
-    return _plan_fused(field, False), threads
+    return (_plan_fused(field, False) if plan.kind == (0,) * trajectory.SYMMETRIC else plan), threads
 
 
 def _plain(it: Interaction) -> bool:

@@ -233,9 +233,9 @@ def _hk1d_velocity(plan, parallel, spec, ws, xT, out):
 
 
 def _fused_serial(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
-    s, dist, which, qnorm = ws  # which: the rows to compute, into out[0], out[1], … (integrate_rows)
+    s, dist, which, qnorm = ws
     kmax = np.sqrt(_norms(qT, kT, qnorm))
-    fused_task(plan.dims, plan.score_s, plan.radius_s, spec, 0, which.shape[0], which, xT, qT, kT, vT, qnorm,
+    fused_task(plan.dims, plan.score_s, plan.radius_s, spec, 0, xT.shape[1], which, xT, qT, kT, vT, qnorm,
                kmax, s, dist, out)
 
 
@@ -496,6 +496,28 @@ _VELOCITY = {LANES: (_lanes, _lanes), SYMMETRIC_LANES: (_symmetric_lanes, _symme
 def _velocity(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
     impls = _VELOCITY.get(_plan_kind(plan))
     return None if impls is None else impls[len(mode) == 2]
+
+
+def velocity_rows(plan, spec, ws, xT, qT, kT, vT, out, first, last):  # pragma: no cover - numba overload
+    """out[i] ← v_i for the rows first..last−1 only (FUSED and RANGE plans; ws: their workspace)."""
+    raise NotImplementedError
+
+
+def _fused_rows(plan, spec, ws, xT, qT, kT, vT, out, first, last):
+    s, dist, which, qnorm = ws  # which = 0..n−1: row r of the task is row r
+    kmax = np.sqrt(_norms(qT, kT, qnorm))
+    fused_task(plan.dims, plan.score_s, plan.radius_s, spec, first, last, which, xT, qT, kT, vT, qnorm, kmax,
+               s, dist, out)
+
+
+def _range_rows(plan, spec, ws, xT, qT, kT, vT, out, first, last):
+    s, idx, dist = ws
+    range_task(plan.dims, spec, first, last, xT, qT, kT, vT, False, s, idx, dist, out)
+
+
+@overload(velocity_rows)
+def _velocity_rows(plan, spec, ws, xT, qT, kT, vT, out, first, last):
+    return {FUSED: _fused_rows, RANGE: _range_rows}.get(_plan_kind(plan))
 
 
 # -- one sample's trajectory -------------------------------------------------------------------------
@@ -815,17 +837,17 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
 @njit(cache=True)
 def _field_rows(plan, spec, st, ws, Q, K, V, src, qb, kb, vb, v, first, last, sync, me, parties, round_):
     """integrate_rows: v[first:last] ← the velocity of rows first..last−1 at the state src (ws: this
-    thread's FUSED workspace, its row list first..last−1); projections of the own columns first, then
-    a barrier (every thread reads every column of them). Returns (usa overflow flag, next round)."""
+    thread's workspace); projections of the own columns first, then a barrier (every thread reads
+    every column of them). Returns (usa overflow flag, next round)."""
     if st.identity:
-        velocity(plan, SERIAL, spec, ws, 1, src, src, src, src, v[first:last])
+        velocity_rows(plan, spec, ws, src, src, src, src, v, first, last)
     else:
         _project(Q, src, qb, first, last)
         _project(K, src, kb, first, last)
         _project(V, src, vb, first, last)
         arrive(sync, me, parties, round_, 0)
         round_ += 1
-        velocity(plan, SERIAL, spec, ws, 1, src, qb, kb, vb, v[first:last])
+        velocity_rows(plan, spec, ws, src, qb, kb, vb, v, first, last)
     chk = v.dtype.type(0.0)
     if not spec.normalise:
         for i in range(first, last):
@@ -837,15 +859,15 @@ def _field_rows(plan, spec, st, ws, Q, K, V, src, qb, kb, vb, v, first, last, sy
 @njit(cache=True, nogil=True)
 def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_end, status, shared, ws, xi,
                    first, last, sync, me, parties):
-    """integrate_one for one sample (x0 (1, n, d), a FUSED plan) on `parties` threads in lockstep:
-    thread `me` owns the particles first..last−1 (their velocity rows, state update, saving) and
-    meets the others at a barrier (sync.arrive) after every field evaluation, when every thread
-    has read the whole state, and after every update, when it is complete: two rounds per Euler
-    step, eight per RK4 step. shared: one state_buffers set for all threads (each writes only its
-    own columns); ws, xi: this thread's workspace (row list first..last−1) and noise scratch. Every
-    row is computed as integrate_one computes it, so the numbers are the same to the last bit;
-    failures (a usa overflow, a non-finite state) are combined at the barriers, so all threads stop
-    at the same step and thread 0 reports it."""
+    """integrate_one for one sample (x0 (1, n, d), a FUSED or RANGE plan) on `parties` threads in
+    lockstep: thread `me` owns the particles first..last−1 (their velocity rows, state update,
+    saving) and meets the others at a barrier (sync.arrive) after every field evaluation, when every
+    thread has read the whole state, and after every update, when it is complete: two rounds per
+    Euler step, eight per RK4 step (and one more per evaluation with projections). shared: one
+    state_buffers set for all threads (each writes only its own columns); ws, xi: this thread's
+    workspace and noise scratch. Every row is computed as integrate_one computes it, so the numbers
+    are the same to the last bit; failures (a usa overflow, a non-finite state) are combined at the
+    barriers, so all threads stop at the same step and thread 0 reports it."""
     x, y, acc, qb, kb, vb, v, _, vt, _ = shared
     order = np.empty(0, np.int64)
     d = x.shape[0]
@@ -1054,17 +1076,15 @@ def _integrate_rows(plan, args, parties):
     """integrate_rows on `parties` threads (this one and persistent helpers, sync.run_group), the
     particles split into contiguous shares."""
     spec, st, Q, K, V, x, orders, step0, stop, keep, keys, out, x_end, status = args
-    if x.shape[0] != 1 or _plan_kind(numba.typeof(plan)) != FUSED:
-        raise ValueError("lockstep threads integrate one sample with a FUSED plan")
+    if x.shape[0] != 1 or _plan_kind(numba.typeof(plan)) not in (FUSED, RANGE):
+        raise ValueError("lockstep threads integrate one sample with a FUSED or RANGE plan")
     n = x.shape[1]
-    shared = state_buffers(plan, SERIAL, spec, st, x, 1)
-    s, dist, _, qnorm = shared[-1]
+    buffers = [state_buffers(plan, SERIAL, spec, st, x, 1) for _ in range(parties)]  # the first is shared
     words = new_sync(parties)
     bounds = np.linspace(0, n, parties + 1).round().astype(np.int64)
-    calls = [(plan, spec, st, Q, K, V, x, step0, stop, keep, keys, out, x_end, status, shared,
-              (np.empty_like(s), np.empty_like(dist), np.arange(a, b), np.empty_like(qnorm)),
-              np.empty_like(shared[7]), a, b, words, np.int64(me), np.int64(parties))
-             for me, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    calls = [(plan, spec, st, Q, K, V, x, step0, stop, keep, keys, out, x_end, status, buffers[0], own[-1],
+              own[7], a, b, words, np.int64(me), np.int64(parties))
+             for me, (own, a, b) in enumerate(zip(buffers, bounds[:-1], bounds[1:]))]
     run_group(integrate_rows, calls)
 
 
