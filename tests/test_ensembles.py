@@ -326,11 +326,11 @@ def test_simulate_runs_one_system_in_lockstep_with_the_same_numbers(monkeypatch)
     previous = numba.get_num_threads()
     try:
         numba.set_num_threads(2)
-        two = simulate("sa", x0, steps=80, dt=0.1, beta=2.0).x.values
+        two = simulate("sa", x0, steps=300, dt=0.1, beta=2.0).x.values
         simulate("sa", x0, steps=1, dt=0.1, beta=2.0)  # too little work for the helpers
-        simulate("sa", np.stack([x0, x0]), steps=80, dt=0.1, beta=2.0)  # samples go to threads instead
+        simulate("sa", np.stack([x0, x0]), steps=300, dt=0.1, beta=2.0)  # samples go to threads instead
         numba.set_num_threads(1)
-        one = simulate("sa", x0, steps=80, dt=0.1, beta=2.0).x.values
+        one = simulate("sa", x0, steps=300, dt=0.1, beta=2.0).x.values
     finally:
         numba.set_num_threads(previous)
     assert seen == [2, 1, 1, 1]
@@ -339,3 +339,26 @@ def test_simulate_runs_one_system_in_lockstep_with_the_same_numbers(monkeypatch)
     assert field.trajectory_plan(False, 1).kind == (0,) * trajectory.SYMMETRIC
     plan, threads = kernels.lockstep(field, field.trajectory_plan(False, 1), 1, 100)
     assert plan.kind == (0,) * trajectory.FUSED and threads == min(numba.get_num_threads(), 600 // 24)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two numba threads")
+def test_lockstep_runs_side_by_side_finish_with_their_numbers():
+    """Four lockstep runs started at once from four Python threads (more threads than cores: the
+    helpers queue, waiting threads yield their core) all finish, each with its own numbers."""
+    import threading
+
+    x0s = [sphere_points(64, 3, seed=s) for s in range(4)]
+    alone = [simulate("sa", x0, steps=300, dt=0.1, beta=2.0).x.values for x0 in x0s]
+    together = [None] * 4
+
+    def one(k):
+        together[k] = simulate("sa", x0s[k], steps=300, dt=0.1, beta=2.0).x.values
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)

@@ -10,13 +10,13 @@ from particles.kernels.sync import arrive, new_sync, run_group
 @njit(nogil=True)
 def _rounds(words, me, parties, steps, log):
     """Per step: write my slot of log, meet, check that every thread's write of this step is
-    visible and that the round's flag is the largest raised (step·(me + 1) by thread step % parties),
+    visible and that the round's flags OR'ed are the one raised (step·(me + 1) by thread step % parties),
     meet again (so that log is not rewritten while another thread reads it). Returns the errors."""
     errors, round_ = 0, 0
     for step in range(steps):
         log[me] = step
         flag = step * (me + 1) if step % parties == me else 0
-        top = arrive(words, me, parties, round_, flag)
+        top, _ = arrive(words, me, parties, round_, flag)
         for k in range(parties):
             errors += log[k] != step  # a thread not yet at this step, or already past it: the barrier leaked
         errors += top != step * (step % parties + 1)

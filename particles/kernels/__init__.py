@@ -59,11 +59,11 @@ SYMMETRIC_LANES_MAX_DIM = 2
 LANES_PER_TILE = 64  # samples per LANES tile: the lane loops vectorise in blocks of 64 (fp32: 16 × 4)
 # One system below SERIAL_WORK pairs runs on several threads in lockstep (trajectory.integrate_rows)
 # when each thread gets at least LOCKSTEP_MIN_ROWS rows and the call at least LOCKSTEP_MIN_WORK
-# scored pairs (the helper threads take about 50 µs to join; each evaluation adds two barriers of
-# about 40 ns). SA d = 3 on 2 threads (AMD EPYC, 2 vCPUs), simulate against one thread: n = 32, 48,
-# 64, 128, 256, 400: 1.06, 1.17, 1.30, 1.49, 1.55, 1.81x faster.
+# scored pairs, about 1 ms (the helper threads take about 50 µs to join, longer on a busy machine;
+# each evaluation adds two barriers of about 40 ns). SA d = 3 on 2 threads (AMD EPYC, 2 vCPUs),
+# simulate against one thread: n = 32, 48, 64, 128, 256, 400: 1.06, 1.17, 1.30, 1.49, 1.55, 1.81x.
 LOCKSTEP_MIN_ROWS = 24
-LOCKSTEP_MIN_WORK = 1 << 18
+LOCKSTEP_MIN_WORK = 1 << 20
 
 
 @contextmanager

@@ -6,12 +6,14 @@ numba parallel loop per step (its launch costs about a microsecond, waking a sle
 more), enough for two threads that each own half of the rows and meet at a barrier twice a step
 (:func:`kernels.trajectory.integrate_rows`). The barrier is a shared counter: each thread adds one
 atomically and spins (with the CPU's pause hint) until every party of this round has arrived,
-about 40 ns on a 2-core AMD EPYC. It also combines one flag per thread (a failure code), so that
-every thread leaves the stepping loop at the same step.
+about 40 ns on a 2-core AMD EPYC; a thread that has waited SPIN_PAUSES pauses yields its core
+instead (more threads than cores). It also combines one flag per thread (a failure code), so
+that every thread leaves the stepping loop at the same step.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,8 @@ from numba import njit, types
 from numba.core.extending import intrinsic
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_POSIX = os.name == "posix"
+SPIN_PAUSES = 1 << 12  # pauses (about 20 ns each on an AMD EPYC) before a waiting thread yields its core
 FLAG_STRIDE = 8  # int64 words between two threads' flags (one 64-byte cache line each)
 
 
@@ -76,6 +80,23 @@ def cpu_pause(typingctx):
     return types.void(), codegen
 
 
+@intrinsic
+def os_yield(typingctx):
+    """sched_yield(): give the core to another runnable thread (POSIX; a no-op elsewhere). A waiting
+    thread calls it after SPIN_PAUSES pauses, so that more threads than cores (other processes, two
+    lockstep runs at once) still make progress instead of spinning through whole time slices."""
+
+    def codegen(context, builder, signature, args):
+        if _POSIX:
+            fn = builder.module.globals.get("sched_yield")
+            if fn is None:
+                fn = ir.Function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 def new_sync(parties: int) -> np.ndarray:
     """The shared int64 words of one barrier: the counter (word 0, alone on its cache line) and two
     rounds of flags, one cache line per thread."""
@@ -85,20 +106,26 @@ def new_sync(parties: int) -> np.ndarray:
 @njit(cache=True, nogil=True)
 def arrive(sync, me, parties, round_, flag):
     """Barrier round `round_` (0, 1, 2, … on every thread in the same order) for thread `me` of
-    `parties`: publishes `flag`, waits until every party has arrived, returns the largest flag of
-    this round. Flags alternate between two slots by round parity: a thread can be at most one round
-    ahead of the slowest, so the slot of round r is next written in round r + 2, after everyone
-    has read it."""
+    `parties`: publishes `flag`, waits until every party has arrived; returns (the flags of this
+    round OR'ed, whether the wait was slow: longer than SPIN_PAUSES pauses, about 0.1 ms, so that
+    this thread yielded its core). Flags alternate between two slots by round parity: a thread can
+    be at most one round ahead of the slowest, so the slot of round r is next written in round
+    r + 2, after everyone has read it."""
     slot = FLAG_STRIDE * (1 + (round_ % 2) * parties)
     sync[slot + FLAG_STRIDE * me] = flag
     atomic_add(sync, 0, 1)
     target = (round_ + 1) * parties
+    spins = 0
     while atomic_load(sync, 0) < target:
-        cpu_pause()
+        if spins < SPIN_PAUSES:
+            cpu_pause()
+            spins += 1
+        else:
+            os_yield()
     top = flag
     for k in range(parties):
-        top = max(top, sync[slot + FLAG_STRIDE * k])
-    return top
+        top |= sync[slot + FLAG_STRIDE * k]
+    return top, spins >= SPIN_PAUSES
 
 
 _pool_lock = threading.Lock()

@@ -50,7 +50,9 @@ from .sync import arrive, new_sync, run_group
 
 SPHERE, EUCLIDEAN = 0, 1  # geometry codes (particles.geometry: Geometry.code)
 EULER, RK4 = 0, 1
-OK, USA_OVERFLOW, NONFINITE = 0, 1, 2  # status codes
+OK, USA_OVERFLOW, NONFINITE = 0, 1, 2  # status codes (also flag bits of the lockstep barriers)
+SOLO = 4  # lockstep barrier flag: from this round on thread 0 alone (see _meet)
+SLOW_WAITS = 3  # slow barrier waits (sync.arrive) after which a lockstep thread asks for SOLO
 SERIAL, PARALLEL = (0,), (0, 0)  # compile-time modes of the velocity (see velocity)
 
 
@@ -845,7 +847,8 @@ def _field_rows(plan, spec, st, ws, Q, K, V, src, qb, kb, vb, v, first, last, sy
         _project(Q, src, qb, first, last)
         _project(K, src, kb, first, last)
         _project(V, src, vb, first, last)
-        arrive(sync, me, parties, round_, 0)
+        if parties > 1:
+            arrive(sync, me, parties, round_, 0)
         round_ += 1
         velocity_rows(plan, spec, ws, src, qb, kb, vb, v, first, last)
     chk = v.dtype.type(0.0)
@@ -867,10 +870,12 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
     state_buffers set for all threads (each writes only its own columns); ws, xi: this thread's
     workspace and noise scratch. Every row is computed as integrate_one computes it, so the numbers
     are the same to the last bit; failures (a usa overflow, a non-finite state) are combined at the
-    barriers, so all threads stop at the same step and thread 0 reports it."""
+    barriers, so all threads stop at the same step and thread 0 reports it. When the threads keep
+    waiting for each other (more threads than cores), they agree at a barrier that thread 0 goes on
+    alone (_meet)."""
     x, y, acc, qb, kb, vb, v, _, vt, _ = shared
     order = np.empty(0, np.int64)
-    d = x.shape[0]
+    d, n = x.shape
     for p in range(first, last):
         for c in range(d):
             x[c, p] = x0[0, p, c]
@@ -878,37 +883,50 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
     if keep.shape[0] > 0 and keep[0] == step0:
         _save_rows(x, out[0, 0], first, last)
         slot = 1
-    round_ = 0
-    arrive(sync, me, parties, round_, 0)  # every column loaded
-    round_ += 1
+    round_, slow = 0, 0
+    top, round_, slow = _meet(sync, me, parties, round_, 0, slow)  # every column loaded
+    if top & SOLO:
+        if me > 0:
+            return
+        first, last, parties = 0, n, 1
     code, at = 0, 0
     for step in range(step0, stop):
         for stage in range(1 if st.integrator == EULER else 4):
             src = x if stage == 0 else y
             flag, round_ = _field_rows(plan, spec, st, ws, Q, K, V, src, qb, kb, vb, v, first, last, sync, me,
                                        parties, round_)
-            flag = arrive(sync, me, parties, round_, flag)  # every thread has read src
-            round_ += 1
-            if flag != 0:
+            top, round_, slow = _meet(sync, me, parties, round_, flag, slow)  # every thread has read src
+            if top & USA_OVERFLOW:
                 code, at = USA_OVERFLOW, step
                 break
+            if top & SOLO:
+                if me > 0:
+                    return
+                first, last, parties = 0, n, 1
             if st.integrator == EULER:
                 _euler_update(plan.dims, st, x, v, keys, 1, step, order, xi, vt, first, last)
             else:
                 _rk4_stage(plan.dims, st, stage, x, src, v, acc, y, first, last)
             if stage < 3 and st.integrator != EULER:
-                arrive(sync, me, parties, round_, 0)  # the stage point y is complete
-                round_ += 1
+                top, round_, slow = _meet(sync, me, parties, round_, 0, slow)  # the stage point y is complete
+                if top & SOLO:
+                    if me > 0:
+                        return
+                    first, last, parties = 0, n, 1
         if code != 0:
             break
         saving = slot < keep.shape[0] and step + 1 == keep[slot]
         bad = 0
         if (saving or step + 1 == stop) and not _finite(x, first, last):
             bad = NONFINITE
-        if arrive(sync, me, parties, round_, bad) != 0:  # the state is complete (and finite?)
+        top, round_, slow = _meet(sync, me, parties, round_, bad, slow)  # the state is complete (and finite?)
+        if top & NONFINITE:
             code, at = NONFINITE, step + 1
             break
-        round_ += 1
+        if top & SOLO:
+            if me > 0:
+                return
+            first, last, parties = 0, n, 1
         if saving:
             _save_rows(x, out[0, slot], first, last)
             slot += 1
@@ -917,6 +935,18 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
             status[0, 0], status[0, 1] = code, at
         return
     _save_rows(x, x_end[0], first, last)
+
+
+@njit(cache=True, inline="always")
+def _meet(sync, me, parties, round_, flag, slow):
+    """A barrier round of integrate_rows: (the threads' flags OR'ed, the next round, this thread's
+    slow waits so far). After SLOW_WAITS slow waits (the other threads keep losing their cores: more
+    threads than cores) a thread adds SOLO to its flags: when a round carries SOLO, the helpers
+    return and thread 0 integrates every particle from there on, with no more barriers (one party)."""
+    if parties == 1:
+        return flag, round_ + 1, slow
+    top, waited = arrive(sync, me, parties, round_, flag | (SOLO if slow >= SLOW_WAITS else 0))
+    return top, round_ + 1, slow + waited
 
 
 @njit(cache=True, inline="always")
