@@ -293,6 +293,29 @@ def test_lockstep_threads_give_the_single_thread_numbers(model, params, n, d, in
     np.testing.assert_array_equal(outs[1], outs[0])
 
 
+def test_lockstep_threads_switch_to_one_with_the_same_numbers(monkeypatch):
+    """Threads that keep waiting for each other agree that thread 0 goes on alone (SOLO): from any
+    barrier round on (loading, after a field evaluation, after an RK4 stage, after an update) the
+    run gives the same numbers, saved steps and final state included."""
+    it = make_interaction("sa", beta=2.0, Q=np.diag([1.0, 2.0, 0.5]))
+    n, d = 50, 3
+    field = velocity_field(it, n, d)
+    plan = field.trajectory_plan(False, 1)
+    x0 = sphere_points(n, d, seed=7)[None]
+    keep = np.array([0, 1, 2, 4])
+    for integrator in ("euler", "rk4"):
+        st = trajectory.stepping(0, integrator, 0.05, 0.0, False, np.float64)
+        runs = []
+        for lockstep, solo_after in [(1, 1 << 62)] + [(2, r) for r in range(0, 30, 3)]:
+            monkeypatch.setattr(trajectory, "_SOLO_AFTER", solo_after)
+            out = np.full((1, len(keep), n, d), np.nan)
+            status = trajectory.run(field, plan, st, x0, keep, np.zeros(1, np.uint64), out, lockstep=lockstep)
+            assert not status.any()
+            runs.append(out)
+        for out in runs[1:]:
+            np.testing.assert_array_equal(out, runs[0])
+
+
 def test_lockstep_threads_stop_together_at_a_failure():
     """A usa overflow found by one thread's rows stops every thread at the same step, as on one."""
     n, d = 40, 3

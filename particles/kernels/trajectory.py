@@ -861,7 +861,7 @@ def _field_rows(plan, spec, st, ws, Q, K, V, src, qb, kb, vb, v, first, last, sy
 
 @njit(cache=True, nogil=True)
 def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_end, status, shared, ws, xi,
-                   first, last, sync, me, parties):
+                   first, last, sync, me, parties, solo_after):
     """integrate_one for one sample (x0 (1, n, d), a FUSED or RANGE plan) on `parties` threads in
     lockstep: thread `me` owns the particles first..last−1 (their velocity rows, state update,
     saving) and meets the others at a barrier (sync.arrive) after every field evaluation, when every
@@ -872,7 +872,7 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
     are the same to the last bit; failures (a usa overflow, a non-finite state) are combined at the
     barriers, so all threads stop at the same step and thread 0 reports it. When the threads keep
     waiting for each other (more threads than cores), they agree at a barrier that thread 0 goes on
-    alone (_meet)."""
+    alone (_meet; solo_after: a round from which they do so anyway, for tests)."""
     x, y, acc, qb, kb, vb, v, _, vt, _ = shared
     order = np.empty(0, np.int64)
     d, n = x.shape
@@ -884,7 +884,7 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
         _save_rows(x, out[0, 0], first, last)
         slot = 1
     round_, slow = 0, 0
-    top, round_, slow = _meet(sync, me, parties, round_, 0, slow)  # every column loaded
+    top, round_, slow = _meet(sync, me, parties, round_, 0, slow, solo_after)  # every column loaded
     if top & SOLO:
         if me > 0:
             return
@@ -895,7 +895,8 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
             src = x if stage == 0 else y
             flag, round_ = _field_rows(plan, spec, st, ws, Q, K, V, src, qb, kb, vb, v, first, last, sync, me,
                                        parties, round_)
-            top, round_, slow = _meet(sync, me, parties, round_, flag, slow)  # every thread has read src
+            # every thread has read src
+            top, round_, slow = _meet(sync, me, parties, round_, flag, slow, solo_after)
             if top & USA_OVERFLOW:
                 code, at = USA_OVERFLOW, step
                 break
@@ -908,7 +909,8 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
             else:
                 _rk4_stage(plan.dims, st, stage, x, src, v, acc, y, first, last)
             if stage < 3 and st.integrator != EULER:
-                top, round_, slow = _meet(sync, me, parties, round_, 0, slow)  # the stage point y is complete
+                # the stage point y is complete
+                top, round_, slow = _meet(sync, me, parties, round_, 0, slow, solo_after)
                 if top & SOLO:
                     if me > 0:
                         return
@@ -919,7 +921,8 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
         bad = 0
         if (saving or step + 1 == stop) and not _finite(x, first, last):
             bad = NONFINITE
-        top, round_, slow = _meet(sync, me, parties, round_, bad, slow)  # the state is complete (and finite?)
+        # the state is complete (and finite?)
+        top, round_, slow = _meet(sync, me, parties, round_, bad, slow, solo_after)
         if top & NONFINITE:
             code, at = NONFINITE, step + 1
             break
@@ -938,14 +941,15 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
 
 
 @njit(cache=True, inline="always")
-def _meet(sync, me, parties, round_, flag, slow):
+def _meet(sync, me, parties, round_, flag, slow, solo_after):
     """A barrier round of integrate_rows: (the threads' flags OR'ed, the next round, this thread's
     slow waits so far). After SLOW_WAITS slow waits (the other threads keep losing their cores: more
     threads than cores) a thread adds SOLO to its flags: when a round carries SOLO, the helpers
     return and thread 0 integrates every particle from there on, with no more barriers (one party)."""
     if parties == 1:
         return flag, round_ + 1, slow
-    top, waited = arrive(sync, me, parties, round_, flag | (SOLO if slow >= SLOW_WAITS else 0))
+    solo = slow >= SLOW_WAITS or round_ >= solo_after
+    top, waited = arrive(sync, me, parties, round_, flag | (SOLO if solo else 0))
     return top, round_ + 1, slow + waited
 
 
@@ -1102,6 +1106,9 @@ def _integrate(plan, mode, args):
             job.result()
 
 
+_SOLO_AFTER = 1 << 62  # integrate_rows' solo_after (tests force a switch to one thread with it)
+
+
 def _integrate_rows(plan, args, parties):
     """integrate_rows on `parties` threads (this one and persistent helpers, sync.run_group), the
     particles split into contiguous shares."""
@@ -1113,7 +1120,7 @@ def _integrate_rows(plan, args, parties):
     words = new_sync(parties)
     bounds = np.linspace(0, n, parties + 1).round().astype(np.int64)
     calls = [(plan, spec, st, Q, K, V, x, step0, stop, keep, keys, out, x_end, status, buffers[0], own[-1],
-              own[7], a, b, words, np.int64(me), np.int64(parties))
+              own[7], a, b, words, np.int64(me), np.int64(parties), np.int64(_SOLO_AFTER))
              for me, (own, a, b) in enumerate(zip(buffers, bounds[:-1], bounds[1:]))]
     run_group(integrate_rows, calls)
 
