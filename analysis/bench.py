@@ -176,6 +176,32 @@ def best_time(fn, *, repeats=5, budget=2.0, max_repeats=50, clock=time.perf_coun
     return min(times)
 
 
+def interleaved_best_times(fns: dict, *, rounds=3, budget=6.0, max_rounds=20, fast=0.25,
+                           clock=time.perf_counter) -> dict:
+    """Best time of each fn() (after one warm-up each), the calls interleaved: every round calls
+    each function once, and a fast one (a call under `fast` seconds) again until it has taken
+    `fast` seconds in this round. At least `rounds` rounds, more (up to max_rounds) while the total
+    stays under `budget` seconds. On a shared machine whose speed drifts by tens of percent over
+    seconds, each function then sees the same stretches of it, so their ratio moves less than
+    with one function timed after the other."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    start, done = time.perf_counter(), 0
+    while done < rounds or (done < max_rounds and time.perf_counter() - start < budget):
+        for name, fn in fns.items():
+            spent = 0.0
+            while True:
+                t = clock()
+                fn()
+                elapsed = clock() - t
+                best[name], spent = min(best[name], elapsed), spent + elapsed
+                if elapsed >= fast or spent >= fast:
+                    break
+        done += 1
+    return best
+
+
 @dataclass
 class Case:
     name: str
@@ -844,9 +870,10 @@ def _ensemble_x0(case, seed=0):
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(case["dtype"])
 
 
-def run_ensemble_case(case, *, repeats=3, budget=2.0, clock=time.perf_counter, torch_threads=(2, 1)):
-    """Time simulate (every step saved, as by default) against the case's baselines in one process.
-    The torch loop is timed with each thread count of `torch_threads`; the fastest counts."""
+def run_ensemble_case(case, *, repeats=3, budget=6.0, clock=time.perf_counter, torch_threads=(2, 1)):
+    """Time simulate (every step saved, as by default) against the case's baselines in one process,
+    the calls interleaved (interleaved_best_times, at least `repeats` rounds). The torch loop is
+    timed with each thread count of `torch_threads`; the fastest counts."""
     import torch
 
     from particles import simulate
@@ -856,35 +883,42 @@ def run_ensemble_case(case, *, repeats=3, budget=2.0, clock=time.perf_counter, t
     run = dict(steps=case["steps"], dt=case["dt"], dtype=case["dtype"], **params)
     rec = dict(case=case["name"], model=case["model"], n=case["n"], d=case["d"], samples=case["samples"],
                steps=case["steps"], dtype=case["dtype"])
-    rec["ours_s"] = best_time(lambda: simulate(case["model"], x0, **run), repeats=repeats, budget=budget,
-                              clock=clock)
+    fns = {"ours": lambda: simulate(case["model"], x0, **run)}
+    previous = torch.get_num_threads()
     if "torch" in case["baselines"]:
-        previous, times = torch.get_num_threads(), {}
-        try:
-            for threads in torch_threads:
-                torch.set_num_threads(threads)
-                xt, beta, dt, steps = torch.from_numpy(x0), case["beta"], case["dt"], case["steps"]
-                times[threads] = best_time(lambda: torch_ensemble_loop(xt, beta, dt, steps),  # noqa: B023
-                                           repeats=repeats, budget=budget, clock=clock)
-        finally:
-            torch.set_num_threads(previous)
+        xt, beta, dt, steps = torch.from_numpy(x0), case["beta"], case["dt"], case["steps"]
+
+        def torch_loop(threads):
+            torch.set_num_threads(threads)
+            try:
+                return torch_ensemble_loop(xt, beta, dt, steps)
+            finally:
+                torch.set_num_threads(previous)
+
+        for threads in torch_threads:
+            fns[f"torch{threads}"] = lambda threads=threads: torch_loop(threads)
+    if "numpy" in case["baselines"]:
+        if case["model"] == "hk":
+            fns["numpy"] = lambda: numpy_hk_loop(x0, case["radius"], case["steps"])
+        elif case["samples"] is None:
+            fns["numpy"] = lambda: numpy_sphere_loop(x0, case["beta"], case["dt"], case["steps"])
+        else:
+            fns["numpy"] = lambda: numpy_ensemble_loop(x0, case["beta"], case["dt"], case["steps"])
+    best = interleaved_best_times(fns, rounds=repeats, budget=budget, clock=clock)
+    rec["ours_s"] = best["ours"]
+    if "torch" in case["baselines"]:
+        times = {threads: best[f"torch{threads}"] for threads in torch_threads}
         rec["torch_threads"] = min(times, key=times.get)
         rec["torch_s"] = min(times.values())
     if "numpy" in case["baselines"]:
-        if case["model"] == "hk":
-            fn = lambda: numpy_hk_loop(x0, case["radius"], case["steps"])  # noqa: E731
-        elif case["samples"] is None:
-            fn = lambda: numpy_sphere_loop(x0, case["beta"], case["dt"], case["steps"])  # noqa: E731
-        else:
-            fn = lambda: numpy_ensemble_loop(x0, case["beta"], case["dt"], case["steps"])  # noqa: E731
-        rec["numpy_s"] = best_time(fn, repeats=max(1, repeats - 1), budget=budget, clock=clock)
+        rec["numpy_s"] = best["numpy"]
     for key in ("torch_s", "numpy_s"):
         if key in rec:
             rec["x_" + key[:-2]] = rec[key] / rec["ours_s"]
     return rec
 
 
-def run_ensembles(quick=False, *, repeats=3, budget=2.0, clock=time.perf_counter, progress=True):
+def run_ensembles(quick=False, *, repeats=3, budget=6.0, clock=time.perf_counter, progress=True):
     """Every ensemble case (see run_ensemble_case); records in case order."""
     records = []
     for case in ensemble_cases(quick):

@@ -199,3 +199,18 @@ def test_ksync_bench_ensembles_writes_json_and_markdown(tmp_path, monkeypatch):
     assert first["x_torch"] == pytest.approx(first["torch_s"] / first["ours_s"])
     text = md.read_text()
     assert "| SA ensemble 8x6x2 |" in text and "written by `ksync bench --ensembles" in text
+
+
+def test_interleaved_best_times_alternate_and_keep_the_minimum():
+    """interleaved_best_times: each function once per round (a fast one until `fast` seconds), at
+    least `rounds` rounds, the best time of each; the order of calls alternates between them."""
+    calls = []
+    ticks = iter(range(10**6))
+
+    def clock():  # a fake clock: every reading is one tick later
+        return float(next(ticks))
+
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    best = bench.interleaved_best_times(fns, rounds=3, budget=0.0, fast=0.5, clock=clock)
+    assert best == {"a": 1.0, "b": 1.0}
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # the warm-up, then three alternating rounds

@@ -97,10 +97,19 @@ def os_yield(typingctx):
     return types.void(), codegen
 
 
+ABORT = 8  # flag bit arrive returns when a thread of the group failed (see abort)
+
+
 def new_sync(parties: int) -> np.ndarray:
-    """The shared int64 words of one barrier: the counter (word 0, alone on its cache line) and two
-    rounds of flags, one cache line per thread."""
-    return np.zeros(FLAG_STRIDE * (1 + 2 * parties), np.int64)
+    """The shared int64 words of one barrier: the counter (word 0, alone on its cache line), two
+    rounds of flags, one cache line per thread, and the abort word (the last line)."""
+    return np.zeros(FLAG_STRIDE * (2 + 2 * parties), np.int64)
+
+
+def abort(sync: np.ndarray) -> None:
+    """Tell every thread waiting at this barrier to give up (arrive returns ABORT): a thread of the
+    group failed and will never arrive."""
+    sync[-FLAG_STRIDE] = 1
 
 
 @njit(cache=True, nogil=True)
@@ -110,13 +119,16 @@ def arrive(sync, me, parties, round_, flag):
     round OR'ed, whether the wait was slow: longer than SPIN_PAUSES pauses, about 0.1 ms, so that
     this thread yielded its core). Flags alternate between two slots by round parity: a thread can
     be at most one round ahead of the slowest, so the slot of round r is next written in round
-    r + 2, after everyone has read it."""
+    r + 2, after everyone has read it. If the group was aborted (abort) while waiting: (ABORT, True)."""
     slot = FLAG_STRIDE * (1 + (round_ % 2) * parties)
+    stop = FLAG_STRIDE * (1 + 2 * parties)
     sync[slot + FLAG_STRIDE * me] = flag
     atomic_add(sync, 0, 1)
     target = (round_ + 1) * parties
     spins = 0
     while atomic_load(sync, 0) < target:
+        if atomic_load(sync, stop) != 0:
+            return ABORT, True
         if spins < SPIN_PAUSES:
             cpu_pause()
             spins += 1
@@ -132,11 +144,34 @@ _pool_lock = threading.Lock()
 _pool: list = [None, 0]  # the executor and its worker count
 
 
-def run_group(fn, calls):
+def _forget_pool():
+    """In a forked child: the parent's helper threads do not exist there (a job queued to them would
+    never run, and its group would wait for it for ever), so start afresh."""
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    _pool[:] = [None, 0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def run_group(fn, calls, sync=None):
     """fn(*args) for every args of `calls` at once: the first on the calling thread, the others on
     persistent helper threads; returns their results in order. The helpers of one group are queued
     together (under a lock) and the pool has a worker for each, so groups that wait on each other
-    inside (a barrier) never wait behind another group's helpers. fn must release the GIL."""
+    inside (a barrier) never wait behind another group's helpers. fn must release the GIL. sync: the
+    group's barrier words, aborted (abort) when a call raises, so that the others stop waiting; the
+    first exception is raised once every call has returned."""
+
+    def guarded(*args):
+        try:
+            return fn(*args)
+        except BaseException:
+            if sync is not None:
+                abort(sync)
+            raise
+
     if len(calls) == 1:
         return [fn(*calls[0])]
     with _pool_lock:
@@ -146,6 +181,10 @@ def run_group(fn, calls):
                 executor.shutdown(wait=False)
             executor = ThreadPoolExecutor(len(calls) - 1, thread_name_prefix="krause-sync")
             _pool[:] = [executor, len(calls) - 1]
-        jobs = [executor.submit(fn, *args) for args in calls[1:]]
-    first = fn(*calls[0])
+        jobs = [executor.submit(guarded, *args) for args in calls[1:]]
+    try:
+        first = guarded(*calls[0])
+    finally:
+        for job in jobs:  # wait for every helper (an aborted group returns soon)
+            job.exception()
     return [first] + [job.result() for job in jobs]

@@ -46,7 +46,7 @@ from .dense import (
 from .fastexp import LOG2E, exp2_sat
 from .noise import normal, step_key
 from .rows import FASTMATH, RBF, SOFTMAX, _dot4, _sqdist4, buffer_len, candidate_range
-from .sync import arrive, new_sync, run_group
+from .sync import ABORT, arrive, new_sync, run_group
 
 SPHERE, EUCLIDEAN = 0, 1  # geometry codes (particles.geometry: Geometry.code)
 EULER, RK4 = 0, 1
@@ -885,9 +885,9 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
         slot = 1
     round_, slow = 0, 0
     top, round_, slow = _meet(sync, me, parties, round_, 0, slow, solo_after)  # every column loaded
+    if _next(top, me) < 0:
+        return
     if top & SOLO:
-        if me > 0:
-            return
         first, last, parties = 0, n, 1
     code, at = 0, 0
     for step in range(step0, stop):
@@ -897,12 +897,12 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
                                        parties, round_)
             # every thread has read src
             top, round_, slow = _meet(sync, me, parties, round_, flag, slow, solo_after)
+            if _next(top, me) < 0:
+                return
             if top & USA_OVERFLOW:
                 code, at = USA_OVERFLOW, step
                 break
             if top & SOLO:
-                if me > 0:
-                    return
                 first, last, parties = 0, n, 1
             if st.integrator == EULER:
                 _euler_update(plan.dims, st, x, v, keys, 1, step, order, xi, vt, first, last)
@@ -911,9 +911,9 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
             if stage < 3 and st.integrator != EULER:
                 # the stage point y is complete
                 top, round_, slow = _meet(sync, me, parties, round_, 0, slow, solo_after)
+                if _next(top, me) < 0:
+                    return
                 if top & SOLO:
-                    if me > 0:
-                        return
                     first, last, parties = 0, n, 1
         if code != 0:
             break
@@ -923,12 +923,12 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
             bad = NONFINITE
         # the state is complete (and finite?)
         top, round_, slow = _meet(sync, me, parties, round_, bad, slow, solo_after)
+        if _next(top, me) < 0:
+            return
         if top & NONFINITE:
             code, at = NONFINITE, step + 1
             break
         if top & SOLO:
-            if me > 0:
-                return
             first, last, parties = 0, n, 1
         if saving:
             _save_rows(x, out[0, slot], first, last)
@@ -938,6 +938,13 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
             status[0, 0], status[0, 1] = code, at
         return
     _save_rows(x, x_end[0], first, last)
+
+
+@njit(cache=True, inline="always")
+def _next(top, me):
+    """After a barrier round of integrate_rows: −1 if this thread stops here (the group was aborted,
+    or the round carries SOLO and this is a helper), else 0."""
+    return -1 if (top & ABORT) or (top & SOLO and me > 0) else 0
 
 
 @njit(cache=True, inline="always")
@@ -1122,7 +1129,7 @@ def _integrate_rows(plan, args, parties):
     calls = [(plan, spec, st, Q, K, V, x, step0, stop, keep, keys, out, x_end, status, buffers[0], own[-1],
               own[7], a, b, words, np.int64(me), np.int64(parties), np.int64(_SOLO_AFTER))
              for me, (own, a, b) in enumerate(zip(buffers, bounds[:-1], bounds[1:]))]
-    run_group(integrate_rows, calls)
+    run_group(integrate_rows, calls, words)
 
 
 #: the most bytes of state buffers kept for reuse between calls (per thread; see _reused_buffers)
