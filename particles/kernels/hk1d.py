@@ -15,13 +15,12 @@ accuracy even for 10⁶ opinions.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numba
 import numpy as np
 from numba import njit, prange
 
 from .fastexp import WINDOW_LANES, count_far_left, count_near
+from .sync import run_group
 
 CHUNK = 1 << 16  # positions per parallel task in the sweep
 LOOKAHEAD = WINDOW_LANES  # keys each interval end tests per position (+inf padding past the end)
@@ -65,15 +64,15 @@ def _sorted_run(x: np.ndarray, start: int, stop: int):
 def argsort(x: np.ndarray, parts: int | None = None) -> np.ndarray:
     """A permutation sorting the opinions x (1-D) into non-decreasing order: np.argsort of each of
     `parts` pieces (default numba.get_num_threads(), at least PARALLEL_SORT_MIN opinions each) on
-    its own thread (numpy releases the GIL while it sorts), the sorted runs then merged pairwise.
+    its own thread (numpy releases the GIL while it sorts; the persistent helpers of sync.run_group),
+    the sorted runs then merged pairwise.
     The sort a 1-D HK run starts with: 10⁶ opinions 1.5x faster than np.argsort on 2 cores."""
     n = x.shape[0]
     parts = min(parts or numba.get_num_threads(), n // PARALLEL_SORT_MIN)
     if parts < 2:
         return np.argsort(x)
     cuts = np.linspace(0, n, parts + 1).astype(np.int64)
-    with ThreadPoolExecutor(parts) as pool:
-        runs = list(pool.map(lambda k: _sorted_run(x, cuts[k], cuts[k + 1]), range(parts)))
+    runs = run_group(_sorted_run, [(x, cuts[k], cuts[k + 1]) for k in range(parts)])
     while len(runs) > 1:
         merged = []
         for (va, ia), (vb, ib) in zip(runs[0::2], runs[1::2]):

@@ -1091,26 +1091,18 @@ def _full_tiles(x, keys, lanes):
 
 def _integrate(plan, mode, args):
     """integrate_one over every tile of `plan.lanes` samples; SERIAL: the tiles split into
-    contiguous shares, one per thread (at most numba.get_num_threads()), each tile computed by one
-    thread whatever the thread count; PARALLEL: the samples in turn, the kernels parallel, in the
-    calling thread's reusable state buffers (_reused_buffers)."""
+    contiguous shares, one per thread (at most numba.get_num_threads(): this one and the persistent
+    helpers of sync.run_group), each tile computed by one thread whatever the thread count;
+    PARALLEL: the samples in turn, the kernels parallel, in the calling thread's reusable state
+    buffers (_reused_buffers)."""
     S, L = args[5].shape[0], plan.lanes
     count = -(-S // L)
     if mode == PARALLEL:
         integrate_tiles(plan, mode, *args, 0, count, _reused_buffers(plan, mode, args[0], args[1], args[5]))
         return
     threads = max(1, min(numba.get_num_threads(), count))
-    if threads == 1:
-        integrate_tiles(plan, mode, *args, 0, count, ())
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
     bounds = np.linspace(0, count, threads + 1).round().astype(np.int64)
-    with ThreadPoolExecutor(threads) as pool:
-        jobs = [pool.submit(integrate_tiles, plan, mode, *args, bounds[k], bounds[k + 1], ())
-                for k in range(threads)]
-        for job in jobs:
-            job.result()
+    run_group(integrate_tiles, [(plan, mode, *args, bounds[k], bounds[k + 1], ()) for k in range(threads)])
 
 
 _SOLO_AFTER = 1 << 62  # integrate_rows' solo_after (tests force a switch to one thread with it)
