@@ -176,20 +176,24 @@ def best_time(fn, *, repeats=5, budget=2.0, max_repeats=50, clock=time.perf_coun
     return min(times)
 
 
-def interleaved_best_times(fns: dict, *, rounds=3, budget=6.0, max_rounds=20, fast=0.25,
+def interleaved_best_times(fns: dict, *, rounds=3, budget=6.0, max_rounds=20, fast=0.25, settle=0.02,
                            clock=time.perf_counter) -> dict:
     """Best time of each fn() (after one warm-up each), the calls interleaved: every round calls
     each function once, and a fast one (a call under `fast` seconds) again until it has taken
     `fast` seconds in this round. At least `rounds` rounds, more (up to max_rounds) while the total
     stays under `budget` seconds. On a shared machine whose speed drifts by tens of percent over
     seconds, each function then sees the same stretches of it, so their ratio moves less than
-    with one function timed after the other."""
+    with one function timed after the other. Before each function's turn the caller sleeps
+    `settle` seconds (untimed): the idle threads of torch's OpenMP or numpy's OpenBLAS spin for a
+    while after their last call and would slow the function that follows."""
     for fn in fns.values():
         fn()
     best = {name: float("inf") for name in fns}
     start, done = time.perf_counter(), 0
     while done < rounds or (done < max_rounds and time.perf_counter() - start < budget):
         for name, fn in fns.items():
+            if settle > 0:
+                time.sleep(settle)
             spent = 0.0
             while True:
                 t = clock()

@@ -211,6 +211,6 @@ def test_interleaved_best_times_alternate_and_keep_the_minimum():
         return float(next(ticks))
 
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    best = bench.interleaved_best_times(fns, rounds=3, budget=0.0, fast=0.5, clock=clock)
+    best = bench.interleaved_best_times(fns, rounds=3, budget=0.0, fast=0.5, settle=0.0, clock=clock)
     assert best == {"a": 1.0, "b": 1.0}
     assert calls == ["a", "b"] + ["a", "b"] * 3  # the warm-up, then three alternating rounds

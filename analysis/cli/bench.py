@@ -180,7 +180,7 @@ def run_ensembles(args, bench, repeats, budget, start) -> int:
                      f"Machine: {machine['cpu']} ({machine['isa']}), {machine['cores']} cores, 1-min load "
                      f"{machine['load_average_1min']:.1f}; numba {machine.get('numba_vector_bits', '?')}-bit "
                      f"vectors. Times: best of at least {repeats} interleaved rounds (wall; each round "
-                     "times ours and every baseline once, fast ones until 0.25 s).\n\n"
+                     "times ours and every baseline once, fast ones until 0.25 s, after a 20 ms pause).\n\n"
                      + bench.ensemble_table(records) + "\n")
         print(f"wrote {args.markdown}")
     return 0

@@ -58,11 +58,13 @@ LANES_MIN_SAMPLES = 16  # ensembles this large integrate tiles of samples vector
 SYMMETRIC_LANES_MAX_DIM = 2
 LANES_PER_TILE = 64  # samples per LANES tile: the lane loops vectorise in blocks of 64 (fp32: 16 × 4)
 # One system below SERIAL_WORK pairs runs on several threads in lockstep (trajectory.integrate_rows)
-# when each thread gets at least LOCKSTEP_MIN_ROWS rows and the call at least LOCKSTEP_MIN_WORK
-# scored pairs, about 1 ms (the helper threads take about 50 µs to join, longer on a busy machine;
-# each evaluation adds two barriers of about 40 ns). SA d = 3 on 2 threads (AMD EPYC, 2 vCPUs),
-# simulate against one thread: n = 32, 48, 64, 128, 256, 400: 1.06, 1.17, 1.30, 1.49, 1.55, 1.81x.
+# when each thread gets at least LOCKSTEP_MIN_ROWS rows, each evaluation at least LOCKSTEP_MIN_PAIRS
+# scored pairs and the call at least LOCKSTEP_MIN_WORK, about 1 ms (the helper threads take about
+# 50 µs to join, longer on a busy machine; each evaluation adds two barriers of about 40 ns).
+# benchmarks/lockstep.md (2 vCPUs of an AMD EPYC, against one thread): SA d = 3 1.02x at n = 32
+# and 64 (1.02-1.3x over repeated runs at 64), 1.2-1.6x at n = 128-1000; Krause top-k 1.6-1.7x.
 LOCKSTEP_MIN_ROWS = 24
+LOCKSTEP_MIN_PAIRS = 4096
 LOCKSTEP_MIN_WORK = 1 << 20
 
 
@@ -81,8 +83,8 @@ def threads_for(work: int):
 
 
 def lockstep(field: VelocityField, plan, samples: int, evaluations: int):
-    """(plan, threads) for trajectory.run: one sample below SERIAL_WORK pairs per evaluation, with
-    at least LOCKSTEP_MIN_WORK pairs in all its `evaluations` and LOCKSTEP_MIN_ROWS rows per thread,
+    """(plan, threads) for trajectory.run: one sample with LOCKSTEP_MIN_PAIRS to SERIAL_WORK pairs
+    per evaluation, at least LOCKSTEP_MIN_WORK in all its `evaluations` and LOCKSTEP_MIN_ROWS rows per thread,
     runs its FUSED or RANGE rows on up to numba.get_num_threads() threads in lockstep (the FUSED rows
     also in place of the serial SYMMETRIC kernel: on 2 threads 1.0-1.5x faster than it at n =
     512-1400, d = 2, 3); anything else keeps `plan` on its own (threads = 1)."""
@@ -91,7 +93,7 @@ def lockstep(field: VelocityField, plan, samples: int, evaluations: int):
         return plan, 1
     n, work = field.n, field.work(field.n)
     threads = min(numba.get_num_threads(), n // LOCKSTEP_MIN_ROWS)
-    if work >= SERIAL_WORK or work * evaluations < LOCKSTEP_MIN_WORK or threads < 2:
+    if not LOCKSTEP_MIN_PAIRS <= work < SERIAL_WORK or work * evaluations < LOCKSTEP_MIN_WORK or threads < 2:
         return plan, 1
     return (_plan_fused(field, False) if plan.kind == (0,) * trajectory.SYMMETRIC else plan), threads
 
