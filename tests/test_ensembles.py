@@ -254,16 +254,12 @@ def test_finite_check_sees_every_non_finite_entry(bad):
         assert trajectory._finite(y, 0, p) and trajectory._finite(y, p + 1, 257)  # only the columns asked
 
 
-LOCKSTEP_CASES = [  # (model, params, n, d, integrator, noise)
-    ("sa", dict(beta=2.0), 67, 3, "euler", 0.0),
-    ("sa", dict(beta=2.0), 67, 3, "rk4", 0.0),
-    ("sa", dict(beta=1.0), 50, 2, "euler", 0.1),
-    ("krause", dict(sigma=0.5, window=9, causal=True), 41, 4, "rk4", 0.0),
-    ("krause", dict(sigma=0.5, radius=0.8, geometry="euclidean"), 40, 1, "euler", 0.0),
+LOCKSTEP_CASES = [  # (model, params, n, d, integrator, noise): four compiled variants cover the paths
+    ("sa", dict(beta=2.0), 67, 3, "euler", 0.0),  # FUSED softmax
     ("sa", dict(beta=3.0, Q=np.diag([1.0, 2.0, 0.5]), K=np.diag([0.5, 1.0, 2.0]), V=-np.eye(3)), 33, 3, "rk4",
-     0.0),
-    ("krause", dict(sigma=0.5, top_k=7), 45, 3, "euler", 0.05),  # RANGE rows
-    ("sa", dict(beta=1.0, window=6), 40, 6, "rk4", 0.0),  # d > 4: RANGE rows
+     0.0),  # projections, RK4 stages
+    ("krause", dict(sigma=0.5, window=9, causal=True, radius=1.5, geometry="euclidean"), 41, 4, "rk4", 0.0),
+    ("krause", dict(sigma=0.5, top_k=7), 45, 6, "euler", 0.05),  # RANGE rows (top-k, d > 4), noise
 ]
 
 
