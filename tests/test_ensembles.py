@@ -381,3 +381,22 @@ def test_lockstep_runs_side_by_side_finish_with_their_numbers():
     assert not any(t.is_alive() for t in threads)
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two numba threads")
+def test_tiles_taken_by_any_thread_give_the_same_numbers():
+    """Ensemble tiles are taken one at a time by whichever thread is free (a shared counter): every
+    tile exactly once, and the same numbers on 1 and 2 threads, for tiles of one sample (5 samples)
+    and of 64 lanes (200 samples: four tiles, the last padded)."""
+    previous = numba.get_num_threads()
+    for samples in (5, 200):
+        x0 = np.stack([sphere_points(10, 3, seed=s) for s in range(samples)])
+        runs = []
+        try:
+            for threads in (1, 2):
+                numba.set_num_threads(threads)
+                runs.append(simulate("sa", x0, steps=15, dt=0.1, beta=3.0, noise=0.05, seed=4).x.values)
+        finally:
+            numba.set_num_threads(previous)
+        assert np.isfinite(runs[1]).all() and not np.array_equal(runs[1][:, -1], x0)
+        np.testing.assert_array_equal(runs[1], runs[0])

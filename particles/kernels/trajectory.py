@@ -46,7 +46,7 @@ from .dense import (
 from .fastexp import LOG2E, exp2_sat
 from .noise import normal, step_key
 from .rows import FASTMATH, RBF, SOFTMAX, _dot4, _sqdist4, buffer_len, candidate_range
-from .sync import ABORT, arrive, new_sync, run_group
+from .sync import ABORT, arrive, atomic_add, new_sync, run_group
 
 SPHERE, EUCLIDEAN = 0, 1  # geometry codes (particles.geometry: Geometry.code)
 EULER, RK4 = 0, 1
@@ -982,11 +982,17 @@ def _tile_buffers_overload(bufs, plan, mode, spec, st, x0):
 
 @njit(cache=True, nogil=True)
 def integrate_tiles(plan, mode, spec, st, Q, K, V, x0, orders, step0, stop, keep, keys, out, x_end, status,
-                    first, last, bufs):
-    """integrate_one for the tiles first..last−1 of plan.lanes samples each (one call per thread), in
-    the state_buffers `bufs` (one sample per tile), or in new ones per tile if bufs = ()."""
+                    claim, count, bufs):
+    """integrate_one for tiles of plan.lanes samples each, tiles 0..count−1 taken one at a time from
+    the counter claim[0], shared by the threads that call this at once (a thread that runs slower,
+    or loses its core for a while, takes fewer: each tile is still computed whole by one thread, so
+    the numbers do not depend on who takes it); in the state_buffers `bufs` (one sample per tile),
+    or in new ones per tile if bufs = ()."""
     S, L = x0.shape[0], plan.lanes
-    for tile in range(first, last):
+    while True:
+        tile = atomic_add(claim, 0, 1)
+        if tile >= count:
+            break
         a, b = tile * L, min(S, (tile + 1) * L)
         tile_bufs = _tile_buffers(bufs, plan, mode, spec, st, x0[a:b])
         integrate_one(plan, mode, spec, st, Q, K, V, x0[a:b], orders[a], step0, stop, keep, keys[a:b],
@@ -1090,19 +1096,20 @@ def _full_tiles(x, keys, lanes):
 
 
 def _integrate(plan, mode, args):
-    """integrate_one over every tile of `plan.lanes` samples; SERIAL: the tiles split into
-    contiguous shares, one per thread (at most numba.get_num_threads(): this one and the persistent
-    helpers of sync.run_group), each tile computed by one thread whatever the thread count;
+    """integrate_one over every tile of `plan.lanes` samples; SERIAL: the tiles taken one at a time by
+    the threads (at most numba.get_num_threads(): this one and the persistent helpers of
+    sync.run_group), each tile computed by one thread whatever the thread count;
     PARALLEL: the samples in turn, the kernels parallel, in the calling thread's reusable state
     buffers (_reused_buffers)."""
     S, L = args[5].shape[0], plan.lanes
     count = -(-S // L)
+    claim = np.zeros(1, np.int64)
     if mode == PARALLEL:
-        integrate_tiles(plan, mode, *args, 0, count, _reused_buffers(plan, mode, args[0], args[1], args[5]))
+        bufs = _reused_buffers(plan, mode, args[0], args[1], args[5])
+        integrate_tiles(plan, mode, *args, claim, np.int64(count), bufs)
         return
     threads = max(1, min(numba.get_num_threads(), count))
-    bounds = np.linspace(0, count, threads + 1).round().astype(np.int64)
-    run_group(integrate_tiles, [(plan, mode, *args, bounds[k], bounds[k + 1], ()) for k in range(threads)])
+    run_group(integrate_tiles, [(plan, mode, *args, claim, np.int64(count), ())] * threads)
 
 
 _SOLO_AFTER = 1 << 62  # integrate_rows' solo_after (tests force a switch to one thread with it)
