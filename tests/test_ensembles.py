@@ -358,6 +358,16 @@ def test_simulate_runs_one_system_in_lockstep_with_the_same_numbers(monkeypatch)
     assert field.trajectory_plan(False, 1).kind == (0,) * trajectory.SYMMETRIC
     plan, threads = kernels.lockstep(field, field.trajectory_plan(False, 1), 1, 100)
     assert plan.kind == (0,) * trajectory.FUSED and threads == min(numba.get_num_threads(), 600 // 24)
+    x600 = sphere_points(600, 3, seed=4)  # lockstep FUSED rows on 2 threads, the symmetric kernel on 1
+    try:
+        runs = []
+        for t in (2, 1):
+            numba.set_num_threads(t)
+            runs.append(simulate("sa", x600, steps=5, dt=0.1, beta=1.0).x.values)
+    finally:
+        numba.set_num_threads(previous)
+    assert seen[-2:] == [2, 1]
+    np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=1e-12)
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two numba threads")
