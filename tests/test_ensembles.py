@@ -17,7 +17,8 @@ CASES = [
     ("krause", dict(sigma=0.6, window=5, causal=True), 13, 3, 17, trajectory.LANES),
     ("sa", dict(beta=2.0), 12, 2, 17, trajectory.SYMMETRIC_LANES),
     ("usa", dict(beta=1.0), 12, 2, 17, trajectory.SYMMETRIC_LANES),
-    ("sa", dict(beta=2.0), 12, 3, 17, trajectory.LANES),  # symmetric, but above SYMMETRIC_LANES_MAX_DIM
+    ("sa", dict(beta=2.0), 12, 3, 17, trajectory.SYMMETRIC_LANES),
+    ("krause", dict(sigma=0.7), 9, 4, 17, trajectory.SYMMETRIC_LANES),
     ("krause", dict(sigma=0.5), 11, 1, 17, trajectory.SYMMETRIC_LANES),
     ("sa", dict(beta=300.0, Q=np.diag([1.0, 2.0, 3.0]), K=np.diag([3.0, 1.0, 0.5])), 10, 3, 17,
      trajectory.LANES),  # the shift bound is loose: rows redone with their exact max

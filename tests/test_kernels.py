@@ -8,6 +8,7 @@ from numba import njit
 from particles import make_interaction, reference
 from particles.kernels import PATHS, choose_path, velocity_field
 from particles.kernels.fastexp import WINDOW_LANES, count_far_left, count_near, exp2_sat, fexp
+from particles.kernels.simd import vadd, vexp2, vfma, vload, vmul, vsplat, vstore, vsub
 from particles.kernels.hk1d import CHUNK, PARALLEL_SORT_MIN, SortedSweep, argsort
 from particles.kernels.neighbours import neighbour_lists
 
@@ -338,6 +339,43 @@ def test_saturating_exp2(dtype, rtol, floor, top):
     np.testing.assert_allclose(_exp2_sat_array(y), np.exp2(y.astype(np.float64)), rtol=rtol)
     special = _exp2_sat_array(np.array([-np.inf, floor - 50.5, 0.0, 1.0, top, np.inf], dtype))
     np.testing.assert_array_equal(special, [2.0**floor, 2.0**floor, 1.0, 2.0, np.inf, np.inf])
+
+
+@njit(cache=True)
+def _simd_ops(a, b, c, out):
+    """Every explicit-vector operation once per vector of a, b, c (1-D, a whole number of vectors)."""
+    width = 64 // a.itemsize
+    for s in range(0, a.shape[0], width):
+        x, y, z = vload(a, s), vload(b, s), vload(c, s)
+        vstore(out[0], s, vadd(x, y))
+        vstore(out[1], s, vsub(x, y))
+        vstore(out[2], s, vmul(x, y))
+        vstore(out[3], s, vfma(x, y, z))
+        vstore(out[4], s, vexp2(x))
+        vstore(out[5], s, vsplat(c[s]))
+
+
+@pytest.mark.parametrize("dtype, rtol, floor, top",
+                         [(np.float32, 3e-7, -125, 128), (np.float64, 1e-15, -1021, 1024)])
+def test_explicit_vectors_compute_what_numpy_does(dtype, rtol, floor, top):
+    """kernels.simd: lane-wise +, −, ·, fma, splat as numpy computes them, and vexp2 = exp2_sat's
+    2^y to the same accuracy with the same saturation (2^floor below the range, +inf from `top`)."""
+    rng = np.random.default_rng(0)
+    special = [-np.inf, floor - 50.5, 0.0, 1.0, top, np.inf, floor, top - 1]
+    m = 4096 - len(special)
+    a = np.concatenate([np.linspace(floor, top - 1, m), special]).astype(dtype)
+    b, c = rng.standard_normal((2, a.size)).astype(dtype)
+    out = np.empty((6, a.size), dtype)
+    _simd_ops(a, b, c, out)
+    np.testing.assert_array_equal(out[0], a + b)
+    np.testing.assert_array_equal(out[1], a - b)
+    np.testing.assert_array_equal(out[2], a * b)
+    exact = a[:m].astype(np.float64) * b[:m] + c[:m]
+    np.testing.assert_allclose(out[3][:m], exact, rtol=0, atol=2 * np.finfo(dtype).eps * np.abs(exact).max())
+    np.testing.assert_allclose(out[4][:m], np.exp2(a[:m].astype(np.float64)), rtol=rtol)
+    np.testing.assert_array_equal(out[4][m:], [2.0**floor, 2.0**floor, 1.0, 2.0, np.inf, np.inf, 2.0**floor,
+                                               2.0 ** (top - 1)])
+    np.testing.assert_array_equal(out[5], np.repeat(c[::64 // a.itemsize], 64 // a.itemsize))
 
 
 def _top_k_rows(rng, m, k):

@@ -43,7 +43,7 @@ import numba
 import numpy as np
 
 from ..interaction import Interaction, radius_bound_sq, usa_overflow_message
-from . import blas, dense, headdim, hk1d, neighbours, rows, trajectory
+from . import blas, dense, headdim, hk1d, neighbours, rows, simd, trajectory
 
 #: Below this many scored pairs a call runs on one thread: waking the second numba thread costs more
 #: than it saves, and on a busy machine the wait for it can take a whole scheduler tick (4 ms).
@@ -52,11 +52,8 @@ HK1D_WORK_PER_OPINION = 16  # the sweep's cost per opinion, in the same units
 RANGE_TOP_K_COST = 4  # a scored pair of the range kernel with top-k, in the same units
 SYMMETRIC_MIN_N = 512
 LANES_MIN_SAMPLES = 16  # ensembles this large integrate tiles of samples vectorised over the samples
-# SYMMETRIC_LANES (one exp per pair, both rows updated) up to this d; above it LANES. Measured on one
-# 64-sample tile, n = 16, 32, 96 (AMD EPYC, AVX-512): symmetric 1.2-1.9x faster at d ≤ 2 but 2-4x
-# slower at d = 3, 4 (eight or ten rows read and written per pair: the loop leaves vector code)
-SYMMETRIC_LANES_MAX_DIM = 2
 LANES_PER_TILE = 64  # samples per LANES tile: the lane loops vectorise in blocks of 64 (fp32: 16 × 4)
+assert LANES_PER_TILE % simd.lanes(np.dtype(np.float32)) == 0  # SYMMETRIC_LANES: whole vectors of samples
 # One system below SERIAL_WORK pairs runs on several threads in lockstep (trajectory.integrate_rows)
 # when each thread gets at least LOCKSTEP_MIN_ROWS rows, each evaluation at least LOCKSTEP_MIN_PAIRS
 # scored pairs and the call at least LOCKSTEP_MIN_WORK, about 1 ms (the helper threads take about
@@ -345,10 +342,10 @@ class VelocityField:
         compiled trajectory). Ensembles of at least LANES_MIN_SAMPLES systems on the dense,
         windowed or causal rows (no top-k, d ≤ 4) run LANES tiles of LANES_PER_TILE samples, vectorised over
         the samples (the last tile padded: trajectory.run); SYMMETRIC_LANES tiles when the scores are
-        symmetric and d ≤ SYMMETRIC_LANES_MAX_DIM."""
+        symmetric (one exp per pair, in explicit vectors: 1.6-2.4x faster than LANES at d = 3, 4,
+        benchmarks/explicit_simd.md)."""
         if samples >= LANES_MIN_SAMPLES and self.path in ("fused", "symmetric"):
-            symmetric = len(self.dims) <= SYMMETRIC_LANES_MAX_DIM and symmetric_scores(self.interaction,
-                                                                                      len(self.dims))
+            symmetric = symmetric_scores(self.interaction, len(self.dims))
             kind = trajectory.SYMMETRIC_LANES if symmetric else trajectory.LANES
             return trajectory.make_plan(kind, self.dims, self.score_s, self.radius_s, lanes=LANES_PER_TILE)
         return _BY_NAME[self.path].plan(self, parallel)

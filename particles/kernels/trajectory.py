@@ -46,6 +46,7 @@ from .dense import (
 from .fastexp import LOG2E, exp2_sat
 from .noise import normal, step_key
 from .rows import FASTMATH, RBF, SOFTMAX, _dot4, _sqdist4, buffer_len, candidate_range
+from .simd import vadd, vexp2, vfma, vload, vmul, vsplat, vstore, vsub
 from .sync import ABORT, arrive, atomic_add, new_sync, run_group
 
 SPHERE, EUCLIDEAN = 0, 1  # geometry codes (particles.geometry: Geometry.code)
@@ -415,9 +416,11 @@ def _redo_lane(score, D, use_radius, spec, x3, q3, k3, v3, i, lo, hi, lane, acc)
 @njit(cache=True, fastmath=FASTMATH)
 def _symmetric_lanes_velocity(plan, spec, ws, L, xT, qT, vT, out):
     """v for L samples at once with symmetric scores (Q = K, no restriction; d = len(dims) ≤ 4):
-    each w_ij = 2^(log2(e)·(s_ij − shift)) computed once for i > j and added to both rows, the
-    innermost loop over the samples; shift = |β|·max_i‖q_i‖² per sample (0 for rbf and usa), as
-    in dense.velocity_symmetric. Rows whose Σ w falls below tiny are redone with their exact max."""
+    each w_ij = 2^(log2(e)·(s_ij − shift)) computed once for i > j and added to both rows;
+    shift = |β|·max_i‖q_i‖² per sample (0 for rbf and usa), as in dense.velocity_symmetric. Rows
+    whose Σ w falls below tiny are redone with their exact max. The pairs run in explicit vectors
+    of the samples (:mod:`.simd`; L a multiple of their width): row i's sums in registers, row j's
+    read and written once per pair (the loop vectoriser had kept this loop scalar)."""
     D, score = len(plan.dims), len(plan.score_s) - 1
     d, N = xT.shape
     n = N // L
@@ -439,34 +442,54 @@ def _symmetric_lanes_velocity(plan, spec, ws, L, xT, qT, vT, out):
             acc[0, i, lane] = w
             for c in range(D):
                 acc[1 + c, i, lane] = w * v3[c, i, lane]
-        e1, e2, e3 = min(1, D - 1), min(2, D - 1), min(3, D - 1)
-        qi0, qi1, qi2, qi3 = q3[0, i], q3[e1, i], q3[e2, i], q3[e3, i]
-        vi0, vi1, vi2, vi3 = v3[0, i], v3[e1, i], v3[e2, i], v3[e3, i]
-        ti, ai0, ai1, ai2, ai3 = acc[0, i], acc[1, i], acc[1 + e1, i], acc[1 + e2, i], acc[1 + e3, i]
-        for j in range(i):  # 1-D views: unit-stride loops over the samples that vectorise
-            qj0, qj1, qj2, qj3 = q3[0, j], q3[e1, j], q3[e2, j], q3[e3, j]
-            vj0, vj1, vj2, vj3 = v3[0, j], v3[e1, j], v3[e2, j], v3[e3, j]
-            tj, aj0, aj1, aj2, aj3 = acc[0, j], acc[1, j], acc[1 + e1, j], acc[1 + e2, j], acc[1 + e3, j]
-            for lane in range(L):
-                p0, p1, p2, p3 = qi0[lane], qi1[lane], qi2[lane], qi3[lane]
+    vb, vg = vsplat(b), vsplat(g)
+    for lb in range(0, L, 64 // xT.itemsize):
+        sh = vload(ysh, lb)
+        for i in range(n):
+            qi0, qi1, qi2, qi3 = _vload4(q3, 0, i, lb, D)
+            vi0, vi1, vi2, vi3 = _vload4(v3, 0, i, lb, D)
+            bq0, bq1, bq2, bq3 = vmul(vb, qi0), vmul(vb, qi1), vmul(vb, qi2), vmul(vb, qi3)
+            ti = vload(acc[0, i], lb)
+            ai0, ai1, ai2, ai3 = _vload4(acc, 1, i, lb, D)
+            for j in range(i):
+                qj0, qj1, qj2, qj3 = _vload4(q3, 0, j, lb, D)
                 if score == SOFTMAX:
-                    y = ysh[lane] + b * _dot4(D, lane, p0, p1, p2, p3, qj0, qj1, qj2, qj3)
+                    y = vfma(bq0, qj0, sh)
+                    y = vfma(bq1, qj1, y) if D > 1 else y
+                    y = vfma(bq2, qj2, y) if D > 2 else y
+                    y = vfma(bq3, qj3, y) if D > 3 else y
                 else:
-                    y = ysh[lane] + g * _sqdist4(D, lane, p0, p1, p2, p3, qj0, qj1, qj2, qj3)
-                w = exp2_sat(y)
-                ti[lane] += w
-                tj[lane] += w
-                ai0[lane] += w * vj0[lane]
-                aj0[lane] += w * vi0[lane]
+                    u = vsub(qi0, qj0)
+                    s2 = vmul(u, u)
+                    u = vsub(qi1, qj1)
+                    s2 = vfma(u, u, s2) if D > 1 else s2
+                    u = vsub(qi2, qj2)
+                    s2 = vfma(u, u, s2) if D > 2 else s2
+                    u = vsub(qi3, qj3)
+                    s2 = vfma(u, u, s2) if D > 3 else s2
+                    y = vfma(vg, s2, sh)
+                w = vexp2(y)
+                ti = vadd(ti, w)
+                vstore(acc[0, j], lb, vadd(vload(acc[0, j], lb), w))
+                ai0 = vfma(w, vload(v3[0, j], lb), ai0)
+                vstore(acc[1, j], lb, vfma(w, vi0, vload(acc[1, j], lb)))
                 if D > 1:
-                    ai1[lane] += w * vj1[lane]
-                    aj1[lane] += w * vi1[lane]
+                    ai1 = vfma(w, vload(v3[1, j], lb), ai1)
+                    vstore(acc[2, j], lb, vfma(w, vi1, vload(acc[2, j], lb)))
                 if D > 2:
-                    ai2[lane] += w * vj2[lane]
-                    aj2[lane] += w * vi2[lane]
+                    ai2 = vfma(w, vload(v3[2, j], lb), ai2)
+                    vstore(acc[3, j], lb, vfma(w, vi2, vload(acc[3, j], lb)))
                 if D > 3:
-                    ai3[lane] += w * vj3[lane]
-                    aj3[lane] += w * vi3[lane]
+                    ai3 = vfma(w, vload(v3[3, j], lb), ai3)
+                    vstore(acc[4, j], lb, vfma(w, vi3, vload(acc[4, j], lb)))
+            vstore(acc[0, i], lb, ti)
+            vstore(acc[1, i], lb, ai0)
+            if D > 1:
+                vstore(acc[2, i], lb, ai1)
+            if D > 2:
+                vstore(acc[3, i], lb, ai2)
+            if D > 3:
+                vstore(acc[4, i], lb, ai3)
     row = np.empty(D + 1, xT.dtype)
     for i in range(n):
         for lane in range(L):
@@ -479,6 +502,14 @@ def _symmetric_lanes_velocity(plan, spec, ws, L, xT, qT, vT, out):
                 f = t(1.0) / acc[0, i, lane]
             for c in range(D):
                 out[i * L + lane, c] = acc[1 + c, i, lane] * f
+
+
+@njit(cache=True, inline="always")
+def _vload4(a3, first, i, lb, D):
+    """The vectors a3[first + c, i, lb:lb + width] of the components c < D ≤ 4 (the last one
+    repeated for c ≥ D, as a placeholder that the caller never uses)."""
+    return (vload(a3[first, i], lb), vload(a3[first + min(1, D - 1), i], lb),
+            vload(a3[first + min(2, D - 1), i], lb), vload(a3[first + min(3, D - 1), i], lb))
 
 
 def _symmetric_lanes(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):

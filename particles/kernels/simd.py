@@ -1,0 +1,195 @@
+"""Explicit 512-bit vectors inside numba code, for the loops that LLVM's loop vectoriser leaves scalar.
+
+A :class:`VecType` value is one LLVM vector, <16 x float> or <8 x double>: a zmm register with
+AVX-512, two ymm registers with AVX2; LLVM splits it the same way on any other target. The few
+operations below act lane by lane on it: vload/vstore (contiguous 1-D arrays; the caller keeps
+start + width inside the array, nothing is checked), vsplat, vadd, vsub, vmul, vfma and vexp2.
+
+Why: a loop that writes several arrays needs run-time checks that they do not overlap before LLVM
+vectorises it. Past a few such arrays LLVM gives up and the loop stays scalar. That happens when
+one exp per pair is added to both rows of the pair. Written with these values, the loop is
+vector code by construction. Accumulators stay in registers across the loop, and the memory
+traffic is what the code says (trajectory._symmetric_lanes_velocity).
+"""
+
+from __future__ import annotations
+
+import math
+
+from llvmlite import ir
+from numba import types
+from numba.core.extending import intrinsic
+from numba.extending import models, register_model
+
+from .fastexp import _EXP2_MINIMAX5
+
+VECTOR_BITS = 512
+FAST = ("contract", "reassoc", "nsz", "arcp")  # rows.FASTMATH: no nnan/ninf
+_EXP2_TAYLOR12 = tuple(math.log(2.0) ** k / math.factorial(k) for k in range(13))
+
+
+def lanes(dtype) -> int:
+    """Lanes of one vector of `dtype` (16 float32, 8 float64)."""
+    return VECTOR_BITS // (8 * dtype.itemsize)
+
+
+class VecType(types.Type):
+    """VECTOR_BITS of float32 or float64 lanes as one numba value."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.width = VECTOR_BITS // dtype.bitwidth
+        super().__init__(name=f"Vec({dtype} x {self.width})")
+
+
+def _ir_vector(vec: VecType) -> ir.VectorType:
+    return ir.VectorType(ir.FloatType() if vec.dtype == types.float32 else ir.DoubleType(), vec.width)
+
+
+@register_model(VecType)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _ir_vector(fe_type))
+
+
+def _float_type(t) -> bool:
+    return t in (types.float32, types.float64)
+
+
+def _flat(array) -> bool:
+    return (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+            and _float_type(array.dtype))
+
+
+def _llvm(builder, name, vt, nargs):
+    """The LLVM intrinsic `name` for vectors of type vt (llvm.fma.v8f64, …)."""
+    bits = 32 if isinstance(vt.element, ir.FloatType) else 64
+    full = f"{name}.v{vt.count}f{bits}"
+    existing = builder.module.globals.get(full)
+    return existing or ir.Function(builder.module, ir.FunctionType(vt, [vt] * nargs), full)
+
+
+def _pointer(context, builder, array_t, array, index_t, index, vt):
+    data = context.make_array(array_t)(context, builder, array).data
+    element = builder.gep(data, [context.cast(builder, index, index_t, types.intp)])
+    return builder.bitcast(element, vt.as_pointer())
+
+
+@intrinsic
+def vload(typingctx, array, start):
+    """array[start:start + width] as one vector."""
+    if not (_flat(array) and isinstance(start, types.Integer)):
+        return None
+    vec = VecType(array.dtype)
+
+    def codegen(context, builder, sig, args):
+        pointer = _pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1], _ir_vector(vec))
+        return builder.load(pointer, align=array.dtype.bitwidth // 8)
+
+    return vec(array, start), codegen
+
+
+@intrinsic
+def vstore(typingctx, array, start, value):
+    """array[start:start + width] ← value."""
+    if not (_flat(array) and isinstance(start, types.Integer) and isinstance(value, VecType)
+            and value.dtype == array.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1], _ir_vector(value))
+        builder.store(args[2], pointer, align=array.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.void(array, start, value), codegen
+
+
+@intrinsic
+def vsplat(typingctx, x):
+    """(x, x, …, x) for a float32 or float64 scalar."""
+    if not _float_type(x):
+        return None
+    vec = VecType(x)
+
+    def codegen(context, builder, sig, args):
+        vt = _ir_vector(vec)
+        one = builder.insert_element(ir.Constant(vt, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), vec.width), [0] * vec.width)
+        return builder.shuffle_vector(one, one, zeros)
+
+    return vec(x), codegen
+
+
+def _binary(name, doc):
+    def typer(typingctx, a, b):
+        if not (isinstance(a, VecType) and a == b):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, name)(args[0], args[1], flags=FAST)
+
+        return a(a, b), codegen
+
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+vadd = _binary("fadd", "a + b, lane by lane.")
+vsub = _binary("fsub", "a − b, lane by lane.")
+vmul = _binary("fmul", "a·b, lane by lane.")
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """a·b + c, lane by lane (one rounding)."""
+    if not (isinstance(a, VecType) and a == b == c):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.call(_llvm(builder, "llvm.fma", _ir_vector(a), 3), args)
+
+    return a(a, b, c), codegen
+
+
+@intrinsic
+def vexp2(typingctx, y):
+    """fastexp.exp2_sat lane by lane: 2^y saturating at 2^−125 / 2^−1021 below and +inf from 128 / 1024;
+    y = k + f, k = rint(y), 2^f by the same polynomial (float32: degree-5 minimax, float64: Taylor 12,
+    Estrin's scheme), 2^k added into the exponent field."""
+    if not isinstance(y, VecType):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vt, width, f32 = _ir_vector(y), y.width, y.dtype == types.float32
+
+        def const(value):
+            return ir.Constant(vt, [value] * width)
+
+        def fma(a, b, c):
+            return builder.call(_llvm(builder, "llvm.fma", vt, 3), [a, b, c])
+
+        lo, hi = (-125.0, 128.0) if f32 else (-1021.0, 1024.0)
+        clamped = builder.call(_llvm(builder, "llvm.maxnum", vt, 2), [args[0], const(lo)])
+        clamped = builder.call(_llvm(builder, "llvm.minnum", vt, 2), [clamped, const(hi)])
+        k = builder.call(_llvm(builder, "llvm.rint", vt, 1), [clamped])
+        f = builder.fsub(clamped, k)
+        f2 = builder.fmul(f, f)
+        f4 = builder.fmul(f2, f2)
+        ints = ir.VectorType(ir.IntType(32 if f32 else 64), width)
+        if f32:
+            c = _EXP2_MINIMAX5
+            q0, q1, q2 = (fma(const(c[2 * m + 1]), f, const(c[2 * m] if m else 1.0)) for m in range(3))
+            p = fma(q2, f4, fma(q1, f2, q0))
+            k_bits = builder.shl(builder.fptosi(k, ints), ir.Constant(ints, [23] * width))
+        else:
+            c = _EXP2_TAYLOR12
+            f8 = builder.fmul(f4, f4)
+            q = [fma(const(c[2 * m + 1]), f, const(c[2 * m] if m else 1.0)) for m in range(6)]
+            r = [fma(q[2 * m + 1], f2, q[2 * m]) for m in range(3)]
+            p = fma(fma(const(c[12]), f4, r[2]), f8, fma(r[1], f4, r[0]))
+            # k << 52 from the low bits of k + 1.5·2^52 (as fastexp._shift_to_exponent64)
+            k_bits = builder.shl(builder.bitcast(builder.fadd(k, const(1.5 * 2.0**52)), ints),
+                                 ir.Constant(ints, [52] * width))
+        return builder.bitcast(builder.add(builder.bitcast(p, ints), k_bits), vt)
+
+    return y(y), codegen
