@@ -15,6 +15,8 @@ CASES = [
     ("krause", dict(sigma=0.5, top_k=4), 15, 3, 3, trajectory.RANGE),
     ("hk", dict(radius=0.2), 40, 1, 2, trajectory.HK1D),
     ("krause", dict(sigma=0.6, window=5, causal=True), 13, 3, 17, trajectory.LANES),
+    ("krause", dict(sigma=0.5, radius=0.9, window=6), 12, 4, 17, trajectory.LANES),  # a radius mask
+    ("hk", dict(radius=0.3), 12, 2, 17, trajectory.LANES),  # flat scores
     ("sa", dict(beta=2.0), 12, 2, 17, trajectory.SYMMETRIC_LANES),
     ("usa", dict(beta=1.0), 12, 2, 17, trajectory.SYMMETRIC_LANES),
     ("sa", dict(beta=2.0), 12, 3, 17, trajectory.SYMMETRIC_LANES),

@@ -8,9 +8,9 @@ from numba import njit
 from particles import make_interaction, reference
 from particles.kernels import PATHS, choose_path, velocity_field
 from particles.kernels.fastexp import WINDOW_LANES, count_far_left, count_near, exp2_sat, fexp
-from particles.kernels.simd import vadd, vexp2, vfma, vload, vmul, vsplat, vstore, vsub
 from particles.kernels.hk1d import CHUNK, PARALLEL_SORT_MIN, SortedSweep, argsort
 from particles.kernels.neighbours import neighbour_lists
+from particles.kernels.simd import vadd, vexp2, vfma, vload, vmul, vsplat, vstore, vsub, vzero_above
 
 
 def applicable_paths(it, n, d):
@@ -353,19 +353,20 @@ def _simd_ops(a, b, c, out):
         vstore(out[3], s, vfma(x, y, z))
         vstore(out[4], s, vexp2(x))
         vstore(out[5], s, vsplat(c[s]))
+        vstore(out[6], s, vzero_above(x, y, z))
 
 
 @pytest.mark.parametrize("dtype, rtol, floor, top",
                          [(np.float32, 3e-7, -125, 128), (np.float64, 1e-15, -1021, 1024)])
 def test_explicit_vectors_compute_what_numpy_does(dtype, rtol, floor, top):
-    """kernels.simd: lane-wise +, −, ·, fma, splat as numpy computes them, and vexp2 = exp2_sat's
+    """kernels.simd: lane-wise +, −, ·, fma, splat, the mask as numpy computes them, and vexp2 = exp2_sat's
     2^y to the same accuracy with the same saturation (2^floor below the range, +inf from `top`)."""
     rng = np.random.default_rng(0)
     special = [-np.inf, floor - 50.5, 0.0, 1.0, top, np.inf, floor, top - 1]
     m = 4096 - len(special)
     a = np.concatenate([np.linspace(floor, top - 1, m), special]).astype(dtype)
     b, c = rng.standard_normal((2, a.size)).astype(dtype)
-    out = np.empty((6, a.size), dtype)
+    out = np.empty((7, a.size), dtype)
     _simd_ops(a, b, c, out)
     np.testing.assert_array_equal(out[0], a + b)
     np.testing.assert_array_equal(out[1], a - b)
@@ -376,6 +377,7 @@ def test_explicit_vectors_compute_what_numpy_does(dtype, rtol, floor, top):
     np.testing.assert_array_equal(out[4][m:], [2.0**floor, 2.0**floor, 1.0, 2.0, np.inf, np.inf, 2.0**floor,
                                                2.0 ** (top - 1)])
     np.testing.assert_array_equal(out[5], np.repeat(c[::64 // a.itemsize], 64 // a.itemsize))
+    np.testing.assert_array_equal(out[6], np.where(a > b, 0, c))
 
 
 def _top_k_rows(rng, m, k):

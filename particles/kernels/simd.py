@@ -3,7 +3,8 @@
 A :class:`VecType` value is one LLVM vector, <16 x float> or <8 x double>: a zmm register with
 AVX-512, two ymm registers with AVX2; LLVM splits it the same way on any other target. The few
 operations below act lane by lane on it: vload/vstore (contiguous 1-D arrays; the caller keeps
-start + width inside the array, nothing is checked), vsplat, vadd, vsub, vmul, vfma and vexp2.
+start + width inside the array, nothing is checked), vsplat, vadd, vsub, vmul, vfma, vexp2 and
+vzero_above (a masked lane).
 
 Why: a loop that writes several arrays needs run-time checks that they do not overlap before LLVM
 vectorises it. Past a few such arrays LLVM gives up and the loop stays scalar. That happens when
@@ -193,3 +194,17 @@ def vexp2(typingctx, y):
         return builder.bitcast(builder.add(builder.bitcast(p, ints), k_bits), vt)
 
     return y(y), codegen
+
+
+@intrinsic
+def vzero_above(typingctx, a, b, x):
+    """x, with 0 in the lanes where a > b (an ordered compare: a NaN in a or b keeps x, as the
+    scalar `0 if a > b else x` does)."""
+    if not (isinstance(a, VecType) and a == b == x):
+        return None
+
+    def codegen(context, builder, sig, args):
+        above = builder.fcmp_ordered(">", args[0], args[1])
+        return builder.select(above, ir.Constant(_ir_vector(x), [0.0] * x.width), args[2])
+
+    return x(a, b, x), codegen

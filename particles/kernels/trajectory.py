@@ -45,8 +45,8 @@ from .dense import (
 )
 from .fastexp import LOG2E, exp2_sat
 from .noise import normal, step_key
-from .rows import FASTMATH, RBF, SOFTMAX, _dot4, _sqdist4, buffer_len, candidate_range
-from .simd import vadd, vexp2, vfma, vload, vmul, vsplat, vstore, vsub
+from .rows import FASTMATH, RBF, SOFTMAX, buffer_len, candidate_range
+from .simd import vadd, vexp2, vfma, vload, vmul, vsplat, vstore, vsub, vzero_above
 from .sync import ABORT, arrive, atomic_add, new_sync, run_group
 
 SPHERE, EUCLIDEAN = 0, 1  # geometry codes (particles.geometry: Geometry.code)
@@ -315,9 +315,10 @@ def _lane_sqdist(D, x3, i, j, lane):
 def _lanes_velocity(plan, spec, ws, L, xT, qT, kT, vT, out):
     """v for L samples at once (the rows of fused_task: dense, causal or windowed, radius-masked;
     d = len(dims) ≤ 4). Column p of the (d, n·L) arrays is particle p // L of sample p % L; for each
-    query i and key j the innermost loop runs over the L samples (unit stride, vectorised), with
-    w = 2^(log2(e)·(s_ij − shift_i)), shift_i = |β|·‖q_i‖·max_j‖k_j‖ per sample as in fused_task
-    (0 for rbf, flat and usa); a sample whose Σ w falls below tiny is redone with its exact max."""
+    query i the keys j run in explicit vectors of the samples (:mod:`.simd`; the row sums stay in
+    registers), with w = 2^(log2(e)·(s_ij − shift_i)),
+    shift_i = |β|·‖q_i‖·max_j‖k_j‖ per sample as in fused_task (0 for rbf, flat and usa); a sample
+    whose Σ w falls below tiny is redone with its exact max."""
     D, score, use_radius = len(plan.dims), len(plan.score_s) - 1, len(plan.radius_s) - 1
     d, N = xT.shape
     n = N // L
@@ -330,6 +331,8 @@ def _lanes_velocity(plan, spec, ws, L, xT, qT, kT, vT, out):
     b, g = beta * log2e, -inv2s2 * log2e
     bounded = score == SOFTMAX and normalise
     row = np.empty(D + 1, xT.dtype)
+    zero = t(0.0)
+    vg, vr2 = vsplat(t(g)), vsplat(t(r2))
     if bounded:
         _lane_max_sq(D, k3, kmax)
         for lane in range(L):
@@ -344,32 +347,39 @@ def _lanes_velocity(plan, spec, ws, L, xT, qT, kT, vT, out):
                 acc[c, lane] = 0.0
             ysh[lane] = -abs(beta) * np.sqrt(q2) * kmax[lane] * log2e if bounded else t(0.0)
             tot[lane] = 0.0
-        e1, e2, e3 = min(1, D - 1), min(2, D - 1), min(3, D - 1)
-        b0, b1, b2, b3 = bq[0], bq[e1], bq[e2], bq[e3]
-        y0, y1, y2, y3 = x3[0, i], x3[e1, i], x3[e2, i], x3[e3, i]
-        a0, a1, a2, a3 = acc[0], acc[e1], acc[e2], acc[e3]
-        for j in range(lo, hi):  # 1-D views: unit-stride loops over the samples that vectorise
-            k0, k1, k2, k3_ = k3[0, j], k3[e1, j], k3[e2, j], k3[e3, j]
-            v0, v1, v2, v3_ = v3[0, j], v3[e1, j], v3[e2, j], v3[e3, j]
-            x0, x1, x2, x3_ = x3[0, j], x3[e1, j], x3[e2, j], x3[e3, j]
-            for lane in range(L):
-                y = ysh[lane]
+        for lb in range(0, L, 64 // xT.itemsize):  # vectors of samples (simd): sums in registers
+            b0, b1, b2, b3 = _vload4(bq.reshape((d, 1, L)), 0, 0, lb, D)
+            y0, y1, y2, y3 = _vload4(x3, 0, i, lb, D)
+            sh = vload(ysh, lb)
+            z = vsplat(zero)
+            s, a0, a1, a2, a3 = z, z, z, z, z
+            for j in range(lo, hi):
+                k0, k1, k2, k3_ = _vload4(k3, 0, j, lb, D)
+                y = sh
                 if score == SOFTMAX:
-                    y += _dot4(D, lane, b0[lane], b1[lane], b2[lane], b3[lane], k0, k1, k2, k3_)
+                    y = _vdot4(D, b0, b1, b2, b3, k0, k1, k2, k3_, sh)
                 elif score == RBF:
-                    y += g * _sqdist4(D, lane, b0[lane], b1[lane], b2[lane], b3[lane], k0, k1, k2, k3_)
-                w = exp2_sat(y)
+                    y = vfma(vg, _vsqdist4(D, b0, b1, b2, b3, k0, k1, k2, k3_), sh)
+                w = vexp2(y)
                 if use_radius:
-                    far = _sqdist4(D, lane, y0[lane], y1[lane], y2[lane], y3[lane], x0, x1, x2, x3_) > r2
-                    w = t(0.0) if far else w
-                tot[lane] += w
-                a0[lane] += w * v0[lane]
+                    x0, x1, x2, x3_ = _vload4(x3, 0, j, lb, D)
+                    w = vzero_above(_vsqdist4(D, y0, y1, y2, y3, x0, x1, x2, x3_), vr2, w)
+                s = vadd(s, w)
+                a0 = vfma(w, vload(v3[0, j], lb), a0)
                 if D > 1:
-                    a1[lane] += w * v1[lane]
+                    a1 = vfma(w, vload(v3[1, j], lb), a1)
                 if D > 2:
-                    a2[lane] += w * v2[lane]
+                    a2 = vfma(w, vload(v3[2, j], lb), a2)
                 if D > 3:
-                    a3[lane] += w * v3_[lane]
+                    a3 = vfma(w, vload(v3[3, j], lb), a3)
+            vstore(tot, lb, s)
+            vstore(acc[0], lb, a0)
+            if D > 1:
+                vstore(acc[1], lb, a1)
+            if D > 2:
+                vstore(acc[2], lb, a2)
+            if D > 3:
+                vstore(acc[3], lb, a3)
         for lane in range(L):
             if normalise and tot[lane] < spec.tiny:  # loose bound: this sample's row with its exact max
                 _redo_lane(score, D, use_radius, spec, x3, q3, k3, v3, i, lo, hi, lane, row)
@@ -454,20 +464,9 @@ def _symmetric_lanes_velocity(plan, spec, ws, L, xT, qT, vT, out):
             for j in range(i):
                 qj0, qj1, qj2, qj3 = _vload4(q3, 0, j, lb, D)
                 if score == SOFTMAX:
-                    y = vfma(bq0, qj0, sh)
-                    y = vfma(bq1, qj1, y) if D > 1 else y
-                    y = vfma(bq2, qj2, y) if D > 2 else y
-                    y = vfma(bq3, qj3, y) if D > 3 else y
+                    y = _vdot4(D, bq0, bq1, bq2, bq3, qj0, qj1, qj2, qj3, sh)
                 else:
-                    u = vsub(qi0, qj0)
-                    s2 = vmul(u, u)
-                    u = vsub(qi1, qj1)
-                    s2 = vfma(u, u, s2) if D > 1 else s2
-                    u = vsub(qi2, qj2)
-                    s2 = vfma(u, u, s2) if D > 2 else s2
-                    u = vsub(qi3, qj3)
-                    s2 = vfma(u, u, s2) if D > 3 else s2
-                    y = vfma(vg, s2, sh)
+                    y = vfma(vg, _vsqdist4(D, qi0, qi1, qi2, qi3, qj0, qj1, qj2, qj3), sh)
                 w = vexp2(y)
                 ti = vadd(ti, w)
                 vstore(acc[0, j], lb, vadd(vload(acc[0, j], lb), w))
@@ -510,6 +509,28 @@ def _vload4(a3, first, i, lb, D):
     repeated for c ≥ D, as a placeholder that the caller never uses)."""
     return (vload(a3[first, i], lb), vload(a3[first + min(1, D - 1), i], lb),
             vload(a3[first + min(2, D - 1), i], lb), vload(a3[first + min(3, D - 1), i], lb))
+
+
+@njit(cache=True, inline="always")
+def _vdot4(D, a0, a1, a2, a3, b0, b1, b2, b3, c):
+    """c + Σ_{k<D} a_k·b_k, lane by lane (D ≤ 4, a compile-time constant: the branches fold)."""
+    y = vfma(a0, b0, c)
+    y = vfma(a1, b1, y) if D > 1 else y
+    y = vfma(a2, b2, y) if D > 2 else y
+    return vfma(a3, b3, y) if D > 3 else y
+
+
+@njit(cache=True, inline="always")
+def _vsqdist4(D, a0, a1, a2, a3, b0, b1, b2, b3):
+    """Σ_{k<D} (a_k − b_k)², lane by lane (D ≤ 4)."""
+    u = vsub(a0, b0)
+    s = vmul(u, u)
+    u = vsub(a1, b1)
+    s = vfma(u, u, s) if D > 1 else s
+    u = vsub(a2, b2)
+    s = vfma(u, u, s) if D > 2 else s
+    u = vsub(a3, b3)
+    return vfma(u, u, s) if D > 3 else s
 
 
 def _symmetric_lanes(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
