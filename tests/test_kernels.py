@@ -10,7 +10,7 @@ from particles.kernels import PATHS, choose_path, velocity_field
 from particles.kernels.fastexp import WINDOW_LANES, count_far_left, count_near, exp2_sat, fexp
 from particles.kernels.hk1d import CHUNK, PARALLEL_SORT_MIN, SortedSweep, argsort
 from particles.kernels.neighbours import neighbour_lists
-from particles.kernels.simd import vadd, vexp2, vfma, vload, vmul, vsplat, vstore, vsub, vzero_above
+from particles.kernels.simd import lanes, vadd, vexp2, vfma, vload, vmul, vsplat, vstore, vsub, vzero_above
 
 
 def applicable_paths(it, n, d):
@@ -344,8 +344,7 @@ def test_saturating_exp2(dtype, rtol, floor, top):
 @njit(cache=True)
 def _simd_ops(a, b, c, out):
     """Every explicit-vector operation once per vector of a, b, c (1-D, a whole number of vectors)."""
-    width = 64 // a.itemsize
-    for s in range(0, a.shape[0], width):
+    for s in range(0, a.shape[0], lanes(a)):
         x, y, z = vload(a, s), vload(b, s), vload(c, s)
         vstore(out[0], s, vadd(x, y))
         vstore(out[1], s, vsub(x, y))
@@ -376,7 +375,8 @@ def test_explicit_vectors_compute_what_numpy_does(dtype, rtol, floor, top):
     np.testing.assert_allclose(out[4][:m], np.exp2(a[:m].astype(np.float64)), rtol=rtol)
     np.testing.assert_array_equal(out[4][m:], [2.0**floor, 2.0**floor, 1.0, 2.0, np.inf, np.inf, 2.0**floor,
                                                2.0 ** (top - 1)])
-    np.testing.assert_array_equal(out[5], np.repeat(c[::64 // a.itemsize], 64 // a.itemsize))
+    width = 64 // a.itemsize  # 512-bit vectors
+    np.testing.assert_array_equal(out[5], np.repeat(c[::width], width))
     np.testing.assert_array_equal(out[6], np.where(a > b, 0, c))
 
 

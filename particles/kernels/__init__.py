@@ -53,7 +53,7 @@ RANGE_TOP_K_COST = 4  # a scored pair of the range kernel with top-k, in the sam
 SYMMETRIC_MIN_N = 512
 LANES_MIN_SAMPLES = 16  # ensembles this large integrate tiles of samples vectorised over the samples
 LANES_PER_TILE = 64  # samples per LANES tile: the lane loops vectorise in blocks of 64 (fp32: 16 × 4)
-assert LANES_PER_TILE % simd.lanes(np.dtype(np.float32)) == 0  # SYMMETRIC_LANES: whole vectors of samples
+assert LANES_PER_TILE % simd.lanes(np.dtype(np.float32)) == 0  # the tiles run whole vectors of samples
 # One system below SERIAL_WORK pairs runs on several threads in lockstep (trajectory.integrate_rows)
 # when each thread gets at least LOCKSTEP_MIN_ROWS rows, each evaluation at least LOCKSTEP_MIN_PAIRS
 # scored pairs and the call at least LOCKSTEP_MIN_WORK, about 1 ms (the helper threads take about
@@ -342,7 +342,7 @@ class VelocityField:
         compiled trajectory). Ensembles of at least LANES_MIN_SAMPLES systems on the dense,
         windowed or causal rows (no top-k, d ≤ 4) run LANES tiles of LANES_PER_TILE samples, vectorised over
         the samples (the last tile padded: trajectory.run); SYMMETRIC_LANES tiles when the scores are
-        symmetric (one exp per pair, in explicit vectors: 1.6-2.4x faster than LANES at d = 3, 4,
+        symmetric (one exp per pair, in explicit vectors: 1.5-2.6x faster than LANES at d = 2-4,
         benchmarks/explicit_simd.md)."""
         if samples >= LANES_MIN_SAMPLES and self.path in ("fused", "symmetric"):
             symmetric = symmetric_scores(self.interaction, len(self.dims))

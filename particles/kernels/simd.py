@@ -15,23 +15,21 @@ traffic is what the code says (trajectory._symmetric_lanes_velocity).
 
 from __future__ import annotations
 
-import math
-
 from llvmlite import ir
 from numba import types
-from numba.core.extending import intrinsic
+from numba.core.extending import intrinsic, register_jitable
 from numba.extending import models, register_model
 
-from .fastexp import _EXP2_MINIMAX5
+from .fastexp import _EXP2_MINIMAX5, _LN2_POW
 
 VECTOR_BITS = 512
 FAST = ("contract", "reassoc", "nsz", "arcp")  # rows.FASTMATH: no nnan/ninf
-_EXP2_TAYLOR12 = tuple(math.log(2.0) ** k / math.factorial(k) for k in range(13))
 
 
-def lanes(dtype) -> int:
-    """Lanes of one vector of `dtype` (16 float32, 8 float64)."""
-    return VECTOR_BITS // (8 * dtype.itemsize)
+@register_jitable
+def lanes(a) -> int:
+    """Lanes of one vector of a's dtype (a: an array or a numpy dtype; 16 float32, 8 float64)."""
+    return VECTOR_BITS // (8 * a.itemsize)
 
 
 class VecType(types.Type):
@@ -183,7 +181,7 @@ def vexp2(typingctx, y):
             p = fma(q2, f4, fma(q1, f2, q0))
             k_bits = builder.shl(builder.fptosi(k, ints), ir.Constant(ints, [23] * width))
         else:
-            c = _EXP2_TAYLOR12
+            c = _LN2_POW
             f8 = builder.fmul(f4, f4)
             q = [fma(const(c[2 * m + 1]), f, const(c[2 * m] if m else 1.0)) for m in range(6)]
             r = [fma(q[2 * m + 1], f2, q[2 * m]) for m in range(3)]

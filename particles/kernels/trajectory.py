@@ -46,7 +46,7 @@ from .dense import (
 from .fastexp import LOG2E, exp2_sat
 from .noise import normal, step_key
 from .rows import FASTMATH, RBF, SOFTMAX, buffer_len, candidate_range
-from .simd import vadd, vexp2, vfma, vload, vmul, vsplat, vstore, vsub, vzero_above
+from .simd import lanes, vadd, vexp2, vfma, vload, vmul, vsplat, vstore, vsub, vzero_above
 from .sync import ABORT, arrive, atomic_add, new_sync, run_group
 
 SPHERE, EUCLIDEAN = 0, 1  # geometry codes (particles.geometry: Geometry.code)
@@ -191,8 +191,8 @@ def _workspace(plan, mode, spec, xT, lanes, threads):
     if kind == LANES:
         def impl(plan, mode, spec, xT, lanes, threads):
             d = xT.shape[0]
-            return (np.empty(lanes, xT.dtype), np.empty(lanes, xT.dtype), np.empty((d, lanes), xT.dtype),
-                    np.empty(lanes, xT.dtype), np.empty((d, lanes), xT.dtype))
+            return (np.empty(lanes, xT.dtype), np.empty(lanes, xT.dtype), np.empty(lanes, xT.dtype),
+                    np.empty((d, lanes), xT.dtype))
         return impl
     if kind == SYMMETRIC_LANES:
         def impl(plan, mode, spec, xT, lanes, threads):
@@ -324,15 +324,14 @@ def _lanes_velocity(plan, spec, ws, L, xT, qT, kT, vT, out):
     n = N // L
     shape = (d, n, L)
     x3, q3, k3, v3 = xT.reshape(shape), qT.reshape(shape), kT.reshape(shape), vT.reshape(shape)
-    kmax, ysh, bq, tot, acc = ws
+    kmax, ysh, tot, acc = ws
     t = xT.dtype.type
     log2e = t(LOG2E)
     beta, inv2s2, r2, normalise = spec.beta, spec.inv2s2, spec.r2, spec.normalise
     b, g = beta * log2e, -inv2s2 * log2e
     bounded = score == SOFTMAX and normalise
     row = np.empty(D + 1, xT.dtype)
-    zero = t(0.0)
-    vg, vr2 = vsplat(t(g)), vsplat(t(r2))
+    zero, vb, vg, vr2 = vsplat(t(0.0)), vsplat(t(b)), vsplat(t(g)), vsplat(t(r2))
     if bounded:
         _lane_max_sq(D, k3, kmax)
         for lane in range(L):
@@ -343,23 +342,20 @@ def _lanes_velocity(plan, spec, ws, L, xT, qT, kT, vT, out):
             q2 = t(0.0)
             for c in range(D):
                 q2 += q3[c, i, lane] * q3[c, i, lane]
-                bq[c, lane] = b * q3[c, i, lane] if score == SOFTMAX else q3[c, i, lane]
-                acc[c, lane] = 0.0
             ysh[lane] = -abs(beta) * np.sqrt(q2) * kmax[lane] * log2e if bounded else t(0.0)
-            tot[lane] = 0.0
-        for lb in range(0, L, 64 // xT.itemsize):  # vectors of samples (simd): sums in registers
-            b0, b1, b2, b3 = _vload4(bq.reshape((d, 1, L)), 0, 0, lb, D)
+        for lb in range(0, L, lanes(xT)):  # vectors of samples (simd): sums in registers
+            q0, q1, q2_, q3_ = _vload4(q3, 0, i, lb, D)
+            b0, b1, b2, b3 = vmul(vb, q0), vmul(vb, q1), vmul(vb, q2_), vmul(vb, q3_)
             y0, y1, y2, y3 = _vload4(x3, 0, i, lb, D)
             sh = vload(ysh, lb)
-            z = vsplat(zero)
-            s, a0, a1, a2, a3 = z, z, z, z, z
+            s, a0, a1, a2, a3 = zero, zero, zero, zero, zero
             for j in range(lo, hi):
                 k0, k1, k2, k3_ = _vload4(k3, 0, j, lb, D)
                 y = sh
                 if score == SOFTMAX:
                     y = _vdot4(D, b0, b1, b2, b3, k0, k1, k2, k3_, sh)
                 elif score == RBF:
-                    y = vfma(vg, _vsqdist4(D, b0, b1, b2, b3, k0, k1, k2, k3_), sh)
+                    y = vfma(vg, _vsqdist4(D, q0, q1, q2_, q3_, k0, k1, k2, k3_), sh)
                 w = vexp2(y)
                 if use_radius:
                     x0, x1, x2, x3_ = _vload4(x3, 0, j, lb, D)
@@ -453,7 +449,7 @@ def _symmetric_lanes_velocity(plan, spec, ws, L, xT, qT, vT, out):
             for c in range(D):
                 acc[1 + c, i, lane] = w * v3[c, i, lane]
     vb, vg = vsplat(b), vsplat(g)
-    for lb in range(0, L, 64 // xT.itemsize):
+    for lb in range(0, L, lanes(xT)):
         sh = vload(ysh, lb)
         for i in range(n):
             qi0, qi1, qi2, qi3 = _vload4(q3, 0, i, lb, D)
