@@ -11,7 +11,13 @@ from particles.kernels import trajectory, velocity_field
 
 # (model, params, n, d, samples, plan kind the ensemble takes)
 CASES = [
-    ("sa", dict(beta=2.0), 20, 3, 1, trajectory.FUSED),
+    ("sa", dict(beta=2.0), 20, 3, 1, trajectory.SYMMETRIC_TILES),  # a ragged last block of keys
+    ("usa", dict(beta=1.0), 13, 2, 3, trajectory.SYMMETRIC_TILES),
+    ("krause", dict(sigma=0.7), 9, 4, 1, trajectory.SYMMETRIC_TILES),
+    ("krause", dict(sigma=0.5), 16, 1, 2, trajectory.SYMMETRIC_TILES),
+    ("sa", dict(beta=300.0, Q=np.diag([1.0, 2.0, 3.0]), K=np.diag([1.0, 2.0, 3.0])), 10, 3, 1,
+     trajectory.SYMMETRIC_TILES),  # the shared shift is loose: rows redone with their exact max
+    ("sa", dict(beta=2.0, K=np.diag([1.0, 2.0, 3.0])), 20, 3, 1, trajectory.FUSED),
     ("krause", dict(sigma=0.5, top_k=4), 15, 3, 3, trajectory.RANGE),
     ("hk", dict(radius=0.2), 40, 1, 2, trajectory.HK1D),
     ("krause", dict(sigma=0.6, window=5, causal=True), 13, 3, 17, trajectory.LANES),
@@ -24,7 +30,7 @@ CASES = [
     ("krause", dict(sigma=0.5), 11, 1, 17, trajectory.SYMMETRIC_LANES),
     ("sa", dict(beta=300.0, Q=np.diag([1.0, 2.0, 3.0]), K=np.diag([3.0, 1.0, 0.5])), 10, 3, 17,
      trajectory.LANES),  # the shift bound is loose: rows redone with their exact max
-    ("sa", dict(beta=1.0), 520, 3, 1, trajectory.SYMMETRIC),
+    ("sa", dict(beta=1.0), 520, 3, 1, trajectory.SYMMETRIC_TILES),
 ]
 
 
@@ -258,7 +264,8 @@ def test_finite_check_sees_every_non_finite_entry(bad):
 
 
 LOCKSTEP_CASES = [  # (model, params, n, d, integrator, noise): four compiled variants cover the paths
-    ("sa", dict(beta=2.0), 67, 3, "euler", 0.0),  # FUSED softmax
+    ("sa", dict(beta=2.0), 67, 3, "euler", 0.0),  # SYMMETRIC_TILES softmax
+    ("sa", dict(beta=2.0, Q=np.diag([1.0, 2.0, 0.5])), 70, 3, "euler", 0.0),  # FUSED softmax
     ("sa", dict(beta=3.0, Q=np.diag([1.0, 2.0, 0.5]), K=np.diag([0.5, 1.0, 2.0]), V=-np.eye(3)), 33, 3, "rk4",
      0.0),  # projections, RK4 stages
     ("krause", dict(sigma=0.5, window=9, causal=True, radius=1.5, geometry="euclidean"), 41, 4, "rk4", 0.0),
@@ -270,12 +277,16 @@ LOCKSTEP_CASES = [  # (model, params, n, d, integrator, noise): four compiled va
 @pytest.mark.parametrize("parties", [2, 3])
 def test_lockstep_threads_give_the_single_thread_numbers(model, params, n, d, integrator, noise, parties):
     """One system on 2 or 3 threads in lockstep (integrate_rows: each owns a share of the rows and
-    meets the others at a spin barrier twice per evaluation) = the same system on one thread, to the
-    last bit: every row is computed by the same code; Euler, RK4, Euler–Maruyama, projections."""
+    meets the others at a spin barrier) = the same system on one thread, to the last bit: every row
+    is computed by the same code, the symmetric tiles' shares summed in the same order; Euler, RK4,
+    Euler–Maruyama, projections."""
     it = make_interaction(model, **params)
     field = velocity_field(it, n, d)
     plan = field.trajectory_plan(False, 1)
-    assert plan.kind == (0,) * (trajectory.RANGE if it.top_k or d > 4 else trajectory.FUSED)
+    symmetric = it.Q is None and it.K is None and not it.restricted
+    kind = trajectory.SYMMETRIC_TILES if symmetric else trajectory.FUSED
+    kind = trajectory.RANGE if it.top_k or d > 4 else kind
+    assert plan.kind == (0,) * kind
     x0 = _x0(it, n, d, 1, seed=5)
     x0 = x0 if it.geometry == "euclidean" else x0 / np.linalg.norm(x0, axis=-1, keepdims=True)
     st = trajectory.stepping(1 if it.geometry == "euclidean" else 0, integrator, 0.05, noise, it.identity_qkv,
@@ -292,14 +303,17 @@ def test_lockstep_threads_give_the_single_thread_numbers(model, params, n, d, in
     np.testing.assert_array_equal(outs[1], outs[0])
 
 
-def test_lockstep_threads_switch_to_one_with_the_same_numbers(monkeypatch):
+@pytest.mark.parametrize("K, kind", [(None, trajectory.FUSED),
+                                     (np.diag([1.0, 2.0, 0.5]), trajectory.SYMMETRIC_TILES)])
+def test_lockstep_threads_switch_to_one_with_the_same_numbers(monkeypatch, K, kind):
     """Threads that keep waiting for each other agree that thread 0 goes on alone (SOLO): from any
-    barrier round on (loading, after a field evaluation, after an RK4 stage, after an update) the
-    run gives the same numbers, saved steps and final state included."""
-    it = make_interaction("sa", beta=2.0, Q=np.diag([1.0, 2.0, 0.5]))
+    barrier round on (loading, after a field evaluation or the tiles' shares, after an RK4 stage,
+    after an update) the run gives the same numbers, saved steps and final state included."""
+    it = make_interaction("sa", beta=2.0, Q=np.diag([1.0, 2.0, 0.5]), K=K)
     n, d = 50, 3
     field = velocity_field(it, n, d)
     plan = field.trajectory_plan(False, 1)
+    assert plan.kind == (0,) * kind
     x0 = sphere_points(n, d, seed=7)[None]
     keep = np.array([0, 1, 2, 4])
     for integrator in ("euler", "rk4"):
@@ -336,9 +350,8 @@ def test_lockstep_threads_stop_together_at_a_failure():
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two numba threads")
 def test_simulate_runs_one_system_in_lockstep_with_the_same_numbers(monkeypatch):
-    """simulate puts one mid-sized system on the threads in lockstep (kernels.lockstep), also in
-    place of the serial symmetric kernel, and not a tiny one or an ensemble; one thread gives the same
-    numbers (bit for bit on the FUSED rows)."""
+    """simulate puts one mid-sized system on the threads in lockstep (kernels.lockstep), and not a
+    tiny one or an ensemble; one thread gives the same numbers, bit for bit (symmetric tiles)."""
     from particles import kernels
 
     seen = []
@@ -357,11 +370,17 @@ def test_simulate_runs_one_system_in_lockstep_with_the_same_numbers(monkeypatch)
         numba.set_num_threads(previous)
     assert seen == [2, 1, 1, 1]
     np.testing.assert_array_equal(two, one)
-    field = velocity_field(make_interaction("sa", beta=1.0), 600, 3)
-    assert field.trajectory_plan(False, 1).kind == (0,) * trajectory.SYMMETRIC
+    it = make_interaction("sa", beta=1.0)
+    field = velocity_field(it, 600, 3)
+    assert field.trajectory_plan(False, 1).kind == (0,) * trajectory.SYMMETRIC_TILES
     plan, threads = kernels.lockstep(field, field.trajectory_plan(False, 1), 1, 100)
+    assert plan.kind == (0,) * trajectory.SYMMETRIC_TILES
+    assert threads == min(numba.get_num_threads(), 600 // 24, kernels.tiles.SLOTS)
+    forced = velocity_field(it, 600, 3, path="symmetric")  # the serial symmetric kernel: FUSED rows instead
+    assert forced.trajectory_plan(False, 1).kind == (0,) * trajectory.SYMMETRIC
+    plan, threads = kernels.lockstep(forced, forced.trajectory_plan(False, 1), 1, 100)
     assert plan.kind == (0,) * trajectory.FUSED and threads == min(numba.get_num_threads(), 600 // 24)
-    x600 = sphere_points(600, 3, seed=4)  # lockstep FUSED rows on 2 threads, the symmetric kernel on 1
+    x600 = sphere_points(600, 3, seed=4)  # the tiles' shares on 2 threads in lockstep, and on 1
     try:
         runs = []
         for t in (2, 1):
@@ -370,7 +389,7 @@ def test_simulate_runs_one_system_in_lockstep_with_the_same_numbers(monkeypatch)
     finally:
         numba.set_num_threads(previous)
     assert seen[-2:] == [2, 1]
-    np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(runs[0], runs[1])
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two numba threads")

@@ -6,11 +6,25 @@ from conftest import PRESETS, RESTRICTIONS, random_qkv, sphere_points
 from numba import njit
 
 from particles import make_interaction, reference
-from particles.kernels import PATHS, choose_path, velocity_field
+from particles.kernels import PATHS, choose_path, tiles, trajectory, velocity_field
 from particles.kernels.fastexp import WINDOW_LANES, count_far_left, count_near, exp2_sat, fexp
 from particles.kernels.hk1d import CHUNK, PARALLEL_SORT_MIN, SortedSweep, argsort
 from particles.kernels.neighbours import neighbour_lists
-from particles.kernels.simd import lanes, vadd, vexp2, vfma, vload, vmul, vsplat, vstore, vsub, vzero_above
+from particles.kernels.simd import (
+    lanes,
+    vadd,
+    vdot4,
+    vexp2,
+    vfma,
+    vload,
+    vmul,
+    vsplat,
+    vsqdist4,
+    vstore,
+    vsub,
+    vtranspose,
+    vzero_above,
+)
 
 
 def applicable_paths(it, n, d):
@@ -392,6 +406,111 @@ def _top_k_rows(rng, m, k):
     yield np.where(rng.random(m) < 0.9, -np.inf, rng.random(m))  # fewer finite values than k
     yield np.where(np.arange(m) < m - k, -np.inf, rng.random(m))  # exactly k finite values
     yield np.nextafter(0.5, 1.0) ** np.arange(m)  # neighbours one ulp apart: the floats run out
+
+
+@njit(cache=True)
+def _transpose8(a, out):
+    """out ← the transpose of the 8 × 8 float64 tile a (row-major), through vectors."""
+    rows = (vload(a, 0), vload(a, 8), vload(a, 16), vload(a, 24), vload(a, 32), vload(a, 40), vload(a, 48),
+            vload(a, 56))
+    cols = vtranspose(rows)
+    for s in range(8):
+        vstore(out, 8 * s, cols[s])
+
+
+@njit(cache=True)
+def _transpose16(a, out):
+    """out ← the transpose of the 16 × 16 float32 tile a (row-major), through vectors."""
+    rows = (vload(a, 0), vload(a, 16), vload(a, 32), vload(a, 48), vload(a, 64), vload(a, 80), vload(a, 96),
+            vload(a, 112), vload(a, 128), vload(a, 144), vload(a, 160), vload(a, 176), vload(a, 192),
+            vload(a, 208), vload(a, 224), vload(a, 240))
+    cols = vtranspose(rows)
+    for s in range(16):
+        vstore(out, 16 * s, cols[s])
+
+
+@njit(cache=True)
+def _component_sums(a, b, sums):
+    """sums[0, D − 1] ← vdot4 and sums[1, D − 1] ← vsqdist4 of a's first four vectors against b's
+    (c: b's fifth), for D = 1…4."""
+    W = lanes(a)
+    a0, a1, a2, a3 = vload(a, 0), vload(a, W), vload(a, 2 * W), vload(a, 3 * W)
+    b0, b1, b2, b3 = vload(b, 0), vload(b, W), vload(b, 2 * W), vload(b, 3 * W)
+    c = vload(b, 4 * W)
+    vstore(sums[0, 0], 0, vdot4(1, a0, a1, a2, a3, b0, b1, b2, b3, c))
+    vstore(sums[0, 1], 0, vdot4(2, a0, a1, a2, a3, b0, b1, b2, b3, c))
+    vstore(sums[0, 2], 0, vdot4(3, a0, a1, a2, a3, b0, b1, b2, b3, c))
+    vstore(sums[0, 3], 0, vdot4(4, a0, a1, a2, a3, b0, b1, b2, b3, c))
+    vstore(sums[1, 0], 0, vsqdist4(1, a0, a1, a2, a3, b0, b1, b2, b3))
+    vstore(sums[1, 1], 0, vsqdist4(2, a0, a1, a2, a3, b0, b1, b2, b3))
+    vstore(sums[1, 2], 0, vsqdist4(3, a0, a1, a2, a3, b0, b1, b2, b3))
+    vstore(sums[1, 3], 0, vsqdist4(4, a0, a1, a2, a3, b0, b1, b2, b3))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vector_transpose_and_component_sums(dtype):
+    """simd.vtranspose is the transpose of a square tile of vectors; vdot4 and vsqdist4 are the sums
+    over the first D components, as numpy computes them (to an fma's rounding)."""
+    W = 64 // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal(W * W).astype(dtype)
+    b = rng.standard_normal(5 * W).astype(dtype)
+    out, sums = np.empty(W * W, dtype), np.empty((2, 4, W), dtype)
+    (_transpose8 if W == 8 else _transpose16)(a, out)
+    _component_sums(a, b, sums)
+    np.testing.assert_array_equal(out.reshape(W, W), a.reshape(W, W).T)
+    A, B = a[:4 * W].reshape(4, W).astype(np.float64), b[:4 * W].reshape(4, W).astype(np.float64)
+    tol = 8 * np.finfo(dtype).eps * 10
+    for D in range(1, 5):
+        np.testing.assert_allclose(sums[0, D - 1], b[4 * W:] + (A[:D] * B[:D]).sum(0), rtol=0, atol=tol)
+        np.testing.assert_allclose(sums[1, D - 1], ((A[:D] - B[:D]) ** 2).sum(0), rtol=0, atol=tol)
+
+
+TILE_CASES = [  # (model, params, points, dtype, dimensions): softmax, usa, rbf, loose rows; each compiled
+    ("sa", dict(beta=2.0), "sphere", np.float64, (1, 2, 3, 4)),  # specialisation takes seconds
+    ("sa", dict(beta=2.0), "sphere", np.float32, (3,)),
+    ("usa", dict(beta=1.0), "sphere", np.float64, (2,)),
+    ("krause", dict(sigma=0.6), "euclidean", np.float64, (1, 4)),
+    ("krause", dict(sigma=0.6), "euclidean", np.float32, (2,)),
+    ("sa", dict(beta=300.0), "scaled", np.float64, (3,)),  # ‖q_i‖ 0.05 to 2: the shared shift underflows rows
+]
+
+
+@pytest.mark.parametrize("model, params, points, dtype, dims", TILE_CASES)
+def test_symmetric_tiles_match_the_reference(model, params, points, dtype, dims):
+    """kernels.tiles: each w_ij once, in square tiles of explicit vectors with both rows' sums in
+    registers (a transpose per tile), the tiles dealt into shares = the numpy reference for every
+    d ≤ 4 and n (whole and ragged blocks, n smaller than one vector), softmax, usa and rbf scores,
+    and rows whose Σ w underflowed the shared shift (redone with their exact max). The shares added in
+    any order of computation give the same numbers: the lockstep threads' shares = one thread's."""
+    it = make_interaction(model, **params)
+    rng = np.random.default_rng(11)
+    W = 64 // np.dtype(dtype).itemsize
+    for d in dims:
+        for n in (1, 5, W, W + 3, 3 * W, 5 * W - 1):
+            x = rng.standard_normal((n, d))
+            if points != "euclidean":
+                x /= np.linalg.norm(x, axis=1, keepdims=True)
+            if points == "scaled":
+                x *= np.linspace(0.05, 2.0, n)[:, None]
+            x = x.astype(dtype)
+            field = velocity_field(it, n, d, dtype)
+            plan = trajectory.make_plan(trajectory.SYMMETRIC_TILES, field.dims, field.score_s, field.radius_s)
+            xT = np.ascontiguousarray(x.T)
+            ws = tiles.workspace(d, xT)
+            out = np.empty((n, d), dtype)
+            tiles.velocity(plan, field.spec, ws, xT, xT, xT, out)
+            ref = reference.velocity(x.astype(np.float64), it)
+            tol = (1e-12 if dtype == np.float64 else 3e-5) * max(1.0, np.abs(ref).max())
+            np.testing.assert_allclose(out, ref, rtol=0, atol=tol, err_msg=f"d={d} n={n}")
+            again = np.empty_like(out)  # the shares in the other order, on a fresh workspace
+            ws2 = tiles.workspace(d, xT)
+            D, score = len(plan.dims), len(plan.score_s) - 1
+            shift, max_sq = tiles.pad(D, score, field.spec, xT, xT, ws2)
+            for share in reversed(range(tiles.SLOTS)):
+                tiles.share_sums(D, score, field.spec, ws2, ws2[3], n, shift, share)
+            tiles.finish_rows(plan, field.spec, ws2, ws2[3], max_sq, 0, n, xT, xT, xT, again)
+            np.testing.assert_array_equal(again, out)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -43,7 +43,7 @@ import numba
 import numpy as np
 
 from ..interaction import Interaction, radius_bound_sq, usa_overflow_message
-from . import blas, dense, headdim, hk1d, neighbours, rows, simd, trajectory
+from . import blas, dense, headdim, hk1d, neighbours, rows, simd, tiles, trajectory
 
 #: Below this many scored pairs a call runs on one thread: waking the second numba thread costs more
 #: than it saves, and on a busy machine the wait for it can take a whole scheduler tick (4 ms).
@@ -82,14 +82,17 @@ def threads_for(work: int):
 def lockstep(field: VelocityField, plan, samples: int, evaluations: int):
     """(plan, threads) for trajectory.run: one sample with LOCKSTEP_MIN_PAIRS to SERIAL_WORK pairs
     per evaluation, at least LOCKSTEP_MIN_WORK in all its `evaluations` and LOCKSTEP_MIN_ROWS rows per thread,
-    runs its FUSED or RANGE rows on up to numba.get_num_threads() threads in lockstep (the FUSED rows
-    also in place of the serial SYMMETRIC kernel: on 2 threads 1.0-1.5x faster than it at n =
-    512-1400, d = 2, 3); anything else keeps `plan` on its own (threads = 1)."""
-    kinds = ((0,) * trajectory.FUSED, (0,) * trajectory.SYMMETRIC, (0,) * trajectory.RANGE)
+    runs its FUSED, RANGE or SYMMETRIC_TILES rows on up to numba.get_num_threads() threads in
+    lockstep (SYMMETRIC_TILES: at most tiles.SLOTS; the FUSED rows in place of a forced serial
+    SYMMETRIC kernel); anything else keeps `plan` on its own (threads = 1)."""
+    kinds = ((0,) * trajectory.FUSED, (0,) * trajectory.SYMMETRIC, (0,) * trajectory.RANGE,
+             (0,) * trajectory.SYMMETRIC_TILES)
     if samples != 1 or plan is None or plan.kind not in kinds:
         return plan, 1
     n, work = field.n, field.work(field.n)
     threads = min(numba.get_num_threads(), n // LOCKSTEP_MIN_ROWS)
+    if plan.kind == (0,) * trajectory.SYMMETRIC_TILES:
+        threads = min(threads, tiles.SLOTS)  # a thread per share of the tiles at most
     if not LOCKSTEP_MIN_PAIRS <= work < SERIAL_WORK or work * evaluations < LOCKSTEP_MIN_WORK or threads < 2:
         return plan, 1
     return (_plan_fused(field, False) if plan.kind == (0,) * trajectory.SYMMETRIC else plan), threads
@@ -343,11 +346,16 @@ class VelocityField:
         windowed or causal rows (no top-k, d ≤ 4) run LANES tiles of LANES_PER_TILE samples, vectorised over
         the samples (the last tile padded: trajectory.run); SYMMETRIC_LANES tiles when the scores are
         symmetric (one exp per pair, in explicit vectors: 1.5-2.6x faster than LANES at d = 2-4,
-        benchmarks/explicit_simd.md)."""
-        if samples >= LANES_MIN_SAMPLES and self.path in ("fused", "symmetric"):
-            symmetric = symmetric_scores(self.interaction, len(self.dims))
+        benchmarks/explicit_simd.md). Fewer systems with symmetric scores, each on one thread or in
+        lockstep (not `parallel`), run SYMMETRIC_TILES when the path was chosen automatically (each
+        exp once, in square tiles: 1.4-1.9x the fused rows at n = 16-512)."""
+        dense_rows = self.path in ("fused", "symmetric")
+        symmetric = dense_rows and symmetric_scores(self.interaction, len(self.dims))
+        if samples >= LANES_MIN_SAMPLES and dense_rows:
             kind = trajectory.SYMMETRIC_LANES if symmetric else trajectory.LANES
             return trajectory.make_plan(kind, self.dims, self.score_s, self.radius_s, lanes=LANES_PER_TILE)
+        if symmetric and not parallel and not self.forced:
+            return trajectory.make_plan(trajectory.SYMMETRIC_TILES, self.dims, self.score_s, self.radius_s)
         return _BY_NAME[self.path].plan(self, parallel)
 
     def work(self, n: int) -> int:

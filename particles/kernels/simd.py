@@ -3,8 +3,9 @@
 A :class:`VecType` value is one LLVM vector, <16 x float> or <8 x double>: a zmm register with
 AVX-512, two ymm registers with AVX2; LLVM splits it the same way on any other target. The few
 operations below act lane by lane on it: vload/vstore (contiguous 1-D arrays; the caller keeps
-start + width inside the array, nothing is checked), vsplat, vadd, vsub, vmul, vfma, vexp2 and
-vzero_above (a masked lane).
+start + width inside the array, nothing is checked), vsplat, vadd, vsub, vmul, vfma, vexp2,
+vzero_above (a masked lane), and the sums vdot4 and vsqdist4 over up to four components;
+vtranspose exchanges lanes and vectors of a square tile.
 
 Why: a loop that writes several arrays needs run-time checks that they do not overlap before LLVM
 vectorises it. Past a few such arrays LLVM gives up and the loop stays scalar. That happens when
@@ -16,7 +17,7 @@ traffic is what the code says (trajectory._symmetric_lanes_velocity).
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core.extending import intrinsic, register_jitable
 from numba.extending import models, register_model
 
@@ -206,3 +207,52 @@ def vzero_above(typingctx, a, b, x):
         return builder.select(above, ir.Constant(_ir_vector(x), [0.0] * x.width), args[2])
 
     return x(a, b, x), codegen
+
+
+@intrinsic
+def vtranspose(typingctx, rows):
+    """The transpose of a square tile held as a tuple of `width` vectors: out[s][r] = rows[r][s].
+    log2(width) rounds of shuffles; round b swaps the off-diagonal b × b blocks of every 2b × 2b
+    block (lanes l with bit b clear of vector k + b go to lanes l + b of vector k, and back)."""
+    if not (isinstance(rows, types.UniTuple) and isinstance(rows.dtype, VecType)
+            and rows.count == rows.dtype.width):
+        return None
+    width = rows.count
+
+    def codegen(context, builder, sig, args):
+        r = [builder.extract_value(args[0], k) for k in range(width)]
+        masks = ir.VectorType(ir.IntType(32), width)
+        b = 1
+        while b < width:
+            low = ir.Constant(masks, [lane if not lane & b else lane - b + width for lane in range(width)])
+            high = ir.Constant(masks, [lane + b if not lane & b else lane + width for lane in range(width)])
+            for k in range(width):
+                if not k & b:
+                    r[k], r[k + b] = (builder.shuffle_vector(r[k], r[k + b], low),
+                                      builder.shuffle_vector(r[k], r[k + b], high))
+            b *= 2
+        return context.make_tuple(builder, sig.return_type, r)
+
+    return rows(rows), codegen
+
+
+@njit(cache=True, inline="always")
+def vdot4(D, a0, a1, a2, a3, b0, b1, b2, b3, c):
+    """c + Σ_{k<D} a_k·b_k, lane by lane (D ≤ 4, a compile-time constant: the branches fold)."""
+    y = vfma(a0, b0, c)
+    y = vfma(a1, b1, y) if D > 1 else y
+    y = vfma(a2, b2, y) if D > 2 else y
+    return vfma(a3, b3, y) if D > 3 else y
+
+
+@njit(cache=True, inline="always")
+def vsqdist4(D, a0, a1, a2, a3, b0, b1, b2, b3):
+    """Σ_{k<D} (a_k − b_k)², lane by lane (D ≤ 4)."""
+    u = vsub(a0, b0)
+    s = vmul(u, u)
+    u = vsub(a1, b1)
+    s = vfma(u, u, s) if D > 1 else s
+    u = vsub(a2, b2)
+    s = vfma(u, u, s) if D > 2 else s
+    u = vsub(a3, b3)
+    return vfma(u, u, s) if D > 3 else s

@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-from . import hk1d
+from . import hk1d, tiles
 from .dense import (
     SYMMETRIC_BLOCK,
     fused_task,
@@ -46,7 +46,7 @@ from .dense import (
 from .fastexp import LOG2E, exp2_sat
 from .noise import normal, step_key
 from .rows import FASTMATH, RBF, SOFTMAX, buffer_len, candidate_range
-from .simd import lanes, vadd, vexp2, vfma, vload, vmul, vsplat, vstore, vsub, vzero_above
+from .simd import lanes, vadd, vdot4, vexp2, vfma, vload, vmul, vsplat, vsqdist4, vstore, vzero_above
 from .sync import ABORT, arrive, atomic_add, new_sync, run_group
 
 SPHERE, EUCLIDEAN = 0, 1  # geometry codes (particles.geometry: Geometry.code)
@@ -57,7 +57,7 @@ SLOW_WAITS = 3  # slow barrier waits (sync.arrive) after which a lockstep thread
 SERIAL, PARALLEL = (0,), (0, 0)  # compile-time modes of the velocity (see velocity)
 
 
-FUSED, SYMMETRIC, RANGE, HK1D, LANES, SYMMETRIC_LANES = 1, 2, 3, 4, 5, 6  # plan kinds
+FUSED, SYMMETRIC, RANGE, HK1D, LANES, SYMMETRIC_LANES, SYMMETRIC_TILES = 1, 2, 3, 4, 5, 6, 7  # plan kinds
 # Bytes after each (component, particle) row of lanes in the symmetric-lanes sums: without them
 # every row is 2^k bytes long, so the six rows a pair updates (Σw, Σw·v for rows i and j) sit at
 # the same address modulo 4 KiB and the core holds each load back behind an unrelated store
@@ -72,7 +72,9 @@ class Plan(NamedTuple):
     rows: top-k, or any d with dims = ()), HK1D (the sorted 1-D sweep, v = vscale·mean) or LANES
     (what FUSED computes, for `lanes` samples at once: the innermost, vectorised loop runs over the
     samples of an ensemble instead of over keys — :func:`_lanes_velocity`) or SYMMETRIC_LANES (the
-    same for symmetric scores, one exp per pair — :func:`_symmetric_lanes_velocity`). dims,
+    same for symmetric scores, one exp per pair — :func:`_symmetric_lanes_velocity`) or
+    SYMMETRIC_TILES (one system with symmetric scores in square tiles of explicit vectors, each exp
+    once — :mod:`.tiles`; on lockstep threads too). dims,
     score_s, radius_s are the rows.static tuples (canonical (0,) where the kind ignores them, so
     that they add no compiled specialisations).
 
@@ -200,6 +202,8 @@ def _workspace(plan, mode, spec, xT, lanes, threads):
             row = lanes + LANE_ROW_PAD // xT.itemsize
             return np.empty((d + 1, N // lanes, row), xT.dtype), np.empty(lanes, xT.dtype)
         return impl
+    if kind == SYMMETRIC_TILES:
+        return lambda plan, mode, spec, xT, lanes, threads: tiles.workspace(len(plan.dims), xT)
     if kind == HK1D:
         def impl(plan, mode, spec, xT, lanes, threads):
             n = xT.shape[1]
@@ -353,13 +357,13 @@ def _lanes_velocity(plan, spec, ws, L, xT, qT, kT, vT, out):
                 k0, k1, k2, k3_ = _vload4(k3, 0, j, lb, D)
                 y = sh
                 if score == SOFTMAX:
-                    y = _vdot4(D, b0, b1, b2, b3, k0, k1, k2, k3_, sh)
+                    y = vdot4(D, b0, b1, b2, b3, k0, k1, k2, k3_, sh)
                 elif score == RBF:
-                    y = vfma(vg, _vsqdist4(D, q0, q1, q2_, q3_, k0, k1, k2, k3_), sh)
+                    y = vfma(vg, vsqdist4(D, q0, q1, q2_, q3_, k0, k1, k2, k3_), sh)
                 w = vexp2(y)
                 if use_radius:
                     x0, x1, x2, x3_ = _vload4(x3, 0, j, lb, D)
-                    w = vzero_above(_vsqdist4(D, y0, y1, y2, y3, x0, x1, x2, x3_), vr2, w)
+                    w = vzero_above(vsqdist4(D, y0, y1, y2, y3, x0, x1, x2, x3_), vr2, w)
                 s = vadd(s, w)
                 a0 = vfma(w, vload(v3[0, j], lb), a0)
                 if D > 1:
@@ -460,9 +464,9 @@ def _symmetric_lanes_velocity(plan, spec, ws, L, xT, qT, vT, out):
             for j in range(i):
                 qj0, qj1, qj2, qj3 = _vload4(q3, 0, j, lb, D)
                 if score == SOFTMAX:
-                    y = _vdot4(D, bq0, bq1, bq2, bq3, qj0, qj1, qj2, qj3, sh)
+                    y = vdot4(D, bq0, bq1, bq2, bq3, qj0, qj1, qj2, qj3, sh)
                 else:
-                    y = vfma(vg, _vsqdist4(D, qi0, qi1, qi2, qi3, qj0, qj1, qj2, qj3), sh)
+                    y = vfma(vg, vsqdist4(D, qi0, qi1, qi2, qi3, qj0, qj1, qj2, qj3), sh)
                 w = vexp2(y)
                 ti = vadd(ti, w)
                 vstore(acc[0, j], lb, vadd(vload(acc[0, j], lb), w))
@@ -507,28 +511,6 @@ def _vload4(a3, first, i, lb, D):
             vload(a3[first + min(2, D - 1), i], lb), vload(a3[first + min(3, D - 1), i], lb))
 
 
-@njit(cache=True, inline="always")
-def _vdot4(D, a0, a1, a2, a3, b0, b1, b2, b3, c):
-    """c + Σ_{k<D} a_k·b_k, lane by lane (D ≤ 4, a compile-time constant: the branches fold)."""
-    y = vfma(a0, b0, c)
-    y = vfma(a1, b1, y) if D > 1 else y
-    y = vfma(a2, b2, y) if D > 2 else y
-    return vfma(a3, b3, y) if D > 3 else y
-
-
-@njit(cache=True, inline="always")
-def _vsqdist4(D, a0, a1, a2, a3, b0, b1, b2, b3):
-    """Σ_{k<D} (a_k − b_k)², lane by lane (D ≤ 4)."""
-    u = vsub(a0, b0)
-    s = vmul(u, u)
-    u = vsub(a1, b1)
-    s = vfma(u, u, s) if D > 1 else s
-    u = vsub(a2, b2)
-    s = vfma(u, u, s) if D > 2 else s
-    u = vsub(a3, b3)
-    return vfma(u, u, s) if D > 3 else s
-
-
 def _symmetric_lanes(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
     _symmetric_lanes_velocity(plan, spec, ws, lanes, xT, qT, vT, out)
 
@@ -537,9 +519,14 @@ def _lanes(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
     _lanes_velocity(plan, spec, ws, lanes, xT, qT, kT, vT, out)
 
 
+def _symmetric_tiles(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
+    tiles.velocity(plan, spec, ws, xT, qT, vT, out)
+
+
 _VELOCITY = {LANES: (_lanes, _lanes), SYMMETRIC_LANES: (_symmetric_lanes, _symmetric_lanes),
              FUSED: (_fused_serial, _fused_parallel), SYMMETRIC: (_symmetric_serial, _symmetric_parallel),
-             RANGE: (_range_serial, _range_parallel), HK1D: (_hk1d_serial, _hk1d_parallel)}
+             RANGE: (_range_serial, _range_parallel), HK1D: (_hk1d_serial, _hk1d_parallel),
+             SYMMETRIC_TILES: (_symmetric_tiles, _symmetric_tiles)}
 
 
 @overload(velocity)
@@ -548,26 +535,43 @@ def _velocity(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
     return None if impls is None else impls[len(mode) == 2]
 
 
-def velocity_rows(plan, spec, ws, xT, qT, kT, vT, out, first, last):  # pragma: no cover - numba overload
-    """out[i] ← v_i for the rows first..last−1 only (FUSED and RANGE plans; ws: their workspace)."""
-    raise NotImplementedError
+def velocity_rows(plan, spec, ws, shared, xT, qT, kT, vT, out, first, last, sync, me, parties, round_):
+    """out[i] ← v_i for the rows first..last−1 only, on thread `me` of `parties` in lockstep (FUSED,
+    RANGE and SYMMETRIC_TILES plans; ws: this thread's workspace, shared: thread 0's); returns the
+    next barrier round (SYMMETRIC_TILES meets the others once: its shares of the tiles, then the
+    rows of every share's sums)."""
+    raise NotImplementedError  # pragma: no cover - numba overload
 
 
-def _fused_rows(plan, spec, ws, xT, qT, kT, vT, out, first, last):
+def _fused_rows(plan, spec, ws, shared, xT, qT, kT, vT, out, first, last, sync, me, parties, round_):
     s, dist, which, qnorm = ws  # which = 0..n−1: row r of the task is row r
     kmax = np.sqrt(_norms(qT, kT, qnorm))
     fused_task(plan.dims, plan.score_s, plan.radius_s, spec, first, last, which, xT, qT, kT, vT, qnorm, kmax,
                s, dist, out)
+    return round_
 
 
-def _range_rows(plan, spec, ws, xT, qT, kT, vT, out, first, last):
+def _range_rows(plan, spec, ws, shared, xT, qT, kT, vT, out, first, last, sync, me, parties, round_):
     s, idx, dist = ws
     range_task(plan.dims, spec, first, last, xT, qT, kT, vT, False, s, idx, dist, out)
+    return round_
+
+
+def _tiles_rows(plan, spec, ws, shared, xT, qT, kT, vT, out, first, last, sync, me, parties, round_):
+    D, score, n = len(plan.dims), len(plan.score_s) - 1, xT.shape[1]
+    slots = shared[3]  # every thread's shares sum into thread 0's slots
+    y_shift, max_sq = tiles.pad(D, score, spec, qT, vT, ws)
+    for share in range(me, tiles.SLOTS, parties):
+        tiles.share_sums(D, score, spec, ws, slots, n, y_shift, share)
+    if parties > 1:
+        arrive(sync, me, parties, round_, 0)  # every share is summed
+    tiles.finish_rows(plan, spec, ws, slots, max_sq, first, last, xT, qT, vT, out)
+    return round_ + 1
 
 
 @overload(velocity_rows)
-def _velocity_rows(plan, spec, ws, xT, qT, kT, vT, out, first, last):
-    return {FUSED: _fused_rows, RANGE: _range_rows}.get(_plan_kind(plan))
+def _velocity_rows(plan, spec, ws, shared, xT, qT, kT, vT, out, first, last, sync, me, parties, round_):
+    return {FUSED: _fused_rows, RANGE: _range_rows, SYMMETRIC_TILES: _tiles_rows}.get(_plan_kind(plan))
 
 
 # -- one sample's trajectory -------------------------------------------------------------------------
@@ -885,20 +889,22 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
 
 
 @njit(cache=True)
-def _field_rows(plan, spec, st, ws, Q, K, V, src, qb, kb, vb, v, first, last, sync, me, parties, round_):
+def _field_rows(plan, spec, st, ws, shared, Q, K, V, src, qb, kb, vb, v, first, last, sync, me, parties,
+                round_):
     """integrate_rows: v[first:last] ← the velocity of rows first..last−1 at the state src (ws: this
-    thread's workspace); projections of the own columns first, then a barrier (every thread reads
-    every column of them). Returns (usa overflow flag, next round)."""
+    thread's workspace, shared: thread 0's); projections of the own columns first, then a barrier
+    (every thread reads every column of them). Returns (usa overflow flag, next round)."""
     if st.identity:
-        velocity_rows(plan, spec, ws, src, src, src, src, v, first, last)
+        round_ = velocity_rows(plan, spec, ws, shared, src, src, src, src, v, first, last, sync, me, parties,
+                               round_)
     else:
         _project(Q, src, qb, first, last)
         _project(K, src, kb, first, last)
         _project(V, src, vb, first, last)
         if parties > 1:
             arrive(sync, me, parties, round_, 0)
-        round_ += 1
-        velocity_rows(plan, spec, ws, src, qb, kb, vb, v, first, last)
+        round_ = velocity_rows(plan, spec, ws, shared, src, qb, kb, vb, v, first, last, sync, me, parties,
+                               round_ + 1)
     chk = v.dtype.type(0.0)
     if not spec.normalise:
         for i in range(first, last):
@@ -910,18 +916,20 @@ def _field_rows(plan, spec, st, ws, Q, K, V, src, qb, kb, vb, v, first, last, sy
 @njit(cache=True, nogil=True)
 def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_end, status, shared, ws, xi,
                    first, last, sync, me, parties, solo_after):
-    """integrate_one for one sample (x0 (1, n, d), a FUSED or RANGE plan) on `parties` threads in
-    lockstep: thread `me` owns the particles first..last−1 (their velocity rows, state update,
-    saving) and meets the others at a barrier (sync.arrive) after every field evaluation, when every
-    thread has read the whole state, and after every update, when it is complete: two rounds per
-    Euler step, eight per RK4 step (and one more per evaluation with projections). shared: one
-    state_buffers set for all threads (each writes only its own columns); ws, xi: this thread's
-    workspace and noise scratch. Every row is computed as integrate_one computes it, so the numbers
-    are the same to the last bit; failures (a usa overflow, a non-finite state) are combined at the
-    barriers, so all threads stop at the same step and thread 0 reports it. When the threads keep
-    waiting for each other (more threads than cores), they agree at a barrier that thread 0 goes on
-    alone (_meet; solo_after: a round from which they do so anyway, for tests)."""
-    x, y, acc, qb, kb, vb, v, _, vt, _ = shared
+    """integrate_one for one sample (x0 (1, n, d), a FUSED, RANGE or SYMMETRIC_TILES plan) on
+    `parties` threads in lockstep: thread `me` owns the particles first..last−1 (their velocity rows,
+    state update, saving) and meets the others at a barrier (sync.arrive) after every field
+    evaluation, when every thread has read the whole state, and after every update, when it is
+    complete: two rounds per Euler step, eight per RK4 step (and one more per evaluation with
+    projections, or with symmetric tiles: each thread sums its shares of the tiles, then its own
+    rows). shared: one state_buffers set for
+    all threads (each writes only its own columns); ws, xi: this thread's workspace and noise
+    scratch. Every row is computed as integrate_one computes it, so the numbers are the same to the
+    last bit; failures (a usa overflow, a non-finite state) are combined at the barriers, so all
+    threads stop at the same step and thread 0 reports it. When the threads keep waiting for each
+    other (more threads than cores), they agree at a barrier that thread 0 goes on alone (_meet;
+    solo_after: a round from which they do so anyway, for tests)."""
+    x, y, acc, qb, kb, vb, v, _, vt, shared_ws = shared
     order = np.empty(0, np.int64)
     d, n = x.shape
     for p in range(first, last):
@@ -941,8 +949,8 @@ def integrate_rows(plan, spec, st, Q, K, V, x0, step0, stop, keep, keys, out, x_
     for step in range(step0, stop):
         for stage in range(1 if st.integrator == EULER else 4):
             src = x if stage == 0 else y
-            flag, round_ = _field_rows(plan, spec, st, ws, Q, K, V, src, qb, kb, vb, v, first, last, sync, me,
-                                       parties, round_)
+            flag, round_ = _field_rows(plan, spec, st, ws, shared_ws, Q, K, V, src, qb, kb, vb, v, first,
+                                       last, sync, me, parties, round_)
             # every thread has read src
             top, round_, slow = _meet(sync, me, parties, round_, flag, slow, solo_after)
             if _next(top, me) < 0:
@@ -1167,8 +1175,8 @@ def _integrate_rows(plan, args, parties):
     """integrate_rows on `parties` threads (this one and persistent helpers, sync.run_group), the
     particles split into contiguous shares."""
     spec, st, Q, K, V, x, orders, step0, stop, keep, keys, out, x_end, status = args
-    if x.shape[0] != 1 or _plan_kind(numba.typeof(plan)) not in (FUSED, RANGE):
-        raise ValueError("lockstep threads integrate one sample with a FUSED or RANGE plan")
+    if x.shape[0] != 1 or len(plan.kind) not in (FUSED, RANGE, SYMMETRIC_TILES):  # (numba.typeof: 50 µs)
+        raise ValueError("lockstep threads integrate one sample with a FUSED, RANGE or SYMMETRIC_TILES plan")
     n = x.shape[1]
     buffers = [state_buffers(plan, SERIAL, spec, st, x, 1) for _ in range(parties)]  # the first is shared
     words = new_sync(parties)
