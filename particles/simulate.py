@@ -396,19 +396,40 @@ def check_weights(w, run: Run, step: int) -> None:
 
 def _to_dataset(traj, weights, keep, field, ensemble, run_attrs) -> xr.Dataset:
     lead = ("sample",) if ensemble else ()
-    ds = xr.Dataset({"x": (lead + ("time", "particle", "component"), traj)},
-                    coords={"time": keep * run_attrs["dt"], "step": ("time", keep)})
+    data = {"x": (lead + ("time", "particle", "component"), traj)}
     if weights is not None:
-        ds["attention"] = (lead + ("time", "query", "key"), weights)
+        data["attention"] = (lead + ("time", "query", "key"), weights)
     if isinstance(field, Interaction):
         for name in ("Q", "K", "V"):
             m = getattr(field, name)
             if m is not None:
-                ds[name] = (("component_out", "component"), np.asarray(m))
-    ds.attrs.update(field.attrs())
-    ds.attrs.update({k: v for k, v in run_attrs.items() if v is not None})
-    ds.attrs["krause_sync_version"] = __version__
-    return ds
+                data[name] = (("component_out", "component"), np.asarray(m))
+    attrs = dict(field.attrs())
+    attrs.update({k: v for k, v in run_attrs.items() if v is not None})
+    attrs["krause_sync_version"] = __version__
+    return dataset(data, {"time": keep * run_attrs["dt"], "step": ("time", keep)}, attrs)
+
+
+def dataset(data: dict, coords: dict, attrs: dict) -> xr.Dataset:
+    """xr.Dataset(data, coords, attrs) for variables given as (dims, array) and coordinates given as
+    an index array (a dimension of the same name) or (dims, array), built from its variables
+    directly: the public constructor aligns and merges its arguments, 0.1 ms of a 0.35 ms `simulate`
+    call of a small system. The same Dataset (tested); if this xarray has no such way in, the public
+    constructor."""
+    try:
+        from xarray.core.indexes import PandasIndex
+
+        variables = {name: xr.Variable(*value) for name, value in data.items()}
+        indexes = {}
+        for name, value in coords.items():
+            if isinstance(value, tuple):
+                variables[name] = xr.Variable(*value)
+                continue
+            indexes[name] = PandasIndex.from_variables({name: xr.Variable(name, value)}, options={})
+            variables.update(indexes[name].create_variables())
+        return xr.Dataset._construct_direct(variables, set(coords), indexes=indexes, attrs=dict(attrs))
+    except (AttributeError, ImportError, TypeError):  # pragma: no cover - another xarray
+        return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
 __all__ = ["simulate", "saved_steps", "initial_state", "resolve_field", "describe_model", "CustomField",

@@ -78,6 +78,23 @@ def test_time_coordinate_and_saved_steps():
     assert list(ds.step.values) == [0, 4, 8, 10]
 
 
+def test_results_are_the_datasets_the_public_constructor_builds():
+    """simulate builds its Dataset from the variables directly (simulate.dataset); rebuilt with
+    xr.Dataset from the same parts it is identical: names, dims and their order, the time index,
+    attributes, for one system, an ensemble, attention weights and Q, K, V."""
+    x0 = np.stack([sphere_points(6, 3, seed=s) for s in range(2)])
+    runs = [simulate("sa", x0[0], steps=4, dt=0.1, beta=2.0),
+            simulate("sa", x0, steps=4, dt=0.1, save_every=2, beta=2.0, return_weights=True,
+                     Q=np.diag([1.0, 2.0, 3.0]))]
+    for ds in runs:
+        data = {k: (v.dims, v.values) for k, v in ds.data_vars.items()}
+        rebuilt = xr.Dataset(data, coords={"time": ds.time.values, "step": ("time", ds.step.values)},
+                             attrs=ds.attrs)
+        xr.testing.assert_identical(ds, rebuilt)
+        assert list(ds.sizes) == list(rebuilt.sizes) and list(ds.variables) == list(rebuilt.variables)
+        assert ds.indexes["time"].equals(rebuilt.indexes["time"])
+
+
 def test_x0_is_step_zero_and_seed_reproducible():
     x0 = sphere_points(8, 3)
     ds = simulate("sa", x0, steps=3, dt=0.1)
