@@ -2,13 +2,13 @@
 
 Two experiments for issue 20, one thread unless stated:
 
-A. One system, n = 64…256, d = 3, one velocity evaluation of SA on the unit sphere (β = 1). The
-   fused row kernel as the loop vectoriser compiles it (each ordered pair, n² exps), against a
-   symmetric kernel in 8 × 8 blocks written with the explicit vectors. Each w_ij =
-   2^(β·log2(e)·(⟨x_i, x_j⟩ − 1)) is computed once for row i (register sums) and for the
-   columns of block J (a vector per block and component): n(n + 8)/2 exps. Only an experiment so
-   far: a single system of this size runs its rows on two threads in lockstep, and this kernel
-   does not split that way yet.
+A. One system, n = 32…512, d = 3, one velocity evaluation of SA on the unit sphere (β = 1). The
+   fused row kernel as the loop vectoriser compiles it (each ordered pair, n² exps), against two
+   symmetric kernels written with the explicit vectors, each w_ij = 2^(β·log2(e)·(⟨x_i, x_j⟩ − 1))
+   computed once: the first experiment, 8 × 8 blocks with row i's sums in registers and block J's
+   column sums in memory, and the square tiles that `simulate` runs (particles/kernels/tiles.py:
+   both sides' sums in registers, a transpose per tile; pad, two shares and the finish included).
+   `--single` runs only this part and prints its table.
 B. Ensembles through simulate (20 Euler steps, every 20th saved, 2 threads): the SYMMETRIC_LANES
    tiles, which are now written with the explicit vectors, against the LANES tiles (both rows of
    each pair scored separately; the plan that d = 3, 4 took before).
@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from numba import njit
 
+from particles.kernels import tiles, trajectory, velocity_field
 from particles.kernels.fastexp import LOG2E, exp2_sat
 from particles.kernels.rows import FASTMATH
 from particles.kernels.simd import vadd, vexp2, vfma, vload, vmul, vsplat, vstore
@@ -88,30 +90,58 @@ def symmetric_blocks(xT, b, v, cols, rows, lane_sums):
             v[c, i] = (rows[1 + c, i] + cols[o + (c + 1) * W]) * f
 
 
-def single_system(sizes=(64, 128, 256), pairs_per_round=2_000_000, rounds=7):
+@njit
+def _repeat_tiles(plan, spec, ws, x, out, calls):
+    for _ in range(calls):
+        tiles.velocity(plan, spec, ws, x, x, x, out)
+
+
+@njit
+def _repeat_rows(x, b, v, calls):
+    for _ in range(calls):
+        rows_auto(x, b, v)
+
+
+@njit
+def _repeat_blocks(x, b, v, cols, rows, lane_sums, calls):
+    for _ in range(calls):
+        symmetric_blocks(x, b, v, cols, rows, lane_sums)
+
+
+def single_system(sizes=(32, 64, 128, 256, 512), pairs_per_round=2_000_000, rounds=7):
     from analysis.bench import interleaved_best_times
+    from particles import make_interaction
 
     rng = np.random.default_rng(0)
     records = []
     for n in sizes:
         x = rng.standard_normal((3, n))
         x /= np.linalg.norm(x, axis=0)
-        rows_v, sym_v = np.empty((3, n)), np.empty((3, n))
+        rows_v, sym_v, tiles_v = np.empty((3, n)), np.empty((3, n)), np.empty((n, 3))
         scratch = np.empty(4 * n), np.empty((4, n)), np.empty(W)
+        field = velocity_field(make_interaction("sa", beta=1.0), n, 3)
+        plan = trajectory.make_plan(trajectory.SYMMETRIC_TILES, field.dims, field.score_s, field.radius_s)
+        ws = tiles.workspace(3, x)
         calls = max(1, pairs_per_round // (n * n))
-
-        def repeat(kernel, *args, calls=calls):
-            return lambda: [kernel(*args) for _ in range(calls)]
-
-        fns = {"rows": repeat(rows_auto, x, LOG2E, rows_v),  # β = 1
-               "symmetric": repeat(symmetric_blocks, x, LOG2E, sym_v, *scratch)}
+        fns = {"rows": partial(_repeat_rows, x, LOG2E, rows_v, calls),  # β = 1
+               "blocks": partial(_repeat_blocks, x, LOG2E, sym_v, *scratch, calls),
+               "tiles": partial(_repeat_tiles, plan, field.spec, ws, x, tiles_v, calls)}
         best = interleaved_best_times(fns, rounds=rounds)
         np.testing.assert_allclose(sym_v, rows_v, rtol=0, atol=1e-14)
-        rec = dict(n=n, rows_us=1e6 * best["rows"] / calls, symmetric_us=1e6 * best["symmetric"] / calls)
-        rec["x"] = rec["rows_us"] / rec["symmetric_us"]
+        np.testing.assert_allclose(tiles_v.T, rows_v, rtol=0, atol=1e-14)
+        rec = dict(n=n, **{f"{k}_us": 1e6 * t / calls for k, t in best.items()})
+        rec["x_blocks"] = rec["rows_us"] / rec["blocks_us"]
+        rec["x_tiles"] = rec["rows_us"] / rec["tiles_us"]
         records.append(rec)
         print(rec, flush=True)
     return records
+
+
+def single_table(records):
+    lines = ["| n | rows, loop-vectorised | 8 × 8 blocks | speed-up | square tiles (simulate's) | speed-up |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    return lines + [f"| {r['n']} | {r['rows_us']:.2f} | {r['blocks_us']:.2f} | {r['x_blocks']:.2f} | "
+                    f"{r['tiles_us']:.2f} | {r['x_tiles']:.2f} |" for r in records]
 
 
 def ensembles(dims=(2, 3, 4), sizes=(16, 32, 96), rounds=3):
@@ -160,9 +190,7 @@ def main():
              f"{info['load_average_1min']:.1f}. Best of interleaved rounds.", "",
              "A. One velocity evaluation of one system, SA on the unit sphere, d = 3, β = 1, one thread "
              "(µs):", "",
-             "| n | rows, loop-vectorised | symmetric 8 × 8 blocks, explicit vectors | speed-up |",
-             "| ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['n']} | {r['rows_us']:.2f} | {r['symmetric_us']:.2f} | {r['x']:.2f} |" for r in single]
+             ] + single_table(single)
     lines += ["", "B. Ensembles through simulate, SA β = 4 on the sphere, 20 Euler steps, 2 threads (ms):",
               "",
               "| d | n | samples | dtype | LANES tiles | SYMMETRIC_LANES tiles (explicit vectors) "
@@ -174,4 +202,15 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--single" in sys.argv:  # part A again: its table printed, its records replaced in the json
+        from analysis.bench import machine_summary
+
+        single = single_system()
+        print("\n".join(single_table(single)))
+        stored = json.loads((OUT / "explicit_simd.json").read_text())
+        stored.update(single_system=single, single_system_machine=machine_summary())
+        (OUT / "explicit_simd.json").write_text(json.dumps(stored, indent=1))
+    else:
+        main()

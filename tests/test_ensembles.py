@@ -351,24 +351,26 @@ def test_lockstep_threads_stop_together_at_a_failure():
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two numba threads")
 def test_simulate_runs_one_system_in_lockstep_with_the_same_numbers(monkeypatch):
     """simulate puts one mid-sized system on the threads in lockstep (kernels.lockstep), and not a
-    tiny one or an ensemble; one thread gives the same numbers, bit for bit (symmetric tiles)."""
+    tiny one, an ensemble, or symmetric tiles below n = 128; one thread gives the same numbers, bit
+    for bit (symmetric tiles)."""
     from particles import kernels
 
     seen = []
     real_run = trajectory.run
     monkeypatch.setattr(trajectory, "run", lambda *a, **k: (seen.append(k["lockstep"]), real_run(*a, **k))[1])
-    x0 = sphere_points(64, 3, seed=3)
+    x0 = sphere_points(128, 3, seed=3)
     previous = numba.get_num_threads()
     try:
         numba.set_num_threads(2)
         two = simulate("sa", x0, steps=300, dt=0.1, beta=2.0).x.values
         simulate("sa", x0, steps=1, dt=0.1, beta=2.0)  # too little work for the helpers
         simulate("sa", np.stack([x0, x0]), steps=300, dt=0.1, beta=2.0)  # samples go to threads instead
+        simulate("sa", x0[:64], steps=300, dt=0.1, beta=2.0)  # one thread runs 64 particles' tiles as fast
         numba.set_num_threads(1)
         one = simulate("sa", x0, steps=300, dt=0.1, beta=2.0).x.values
     finally:
         numba.set_num_threads(previous)
-    assert seen == [2, 1, 1, 1]
+    assert seen == [2, 1, 1, 1, 1]
     np.testing.assert_array_equal(two, one)
     it = make_interaction("sa", beta=1.0)
     field = velocity_field(it, 600, 3)
@@ -398,7 +400,7 @@ def test_lockstep_runs_side_by_side_finish_with_their_numbers():
     helpers queue, waiting threads yield their core) all finish, each with its own numbers."""
     import threading
 
-    x0s = [sphere_points(64, 3, seed=s) for s in range(4)]
+    x0s = [sphere_points(128, 3, seed=s) for s in range(4)]
     alone = [simulate("sa", x0, steps=300, dt=0.1, beta=2.0).x.values for x0 in x0s]
     together = [None] * 4
 

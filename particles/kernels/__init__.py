@@ -62,6 +62,9 @@ assert LANES_PER_TILE % simd.lanes(np.dtype(np.float32)) == 0  # the tiles run w
 # and 64 (1.02-1.3x over repeated runs at 64), 1.2-1.6x at n = 128-1000; Krause top-k 1.6-1.7x.
 LOCKSTEP_MIN_ROWS = 24
 LOCKSTEP_MIN_PAIRS = 4096
+# The symmetric tiles need twice as many (n ≥ 128): at n = 64 one thread runs a step in 3.5 µs and
+# lockstep gave 1.02x, or 0.55x while the second vCPU was slow (benchmarks/lockstep.md).
+LOCKSTEP_MIN_PAIRS_TILES = 16384
 LOCKSTEP_MIN_WORK = 1 << 20
 
 
@@ -80,20 +83,23 @@ def threads_for(work: int):
 
 
 def lockstep(field: VelocityField, plan, samples: int, evaluations: int):
-    """(plan, threads) for trajectory.run: one sample with LOCKSTEP_MIN_PAIRS to SERIAL_WORK pairs
-    per evaluation, at least LOCKSTEP_MIN_WORK in all its `evaluations` and LOCKSTEP_MIN_ROWS rows per thread,
-    runs its FUSED, RANGE or SYMMETRIC_TILES rows on up to numba.get_num_threads() threads in
-    lockstep (SYMMETRIC_TILES: at most tiles.SLOTS; the FUSED rows in place of a forced serial
-    SYMMETRIC kernel); anything else keeps `plan` on its own (threads = 1)."""
+    """(plan, threads) for trajectory.run: one sample with LOCKSTEP_MIN_PAIRS (the symmetric tiles:
+    LOCKSTEP_MIN_PAIRS_TILES) to SERIAL_WORK pairs per evaluation, at least LOCKSTEP_MIN_WORK in all
+    its `evaluations` and LOCKSTEP_MIN_ROWS rows per thread, runs its FUSED, RANGE or SYMMETRIC_TILES
+    rows on up to numba.get_num_threads() threads in lockstep (SYMMETRIC_TILES: at most tiles.SLOTS;
+    the FUSED rows in place of a forced serial SYMMETRIC kernel); anything else keeps `plan` on its
+    own (threads = 1)."""
     kinds = ((0,) * trajectory.FUSED, (0,) * trajectory.SYMMETRIC, (0,) * trajectory.RANGE,
              (0,) * trajectory.SYMMETRIC_TILES)
     if samples != 1 or plan is None or plan.kind not in kinds:
         return plan, 1
     n, work = field.n, field.work(field.n)
     threads = min(numba.get_num_threads(), n // LOCKSTEP_MIN_ROWS)
+    min_pairs = LOCKSTEP_MIN_PAIRS
     if plan.kind == (0,) * trajectory.SYMMETRIC_TILES:
         threads = min(threads, tiles.SLOTS)  # a thread per share of the tiles at most
-    if not LOCKSTEP_MIN_PAIRS <= work < SERIAL_WORK or work * evaluations < LOCKSTEP_MIN_WORK or threads < 2:
+        min_pairs = LOCKSTEP_MIN_PAIRS_TILES
+    if not min_pairs <= work < SERIAL_WORK or work * evaluations < LOCKSTEP_MIN_WORK or threads < 2:
         return plan, 1
     return (_plan_fused(field, False) if plan.kind == (0,) * trajectory.SYMMETRIC else plan), threads
 
