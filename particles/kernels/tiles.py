@@ -113,9 +113,26 @@ def _tile_weights_overload(D, score, scaled, keys, o, k0, k1, k2, k3, g, y_shift
 
 
 @njit(cache=True, inline="always")
-def _add(sums, c, p, a):
-    """sums[c, p:p + W] += a."""
-    vstore(sums[c], p, vadd(vload(sums[c], p), a))
+def _weigh(values, r, w, tot, a0, a1, a2, a3):
+    """(Σ w, Σ w·v_c) with the vector w times the values of particle r added (components past
+    D repeat the last one: unused)."""
+    D = values.shape[0]
+    e1, e2, e3 = min(1, D - 1), min(2, D - 1), min(3, D - 1)
+    return (vadd(tot, w), vfma(w, vsplat(values[0, r]), a0), vfma(w, vsplat(values[e1, r]), a1),
+            vfma(w, vsplat(values[e2, r]), a2), vfma(w, vsplat(values[e3, r]), a3))
+
+
+@njit(cache=True, inline="always")
+def _add(D, sums, p, tot, a0, a1, a2, a3):
+    """sums[:, p:p + W] += (Σ w, Σ w·v_0, …, Σ w·v_{D−1}) (D ≤ 4, a compile-time constant)."""
+    vstore(sums[0], p, vadd(vload(sums[0], p), tot))
+    vstore(sums[1], p, vadd(vload(sums[1], p), a0))
+    if D > 1:
+        vstore(sums[2], p, vadd(vload(sums[2], p), a1))
+    if D > 2:
+        vstore(sums[3], p, vadd(vload(sums[3], p), a2))
+    if D > 3:
+        vstore(sums[4], p, vadd(vload(sums[4], p), a3))
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -156,45 +173,19 @@ def share_sums(D, score, spec, ws, slots, n, y_shift, share):
                 for r in range(o, min(n, o + W)):
                     w = _row_weight(D, score, scaled, keys, r, k0, k1, k2, k3, g, ysh)
                     w = vzero_above(lane_ids, last, w) if mask else w
-                    rt = vadd(rt, w)
-                    r0 = vfma(w, vsplat(values[0, r]), r0)
-                    r1 = vfma(w, vsplat(values[e1, r]), r1)
-                    r2 = vfma(w, vsplat(values[e2, r]), r2)
-                    r3 = vfma(w, vsplat(values[e3, r]), r3)
+                    rt, r0, r1, r2, r3 = _weigh(values, r, w, rt, r0, r1, r2, r3)
                 continue
             ct, c0, c1, c2, c3 = zero, zero, zero, zero, zero
             rows = _tile_weights(D, score, scaled, keys, o, k0, k1, k2, k3, g, ysh)
             for r in range(W):
                 w = vzero_above(lane_ids, last, rows[r]) if mask else rows[r]
-                ct = vadd(ct, w)
-                c0 = vfma(w, vsplat(values[0, o + r]), c0)
-                c1 = vfma(w, vsplat(values[e1, o + r]), c1)
-                c2 = vfma(w, vsplat(values[e2, o + r]), c2)
-                c3 = vfma(w, vsplat(values[e3, o + r]), c3)
+                ct, c0, c1, c2, c3 = _weigh(values, o + r, w, ct, c0, c1, c2, c3)
             cols = vtranspose(rows)  # vector s: key p + s against the rows (the padded keys' zeroed)
             for s in range(W):
                 w = vzero_above(vsplat(keys.dtype.type(s)), last, cols[s]) if mask else cols[s]
-                rt = vadd(rt, w)
-                r0 = vfma(w, vsplat(values[0, p + s]), r0)
-                r1 = vfma(w, vsplat(values[e1, p + s]), r1)
-                r2 = vfma(w, vsplat(values[e2, p + s]), r2)
-                r3 = vfma(w, vsplat(values[e3, p + s]), r3)
-            _add(sums, 0, p, ct)
-            _add(sums, 1, p, c0)
-            if D > 1:
-                _add(sums, 2, p, c1)
-            if D > 2:
-                _add(sums, 3, p, c2)
-            if D > 3:
-                _add(sums, 4, p, c3)
-        _add(sums, 0, o, rt)
-        _add(sums, 1, o, r0)
-        if D > 1:
-            _add(sums, 2, o, r1)
-        if D > 2:
-            _add(sums, 3, o, r2)
-        if D > 3:
-            _add(sums, 4, o, r3)
+                rt, r0, r1, r2, r3 = _weigh(values, p + s, w, rt, r0, r1, r2, r3)
+            _add(D, sums, p, ct, c0, c1, c2, c3)
+        _add(D, sums, o, rt, r0, r1, r2, r3)
 
 
 @njit(cache=True)
