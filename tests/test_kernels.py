@@ -509,7 +509,7 @@ def test_symmetric_tiles_match_the_reference(model, params, points, dtype, dims)
             shift, max_sq = tiles.pad(D, score, field.spec, xT, xT, ws2)
             for share in reversed(range(tiles.SLOTS)):
                 tiles.share_sums(D, score, field.spec, ws2, ws2[3], n, shift, share)
-            tiles.finish_rows(plan, field.spec, ws2, ws2[3], max_sq, 0, n, xT, xT, xT, again)
+            tiles.finish(plan, field.spec, ws2, ws2[3], max_sq, 0, n, xT, xT, xT, again)
             np.testing.assert_array_equal(again, out)
 
 

@@ -354,7 +354,7 @@ class VelocityField:
         symmetric (one exp per pair, in explicit vectors: 1.5-2.6x faster than LANES at d = 2-4,
         benchmarks/explicit_simd.md). Fewer systems with symmetric scores, each on one thread or in
         lockstep (not `parallel`), run SYMMETRIC_TILES when the path was chosen automatically (each
-        exp once, in square tiles: 1.4-1.9x the fused rows at n = 16-512)."""
+        exp once, in square tiles: 1.1-1.8x the fused rows at n = 32-512)."""
         dense_rows = self.path in ("fused", "symmetric")
         symmetric = dense_rows and symmetric_scores(self.interaction, len(self.dims))
         if samples >= LANES_MIN_SAMPLES and dense_rows:

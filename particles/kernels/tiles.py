@@ -17,8 +17,8 @@ order. So the numbers are the same whether one thread runs every share or severa
 in lockstep (kernels.trajectory.integrate_rows). A row whose Σ w underflowed the shared shift is
 redone by the fused row kernel with its exact row max.
 
-One thread, SA on the sphere, d = 3, float64: 1.5-2.0x the fused row kernel at n = 32-256
-(benchmarks/explicit_simd.md).
+One thread, SA on the sphere, d = 3, float64: 1.1-1.8x the fused row kernel at n = 32-512 over
+three runs (benchmarks/explicit_simd.md).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def pad(D, score, spec, qT, vT, ws):
 
 
 @njit(cache=True)
-def _row_weight(D, score, scaled, keys, r, k0, k1, k2, k3, g, y_shift):
+def _row_weight(D, score, scaled, r, k0, k1, k2, k3, g, y_shift):
     """The vector of w between row r and the key vectors k (lanes = keys). Inlined by LLVM, not by
     numba (inline="always"): numba's copies of it in every row of a tile took the first call's
     compile from 25 to 45 s (float64) and from 29 to 78 s (float32), at the same speed."""
@@ -87,31 +87,31 @@ def _row_weight(D, score, scaled, keys, r, k0, k1, k2, k3, g, y_shift):
 
 
 @njit(cache=True, inline="always")
-def _eight_weights(D, score, scaled, keys, o, k0, k1, k2, k3, g, y_shift):
+def _eight_weights(D, score, scaled, o, k0, k1, k2, k3, g, y_shift):
     """The weights of rows o..o+7 against the key vectors, as a tuple."""
-    return (_row_weight(D, score, scaled, keys, o, k0, k1, k2, k3, g, y_shift),
-            _row_weight(D, score, scaled, keys, o + 1, k0, k1, k2, k3, g, y_shift),
-            _row_weight(D, score, scaled, keys, o + 2, k0, k1, k2, k3, g, y_shift),
-            _row_weight(D, score, scaled, keys, o + 3, k0, k1, k2, k3, g, y_shift),
-            _row_weight(D, score, scaled, keys, o + 4, k0, k1, k2, k3, g, y_shift),
-            _row_weight(D, score, scaled, keys, o + 5, k0, k1, k2, k3, g, y_shift),
-            _row_weight(D, score, scaled, keys, o + 6, k0, k1, k2, k3, g, y_shift),
-            _row_weight(D, score, scaled, keys, o + 7, k0, k1, k2, k3, g, y_shift))
+    return (_row_weight(D, score, scaled, o, k0, k1, k2, k3, g, y_shift),
+            _row_weight(D, score, scaled, o + 1, k0, k1, k2, k3, g, y_shift),
+            _row_weight(D, score, scaled, o + 2, k0, k1, k2, k3, g, y_shift),
+            _row_weight(D, score, scaled, o + 3, k0, k1, k2, k3, g, y_shift),
+            _row_weight(D, score, scaled, o + 4, k0, k1, k2, k3, g, y_shift),
+            _row_weight(D, score, scaled, o + 5, k0, k1, k2, k3, g, y_shift),
+            _row_weight(D, score, scaled, o + 6, k0, k1, k2, k3, g, y_shift),
+            _row_weight(D, score, scaled, o + 7, k0, k1, k2, k3, g, y_shift))
 
 
-def _tile_weights(D, score, scaled, keys, o, k0, k1, k2, k3, g, y_shift):  # pragma: no cover - overload below
+def _tile_weights(D, score, scaled, o, k0, k1, k2, k3, g, y_shift):  # pragma: no cover - overload below
     """The W weight vectors of the rows o..o+W−1 of a tile, as a tuple (W = simd.lanes of the dtype)."""
     raise NotImplementedError
 
 
 @overload(_tile_weights, inline="always")
-def _tile_weights_overload(D, score, scaled, keys, o, k0, k1, k2, k3, g, y_shift):
+def _tile_weights_overload(D, score, scaled, o, k0, k1, k2, k3, g, y_shift):
     if scaled.dtype == types.float64:
-        return lambda D, score, scaled, keys, o, k0, k1, k2, k3, g, y_shift: _eight_weights(
-            D, score, scaled, keys, o, k0, k1, k2, k3, g, y_shift)
-    return lambda D, score, scaled, keys, o, k0, k1, k2, k3, g, y_shift: (
-        _eight_weights(D, score, scaled, keys, o, k0, k1, k2, k3, g, y_shift)
-        + _eight_weights(D, score, scaled, keys, o + 8, k0, k1, k2, k3, g, y_shift))
+        return lambda D, score, scaled, o, k0, k1, k2, k3, g, y_shift: _eight_weights(
+            D, score, scaled, o, k0, k1, k2, k3, g, y_shift)
+    return lambda D, score, scaled, o, k0, k1, k2, k3, g, y_shift: (
+        _eight_weights(D, score, scaled, o, k0, k1, k2, k3, g, y_shift)
+        + _eight_weights(D, score, scaled, o + 8, k0, k1, k2, k3, g, y_shift))
 
 
 @njit(cache=True, inline="always")
@@ -173,12 +173,12 @@ def share_sums(D, score, spec, ws, slots, n, y_shift, share):
             mask = ragged and J == blocks - 1
             if I == J:  # symmetric itself: its key sums are its row sums
                 for r in range(o, min(n, o + W)):
-                    w = _row_weight(D, score, scaled, keys, r, k0, k1, k2, k3, g, ysh)
+                    w = _row_weight(D, score, scaled, r, k0, k1, k2, k3, g, ysh)
                     w = vzero_above(lane_ids, last, w) if mask else w
                     rt, r0, r1, r2, r3 = _weigh(values, r, w, rt, r0, r1, r2, r3)
                 continue
             ct, c0, c1, c2, c3 = zero, zero, zero, zero, zero
-            rows = _tile_weights(D, score, scaled, keys, o, k0, k1, k2, k3, g, ysh)
+            rows = _tile_weights(D, score, scaled, o, k0, k1, k2, k3, g, ysh)
             for r in range(W):
                 w = vzero_above(lane_ids, last, rows[r]) if mask else rows[r]
                 ct, c0, c1, c2, c3 = _weigh(values, o + r, w, ct, c0, c1, c2, c3)
@@ -191,33 +191,40 @@ def share_sums(D, score, spec, ws, slots, n, y_shift, share):
 
 
 @njit(cache=True)
-def finish_rows(plan, spec, ws, slots, max_sq, first, last, xT, qT, vT, out):
-    """out[i] ← v_i for the rows first..last−1 from the partial sums of every slot, added in slot order;
-    rows whose Σ w is below spec.tiny are redone by fused_task with their exact row max (ws: its
-    scratch and the norms of pad)."""
-    which, redo, s, dist, qnorm = ws[5], ws[6], ws[7], ws[8], ws[9]
+def finish_rows(plan, spec, slots, which, redo, s, dist, qnorm, kmax, first, last, xT, qT, vT, out):
+    """out[i] ← v_i for the rows first..last−1 from partial sums (slots, D + 1, ≥ n) of Σ w and Σ w·v_c,
+    the slots added in order; rows whose Σ w is below spec.tiny are redone by fused_task with their
+    exact row max (which, redo, s, dist: its scratch; qnorm: ‖q_i‖, kmax: max ‖q‖). Also the finish
+    of the row-block symmetric kernel of dense.py (one slot)."""
     D, n = len(plan.dims), xT.shape[1]
     t = xT.dtype.type
     loose = 0
     for i in range(first, last):
         tot = slots[0, 0, i]
-        for k in range(1, SLOTS):
+        for k in range(1, slots.shape[0]):
             tot += slots[k, 0, i]
         f = t(1.0) / tot if spec.normalise else t(1.0 / n)
         for c in range(D):
             a = slots[0, 1 + c, i]
-            for k in range(1, SLOTS):
+            for k in range(1, slots.shape[0]):
                 a += slots[k, 1 + c, i]
             out[i, c] = a * f
         if spec.normalise and tot < spec.tiny:
             which[loose] = i
             loose += 1
     if loose:
-        fused_task(plan.dims, plan.score_s, plan.radius_s, spec, 0, loose, which, xT, qT, qT, vT, qnorm,
-                   np.sqrt(max_sq), s, dist, redo)
+        fused_task(plan.dims, plan.score_s, plan.radius_s, spec, 0, loose, which, xT, qT, qT, vT, qnorm, kmax,
+                   s, dist, redo)
         for r in range(loose):
             for c in range(D):
                 out[which[r], c] = redo[r, c]
+
+
+@njit(cache=True)
+def finish(plan, spec, ws, slots, max_sq, first, last, xT, qT, vT, out):
+    """finish_rows with the scratch of ws and the norms that pad left there."""
+    which, redo, s, dist, qnorm = ws[5], ws[6], ws[7], ws[8], ws[9]
+    finish_rows(plan, spec, slots, which, redo, s, dist, qnorm, np.sqrt(max_sq), first, last, xT, qT, vT, out)
 
 
 @njit(cache=True)
@@ -227,4 +234,4 @@ def velocity(plan, spec, ws, xT, qT, vT, out):
     y_shift, max_sq = pad(D, score, spec, qT, vT, ws)
     for share in range(SLOTS):
         share_sums(D, score, spec, ws, ws[3], n, y_shift, share)
-    finish_rows(plan, spec, ws, ws[3], max_sq, 0, n, xT, qT, vT, out)
+    finish(plan, spec, ws, ws[3], max_sq, 0, n, xT, qT, vT, out)

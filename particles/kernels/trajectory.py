@@ -142,27 +142,6 @@ def _norms(qT, kT, qnorm):
     return kmax2
 
 
-@njit(cache=True)
-def _finish_symmetric(plan, spec, sums, which, redo, s, dist, qnorm, kmax, xT, qT, vT, out):
-    """out ← sums / Σ w (or /n); rows whose Σ w underflowed the shared shift redone by fused_task."""
-    d, n = xT.shape
-    t = xT.dtype.type
-    loose = 0
-    for i in range(n):
-        f = t(1.0) / sums[0, i] if spec.normalise else t(1.0 / n)
-        for c in range(d):
-            out[i, c] = sums[1 + c, i] * f
-        if spec.normalise and sums[0, i] < spec.tiny:
-            which[loose] = i
-            loose += 1
-    if loose:
-        fused_task(plan.dims, plan.score_s, plan.radius_s, spec, 0, loose, which, xT, qT, qT, vT, qnorm, kmax,
-                   s, dist, redo)
-        for r in range(loose):
-            for c in range(d):
-                out[which[r], c] = redo[r, c]
-
-
 @overload(workspace)
 def _workspace(plan, mode, spec, xT, lanes, threads):
     kind = _plan_kind(plan)
@@ -263,14 +242,20 @@ def _symmetric_serial(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
     sums, col, partial, which, redo, s, dist, qnorm = ws
     max_sq, shift = _symmetric_shift(spec, qT, qnorm)
     symmetric_serial(plan.dims, plan.score_s, spec, qT, vT, shift, sums, col)
-    _finish_symmetric(plan, spec, sums, which, redo, s, dist, qnorm, np.sqrt(max_sq), xT, qT, vT, out)
+    one_slot = sums.reshape((1,) + sums.shape)
+    kmax = np.sqrt(max_sq)
+    tiles.finish_rows(plan, spec, one_slot, which, redo, s, dist, qnorm, kmax, 0, xT.shape[1], xT, qT, vT,
+                      out)
 
 
 def _symmetric_parallel(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
     sums, col, partial, which, redo, s, dist, qnorm = ws
     max_sq, shift = _symmetric_shift(spec, qT, qnorm)
     velocity_symmetric(plan.dims, plan.score_s, spec, qT, vT, shift, partial, sums)
-    _finish_symmetric(plan, spec, sums, which, redo, s, dist, qnorm, np.sqrt(max_sq), xT, qT, vT, out)
+    one_slot = sums.reshape((1,) + sums.shape)
+    kmax = np.sqrt(max_sq)
+    tiles.finish_rows(plan, spec, one_slot, which, redo, s, dist, qnorm, kmax, 0, xT.shape[1], xT, qT, vT,
+                      out)
 
 
 def _range_serial(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
@@ -565,7 +550,7 @@ def _tiles_rows(plan, spec, ws, shared, xT, qT, kT, vT, out, first, last, sync, 
         tiles.share_sums(D, score, spec, ws, slots, n, y_shift, share)
     if parties > 1:
         arrive(sync, me, parties, round_, 0)  # every share is summed
-    tiles.finish_rows(plan, spec, ws, slots, max_sq, first, last, xT, qT, vT, out)
+    tiles.finish(plan, spec, ws, slots, max_sq, first, last, xT, qT, vT, out)
     return round_ + 1
 
 
