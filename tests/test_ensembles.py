@@ -55,6 +55,30 @@ def test_compiled_trajectories_match_the_python_stepper(model, params, n, d, sam
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12, err_msg=f"{integrator} noise={noise}")
 
 
+def test_forced_symmetric_plan_matches_the_reference():
+    """A forced "symmetric" path keeps its own plan (SYMMETRIC: the row-block kernel, serial and
+    parallel, finished by tiles.finish_rows with one slot) = the numpy reference, with rows whose Σ w
+    underflows the shared shift (β = 300, ‖q‖ from 1 to 3) redone with their exact max."""
+    it = make_interaction("sa", beta=300.0, Q=np.diag([1.0, 2.0, 3.0]), K=np.diag([1.0, 2.0, 3.0]))
+    n, d = 40, 3
+    field = velocity_field(it, n, d, path="symmetric")
+    x0 = sphere_points(n, d, seed=3)[None]
+    keep = np.array([0, 1, 2])
+    st = trajectory.stepping(0, "euler", 0.01, 0.0, False, np.float64)
+    x = x0[0].copy()
+    for _ in range(2):
+        v = reference.velocity(x, it)
+        x = x + 0.01 * (v - (v * x).sum(1, keepdims=True) * x)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for parallel in (False, True):
+        plan = field.trajectory_plan(parallel)
+        assert plan.kind == (0,) * trajectory.SYMMETRIC
+        out = np.empty((1, len(keep), n, d))
+        status = trajectory.run(field, plan, st, x0, keep, np.zeros(1, np.uint64), out, parallel=parallel)
+        assert not status.any()
+        np.testing.assert_allclose(out[0, -1], x, rtol=0, atol=1e-12)
+
+
 def test_float32_ensembles_match_the_reference():
     it = make_interaction("sa", beta=4.0)
     x0 = np.stack([sphere_points(16, 2, seed=s) for s in range(20)]).astype(np.float32)
