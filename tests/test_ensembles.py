@@ -7,7 +7,7 @@ import pytest
 from conftest import sphere_points
 
 from particles import make_interaction, reference, simulate
-from particles.kernels import trajectory, velocity_field
+from particles.kernels import tiles, trajectory, velocity_field
 
 # (model, params, n, d, samples, plan kind the ensemble takes)
 CASES = [
@@ -325,6 +325,50 @@ def test_lockstep_threads_give_the_single_thread_numbers(model, params, n, d, in
         outs.append(out)
     assert not np.array_equal(outs[0][0, -1], x0[0])
     np.testing.assert_array_equal(outs[1], outs[0])
+
+
+TILES_EULER_CASES = [  # (model, params, n, d, dtype): the symmetric tiles' own Euler loop
+    ("sa", dict(beta=2.0), 67, 3, np.float64),  # sphere, a ragged last block
+    ("sa", dict(beta=2.0), 37, 2, np.float32),  # 16 float32 lanes
+    ("krause", dict(sigma=0.4, geometry="euclidean"), 45, 4, np.float64),  # rbf scores, x + dt·(v − x)
+    ("krause", dict(sigma=0.3), 16, 1, np.float64),  # one component, a whole number of blocks
+    ("sa", dict(beta=1.0, geometry="euclidean"), 24, 3, np.float64),  # loose rows: the general step
+]
+
+
+@pytest.mark.parametrize("model, params, n, d, dtype", TILES_EULER_CASES)
+def test_symmetric_tiles_euler_loop_gives_the_general_loops_numbers(model, params, n, d, dtype):
+    """Noiseless Euler with the symmetric tiles runs its own loop (the state in the tiles' padded
+    copies, each step finished, stepped and copied by one tiles.euler_pass). It gives the numbers of
+    the general loop (pad, finish_rows, _euler_plain; here reached by the identity projections),
+    to the last bit: sphere and euclidean, softmax and rbf, float32 and float64, d = 1-4, saved
+    steps over several calls, a step with loose rows, and a state that stops being finite."""
+    it = make_interaction(model, **params)
+    field = velocity_field(it, n, d, dtype)
+    plan = field.trajectory_plan(False, 1)
+    assert plan.kind == (0,) * trajectory.SYMMETRIC_TILES
+    x0 = _x0(it, n, d, 1, seed=3)
+    if model == "sa" and it.geometry == "euclidean":  # one far particle: the others' Σ w underflows
+        x0[0, 0] = 40.0
+    x0 = (x0 if it.geometry == "euclidean" else x0 / np.linalg.norm(x0, axis=-1, keepdims=True)).astype(dtype)
+    st = trajectory.stepping(1 if it.geometry == "euclidean" else 0, "euler", 0.05, 0.0, True, dtype)
+    general = st._replace(identity=False)  # Q = K = V = I projected: the same numbers, the general loop
+    keep = np.array([0, 1, 3, 4, 9, 20])
+    if model == "sa" and it.geometry == "euclidean":  # the first step has loose rows
+        xT, ws = np.ascontiguousarray(x0[0].T), tiles.workspace(d, np.ascontiguousarray(x0[0].T))
+        shift, _ = tiles.pad(plan, field.spec, xT, xT, ws)
+        for share in range(tiles.SLOTS):
+            tiles.share_sums(plan, field.spec, ws, ws[3], n, shift, share)
+        assert tiles.any_loose(field.spec, ws[3], n)
+    for start in (x0, np.where(np.arange(n)[:, None] == 5, np.inf, x0)[None].astype(dtype)[0]):
+        runs = []
+        for stepping in (st, general):
+            out = np.full((1, len(keep), n, d), np.nan, dtype)
+            status = trajectory.run(field, plan, stepping, start, keep, np.zeros(1, np.uint64), out, ticks=3)
+            runs.append((status, out))
+        np.testing.assert_array_equal(runs[0][0], runs[1][0])
+        np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    assert runs[0][0][0, 0] == trajectory.NONFINITE
 
 
 @pytest.mark.parametrize("K, kind", [(None, trajectory.FUSED),

@@ -505,10 +505,9 @@ def test_symmetric_tiles_match_the_reference(model, params, points, dtype, dims)
             np.testing.assert_allclose(out, ref, rtol=0, atol=tol, err_msg=f"d={d} n={n}")
             again = np.empty_like(out)  # the shares in the other order, on a fresh workspace
             ws2 = tiles.workspace(d, xT)
-            D, score = len(plan.dims), len(plan.score_s) - 1
-            shift, max_sq = tiles.pad(D, score, field.spec, xT, xT, ws2)
+            shift, max_sq = tiles.pad(plan, field.spec, xT, xT, ws2)
             for share in reversed(range(tiles.SLOTS)):
-                tiles.share_sums(D, score, field.spec, ws2, ws2[3], n, shift, share)
+                tiles.share_sums(plan, field.spec, ws2, ws2[3], n, shift, share)
             tiles.finish(plan, field.spec, ws2, ws2[3], max_sq, 0, n, xT, xT, xT, again)
             np.testing.assert_array_equal(again, out)
 

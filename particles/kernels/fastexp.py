@@ -32,6 +32,13 @@ _LN2_POW = tuple(math.log(2.0) ** k / math.factorial(k) for k in range(13))  # T
 # degree-6 Taylor polynomial it replaces, with one FMA less per exp (float32 softmax loops)
 _EXP2_MINIMAX5 = (1.0, 0.6931470036506653, 0.24022242426872253, 0.05550733581185341, 0.009671506471931934,
                   0.001326469937339425)
+# 2^f ≈ 1 + Σ_{k=1..11} c_k f^k on |f| ≤ 1/2 (float64): f times the Chebyshev fit of degree 10 to
+# (2^f − 1)/f (mpmath.chebyfit, 50 digits), so 2^0 is exact. Truncation 2.0e-17 relative; 1.6e-16
+# evaluated in float64 by Horner's rule, against 2.4e-17 and 3.5e-16 for the degree-12 Taylor
+# polynomial, with one FMA and three products less per exp
+_EXP2_MINIMAX11 = (1.0, 0.6931471805599453, 0.24022650695910097, 0.0555041086648216, 0.009618129107606888,
+                   0.0013333558146416936, 0.0001540353044173605, 1.525273382983612e-05, 1.321544258792169e-06,
+                   1.0178062445845774e-07, 7.072585949269223e-09, 4.4549605981865186e-10)
 
 
 def _bitcast(mapping, doc):

@@ -3,9 +3,10 @@
 A :class:`VecType` value is one LLVM vector, <16 x float> or <8 x double>: a zmm register with
 AVX-512, two ymm registers with AVX2; LLVM splits it the same way on any other target. The few
 operations below act lane by lane on it: vload/vstore (contiguous 1-D arrays; the caller keeps
-start + width inside the array, nothing is checked), vsplat, vadd, vsub, vmul, vfma, vexp2,
-vzero_above (a masked lane), and the sums vdot4 and vsqdist4 over up to four components;
-vtranspose exchanges lanes and vectors of a square tile.
+start + width inside the array, nothing is checked), vsplat, vadd, vsub, vmul, vfma, vexp2, vmax,
+vsqrt, the never-contracted exact_add, exact_sub, exact_mul and exact_div, vzero_above (a masked
+lane), and the sums vdot4 and vsqdist4 over up to four components; vtranspose exchanges lanes and
+vectors of a square tile.
 
 Why: a loop that writes several arrays needs run-time checks that they do not overlap before LLVM
 vectorises it. Past a few such arrays LLVM gives up and the loop stays scalar. That happens when
@@ -21,7 +22,7 @@ from numba import njit, types
 from numba.core.extending import intrinsic, register_jitable
 from numba.extending import models, register_model
 
-from .fastexp import _EXP2_MINIMAX5, _LN2_POW
+from .fastexp import _EXP2_MINIMAX5, _EXP2_MINIMAX11
 
 VECTOR_BITS = 512
 FAST = ("contract", "reassoc", "nsz", "arcp")  # rows.FASTMATH: no nnan/ninf
@@ -120,13 +121,13 @@ def vsplat(typingctx, x):
     return vec(x), codegen
 
 
-def _binary(name, doc):
+def _binary(name, doc, flags=FAST):
     def typer(typingctx, a, b):
         if not (isinstance(a, VecType) and a == b):
             return None
 
         def codegen(context, builder, sig, args):
-            return getattr(builder, name)(args[0], args[1], flags=FAST)
+            return getattr(builder, name)(args[0], args[1], flags=flags)
 
         return a(a, b), codegen
 
@@ -137,6 +138,36 @@ def _binary(name, doc):
 vadd = _binary("fadd", "a + b, lane by lane.")
 vsub = _binary("fsub", "a − b, lane by lane.")
 vmul = _binary("fmul", "a·b, lane by lane.")
+# Each rounded once and never fused with its neighbours into an FMA: the numbers of scalar numba
+# code compiled without fastmath, lane by lane (tiles.euler_pass repeats trajectory._euler_plain)
+exact_add = _binary("fadd", "a + b, lane by lane, never contracted.", flags=())
+exact_sub = _binary("fsub", "a − b, lane by lane, never contracted.", flags=())
+exact_mul = _binary("fmul", "a·b, lane by lane, never contracted.", flags=())
+exact_div = _binary("fdiv", "a / b, lane by lane, correctly rounded.", flags=())
+
+
+@intrinsic
+def vsqrt(typingctx, a):
+    """√a, lane by lane, correctly rounded (as np.sqrt)."""
+    if not isinstance(a, VecType):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.call(_llvm(builder, "llvm.sqrt", _ir_vector(a), 1), args)
+
+    return a(a), codegen
+
+
+@intrinsic
+def vmax(typingctx, a, b):
+    """max(a, b), lane by lane (the other one where either is NaN, as llvm.maxnum)."""
+    if not (isinstance(a, VecType) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.call(_llvm(builder, "llvm.maxnum", _ir_vector(a), 2), args)
+
+    return a(a, b), codegen
 
 
 @intrinsic
@@ -154,8 +185,9 @@ def vfma(typingctx, a, b, c):
 @intrinsic
 def vexp2(typingctx, y):
     """fastexp.exp2_sat lane by lane: 2^y saturating at 2^−125 / 2^−1021 below and +inf from 128 / 1024;
-    y = k + f, k = rint(y), 2^f by the same polynomial (float32: degree-5 minimax, float64: Taylor 12,
-    Estrin's scheme), 2^k added into the exponent field."""
+    y = k + f, k = rint(y), 2^f by a polynomial in Horner's form, the fewest FMAs (the symmetric tiles
+    are bound by them; float32: exp2_sat's degree-5 minimax, float64: a degree-11 near-minimax one,
+    fastexp._EXP2_MINIMAX11, as accurate as exp2_sat's Taylor 12), 2^k added into the exponent field."""
     if not isinstance(y, VecType):
         return None
 
@@ -173,21 +205,14 @@ def vexp2(typingctx, y):
         clamped = builder.call(_llvm(builder, "llvm.minnum", vt, 2), [clamped, const(hi)])
         k = builder.call(_llvm(builder, "llvm.rint", vt, 1), [clamped])
         f = builder.fsub(clamped, k)
-        f2 = builder.fmul(f, f)
-        f4 = builder.fmul(f2, f2)
         ints = ir.VectorType(ir.IntType(32 if f32 else 64), width)
+        c = _EXP2_MINIMAX5 if f32 else _EXP2_MINIMAX11
+        p = const(c[-1])
+        for coefficient in reversed(c[:-1]):  # Horner: the fewest FMAs (the tiles are bound by them)
+            p = fma(p, f, const(coefficient))
         if f32:
-            c = _EXP2_MINIMAX5
-            q0, q1, q2 = (fma(const(c[2 * m + 1]), f, const(c[2 * m] if m else 1.0)) for m in range(3))
-            p = fma(q2, f4, fma(q1, f2, q0))
             k_bits = builder.shl(builder.fptosi(k, ints), ir.Constant(ints, [23] * width))
-        else:
-            c = _LN2_POW
-            f8 = builder.fmul(f4, f4)
-            q = [fma(const(c[2 * m + 1]), f, const(c[2 * m] if m else 1.0)) for m in range(6)]
-            r = [fma(q[2 * m + 1], f2, q[2 * m]) for m in range(3)]
-            p = fma(fma(const(c[12]), f4, r[2]), f8, fma(r[1], f4, r[0]))
-            # k << 52 from the low bits of k + 1.5·2^52 (as fastexp._shift_to_exponent64)
+        else:  # k << 52 from the low bits of k + 1.5·2^52 (as fastexp._shift_to_exponent64)
             k_bits = builder.shl(builder.bitcast(builder.fadd(k, const(1.5 * 2.0**52)), ints),
                                  ir.Constant(ints, [52] * width))
         return builder.bitcast(builder.add(builder.bitcast(p, ints), k_bits), vt)

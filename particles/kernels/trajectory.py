@@ -543,11 +543,11 @@ def _range_rows(plan, spec, ws, shared, xT, qT, kT, vT, out, first, last, sync, 
 
 
 def _tiles_rows(plan, spec, ws, shared, xT, qT, kT, vT, out, first, last, sync, me, parties, round_):
-    D, score, n = len(plan.dims), len(plan.score_s) - 1, xT.shape[1]
+    n = xT.shape[1]
     slots = shared[3]  # every thread's shares sum into thread 0's slots
-    y_shift, max_sq = tiles.pad(D, score, spec, qT, vT, ws)
+    y_shift, max_sq = tiles.pad(plan, spec, qT, vT, ws)
     for share in range(me, tiles.SLOTS, parties):
-        tiles.share_sums(D, score, spec, ws, slots, n, y_shift, share)
+        tiles.share_sums(plan, spec, ws, slots, n, y_shift, share)
     if parties > 1:
         arrive(sync, me, parties, round_, 0)  # every share is summed
     tiles.finish(plan, spec, ws, slots, max_sq, first, last, xT, qT, vT, out)
@@ -829,6 +829,69 @@ def state_buffers(plan, mode, spec, st, x0, threads):
     return x, y, acc, qb, kb, vb, v, xi, vt, workspace(plan, mode, spec, x, L, threads)
 
 
+@njit(cache=True, inline="always")
+def _save_padded(padded, out):
+    """out (n, d) ← the component-major padded copy (d, ≥ n) of a state."""
+    for p in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            out[p, c] = padded[c, p]
+
+
+@njit(cache=True)
+def _integrate_tiles_euler(plan, spec, st, x0, order, step0, stop, keep, out, x_end, status, bufs):
+    """integrate_one for one sample, a SYMMETRIC_TILES plan, noiseless Euler, Q = K = V = I and a
+    normalised field; False (nothing done) for any other run. The state lives in the tiles' padded
+    copies (tiles.pad once): each step, the shares of the tiles and one tiles.euler_pass, which
+    finishes the rows, steps them and refreshes the copies in one vector pass (SA, n = 64, d = 3,
+    every step saved: 2.7 µs a step in simulate against 4.2 µs in the general loop). A step with
+    a loose row goes the general way (finish_rows redoes the row, _euler_plain, pad). The same
+    numbers as the general loop and as the lockstep threads, to the last bit."""
+    if not (st.integrator == EULER and not st.noisy and st.identity and spec.normalise):
+        return False
+    x, v, vt, ws = bufs[0], bufs[6], bufs[8], bufs[9]
+    n = x.shape[1]
+    copy, slots = ws[0], ws[3]  # copy[:, :n] is the state
+    _load(x0, order, 1, x)
+    y_shift, max_sq = tiles.pad(plan, spec, x, x, ws)
+    slot = 0
+    if keep.shape[0] > 0 and keep[0] == step0:
+        _save_padded(copy, out[0, 0])
+        slot = 1
+    for step in range(step0, stop):
+        for share in range(tiles.SLOTS):
+            tiles.share_sums(plan, spec, ws, slots, n, y_shift, share)
+        if tiles.any_loose(spec, slots, n):
+            x[:] = copy[:, :n]
+            tiles.pad(plan, spec, x, x, ws)  # the norms of this state, for the redo
+            tiles.finish(plan, spec, ws, slots, max_sq, 0, n, x, x, x, v)
+            _euler_plain(plan.dims, st, x, v, vt, 0, n)
+            y_shift, max_sq = tiles.pad(plan, spec, x, x, ws)
+        else:
+            y_shift, max_sq = tiles.euler_pass(plan, spec, ws, slots, n, st.dt, st.geometry == SPHERE)
+        saving = slot < keep.shape[0] and step + 1 == keep[slot]
+        if (saving or step + 1 == stop) and not _finite(copy, 0, n):
+            status[0, 0], status[0, 1] = NONFINITE, step + 1
+            return True
+        if saving:
+            _save_padded(copy, out[0, slot])
+            slot += 1
+    _save_padded(copy, x_end[0])
+    return True
+
+
+def _fast_path(plan, spec, st, x0, order, step0, stop, keep, out, x_end, status, bufs):  # pragma: no cover
+    """A specialised whole-trajectory loop for this plan and run, if it has one (True: done)."""
+    raise NotImplementedError
+
+
+@overload(_fast_path)
+def _fast_path_overload(plan, spec, st, x0, order, step0, stop, keep, out, x_end, status, bufs):
+    if _plan_kind(plan) == SYMMETRIC_TILES:
+        return lambda plan, spec, st, x0, order, step0, stop, keep, out, x_end, status, bufs: (
+            _integrate_tiles_euler(plan, spec, st, x0, order, step0, stop, keep, out, x_end, status, bufs))
+    return lambda plan, spec, st, x0, order, step0, stop, keep, out, x_end, status, bufs: False
+
+
 @njit(cache=True, nogil=True)
 def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, keys, out, x_end, status,
                   bufs):
@@ -841,6 +904,8 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
     or is empty. Finiteness is checked at saved steps (NaN and inf persist), usa weights at every
     evaluation (an overflow there is reported at the step it happened).
     """
+    if _fast_path(plan, spec, st, x0, order, step0, stop, keep, out, x_end, status, bufs):
+        return
     L = x0.shape[0]
     x, y, acc, qb, kb, vb, v, xi, vt, ws = bufs
     spread = len(mode) == len(PARALLEL)  # one sample, the kernels over the cores: so are the unsorted copies
