@@ -8,6 +8,7 @@ saved the same way (memory or a zarr store), with the same progress bar.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -417,19 +418,41 @@ def dataset(data: dict, coords: dict, attrs: dict) -> xr.Dataset:
     call of a small system. The same Dataset (tested); if this xarray has no such way in, the public
     constructor."""
     try:
-        from xarray.core.indexes import PandasIndex
-
         variables = {name: xr.Variable(*value) for name, value in data.items()}
         indexes = {}
         for name, value in coords.items():
             if isinstance(value, tuple):
                 variables[name] = xr.Variable(*value)
                 continue
-            indexes[name] = PandasIndex.from_variables({name: xr.Variable(name, value)}, options={})
+            indexes[name] = _index(name, np.asarray(value))
             variables.update(indexes[name].create_variables())
         return xr.Dataset._construct_direct(variables, set(coords), indexes=indexes, attrs=dict(attrs))
     except (AttributeError, ImportError, TypeError):  # pragma: no cover - another xarray
         return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+#: the longest index kept by _index for reuse (its bytes are the key)
+REUSED_INDEX_LENGTH = 4096
+
+
+def _index(name: str, values: np.ndarray):
+    """xarray's PandasIndex of the coordinate `name`, reused for the same values (a pandas Index
+    and its read-only values are immutable, so Datasets can share one, as xarray's own copies do;
+    each still gets its own variables). Building one took 0.06 ms of a 0.23 ms call."""
+    if values.ndim == 1 and len(values) <= REUSED_INDEX_LENGTH:
+        return _cached_index(name, values.tobytes(), values.dtype.str)
+    return _new_index(name, values)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_index(name: str, raw: bytes, dtype: str):
+    return _new_index(name, np.frombuffer(raw, dtype=dtype))
+
+
+def _new_index(name: str, values: np.ndarray):
+    from xarray.core.indexes import PandasIndex
+
+    return PandasIndex.from_variables({name: xr.Variable(name, values)}, options={})
 
 
 __all__ = ["simulate", "saved_steps", "initial_state", "resolve_field", "describe_model", "CustomField",

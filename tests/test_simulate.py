@@ -93,6 +93,12 @@ def test_results_are_the_datasets_the_public_constructor_builds():
         xr.testing.assert_identical(ds, rebuilt)
         assert list(ds.sizes) == list(rebuilt.sizes) and list(ds.variables) == list(rebuilt.variables)
         assert ds.indexes["time"].equals(rebuilt.indexes["time"])
+    again = simulate("sa", x0[0], steps=4, dt=0.1, beta=2.0)  # the same time index, reused
+    assert again.xindexes["time"] is runs[0].xindexes["time"]
+    again.time.attrs["units"] = "s"  # its own variables: nothing leaks into the other Dataset
+    assert again.time.attrs["units"] == "s"
+    assert "units" not in runs[0].time.attrs and not runs[0].time.values.flags.writeable
+    xr.testing.assert_identical(runs[0], simulate("sa", x0[0], steps=4, dt=0.1, beta=2.0))
 
 
 def test_x0_is_step_zero_and_seed_reproducible():
