@@ -40,7 +40,16 @@ def _switch(on: bool):
     import particles.kernels as kernels
 
     kernels.LOCKSTEP_MIN_ROWS = 24 if on else 10**9
-    kernels.LOCKSTEP_MIN_PAIRS_TILES = kernels.LOCKSTEP_MIN_PAIRS if on else 16384
+    kernels.LOCKSTEP_MIN_PAIRS_TILES = kernels.LOCKSTEP_MIN_PAIRS if on else _TILES_DEFAULT
+
+
+def _tiles_default():
+    import particles.kernels as kernels
+
+    return kernels.LOCKSTEP_MIN_PAIRS_TILES
+
+
+_TILES_DEFAULT = _tiles_default()
 
 
 def measure(case, rounds=5):

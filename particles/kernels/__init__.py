@@ -62,9 +62,10 @@ assert LANES_PER_TILE % simd.lanes(np.dtype(np.float32)) == 0  # the tiles run w
 # and 64 (1.02-1.3x over repeated runs at 64), 1.2-1.6x at n = 128-1000; Krause top-k 1.6-1.7x.
 LOCKSTEP_MIN_ROWS = 24
 LOCKSTEP_MIN_PAIRS = 4096
-# The symmetric tiles need twice as many (n ≥ 128): at n = 64 one thread runs a step in 3.5 µs and
-# lockstep gave 1.02x, or 0.55x while the second vCPU was slow (benchmarks/lockstep.md).
-LOCKSTEP_MIN_PAIRS_TILES = 16384
+# The symmetric tiles need nine times as many (n ≥ 192): their own one-thread Euler loop
+# (trajectory._integrate_tiles_euler) runs n = 64 in 2.7 µs a step, and lockstep gave 0.61x at
+# n = 64, 0.91x at 128, 0.98x at 160, 1.09x at 192, 1.29x at 256 (benchmarks/lockstep.md).
+LOCKSTEP_MIN_PAIRS_TILES = 192 * 192
 LOCKSTEP_MIN_WORK = 1 << 20
 
 
