@@ -6,7 +6,7 @@ from conftest import PRESETS, RESTRICTIONS, random_qkv, sphere_points
 from numba import njit
 
 from particles import make_interaction, reference
-from particles.kernels import PATHS, choose_path, tiles, trajectory, velocity_field
+from particles.kernels import PATHS, choose_path, hk1d, tiles, trajectory, velocity_field
 from particles.kernels.fastexp import WINDOW_LANES, count_far_left, count_near, exp2_sat, fexp
 from particles.kernels.hk1d import CHUNK, PARALLEL_SORT_MIN, SortedSweep, argsort
 from particles.kernels.neighbours import neighbour_lists
@@ -257,6 +257,24 @@ def test_hk1d_argsort_sorts_in_parallel_parts(parts):
         assert perm.dtype == np.int64
         np.testing.assert_array_equal(np.sort(perm), np.arange(x.shape[0]))
         np.testing.assert_array_equal(x[perm], np.sort(x))
+
+
+def test_radix_sorted_run_sorts_any_float_range():
+    """hk1d.radix_sorted_run = np.sort of x[start:stop] with indices into x: negative numbers, ±0,
+    ±inf, subnormals, huge and tied values, float32, an empty range; stable (ties keep their order)."""
+    rng = np.random.default_rng(4)
+    special = np.array([0.0, -0.0, -1.5, 2.0, -np.inf, np.inf, 5e-324, -5e-324, 1e308, -1e308, 2.0])
+    for x in (rng.random(5000), rng.normal(size=3001) * 1e200, np.round(rng.normal(size=4000), 1), special,
+              rng.normal(size=2000).astype(np.float32)):
+        for start, stop in ((0, x.size), (3, x.size - 2), (4, 4)):
+            values, idx = hk1d.radix_sorted_run(x, start, stop)
+            assert idx.dtype == np.int64 and values.dtype == x.dtype
+            np.testing.assert_array_equal(np.sort(idx), np.arange(start, stop))
+            np.testing.assert_array_equal(values, x[idx])
+            np.testing.assert_array_equal(values, np.sort(x[start:stop]))
+            bits = values.view(f"i{values.itemsize}")
+            assert np.all(np.diff(idx)[bits[1:] == bits[:-1]] > 0)  # stable
+    assert np.signbit(hk1d.radix_sorted_run(special, 0, 11)[0][4])  # −0 before +0
 
 
 def test_neighbour_lists_and_density_switch():

@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .fastexp import WINDOW_LANES, count_far_left, count_near
+from .fastexp import WINDOW_LANES, count_far_left, count_near, float_key
 from .sync import run_group
 
 CHUNK = 1 << 16  # positions per parallel task in the sweep
@@ -38,6 +38,7 @@ def copy_sorted(x, xs):
 
 
 PARALLEL_SORT_MIN = 1 << 16  # argsort: below this many opinions one np.argsort is as fast
+RADIX_BITS = 11  # digit of radix_sorted_run: 6 passes over 64-bit keys, 2048 counters a pass (16 KiB)
 
 
 @njit(cache=True, nogil=True)
@@ -54,25 +55,59 @@ def merge_sorted(va, ia, vb, ib, v, i):
             q += 1
 
 
-def _sorted_run(x: np.ndarray, start: int, stop: int):
-    """(sorted values, their indices) of x[start:stop]."""
-    part = x[start:stop]
-    order = np.argsort(part)
-    return part[order], order + start
+@njit(cache=True, nogil=True)
+def radix_sorted_run(x, start, stop):
+    """(x[start:stop] sorted, their indices into x): an LSD radix sort, RADIX_BITS a pass, of 64-bit
+    keys in the order of the values (fastexp.float_key with its sign bit flipped, so that unsigned
+    order is float order: −0 before +0, NaN at the ends); a pass whose digit is the same for every
+    key is skipped. Stable. 10⁶ float64 opinions: 35 ms on one core, against 80 ms for np.argsort."""
+    n = stop - start
+    R = 1 << RADIX_BITS
+    passes = -(-64 // RADIX_BITS)
+    mask, top = np.uint64(R - 1), np.uint64(1) << np.uint64(63)
+    keys = np.empty(n, np.uint64)
+    counts = np.zeros((passes, R), np.int64)  # every pass's digit counts, from one read of x
+    for i in range(n):
+        k = np.uint64(float_key(x[start + i])) ^ top
+        keys[i] = k
+        for p in range(passes):
+            counts[p, (k >> np.uint64(p * RADIX_BITS)) & mask] += 1
+    idx = np.arange(start, stop)
+    keys_to, idx_to = np.empty_like(keys), np.empty_like(idx)
+    for p in range(passes):
+        at = counts[p]
+        if n == 0 or at.max() == n:  # one digit for every key: the pass keeps the order
+            continue
+        first = 0
+        for r in range(R):
+            first, at[r] = first + at[r], first
+        shift = np.uint64(p * RADIX_BITS)
+        for i in range(n):
+            d = (keys[i] >> shift) & mask
+            j = at[d]
+            at[d] = j + 1
+            keys_to[j], idx_to[j] = keys[i], idx[i]
+        keys, keys_to = keys_to, keys
+        idx, idx_to = idx_to, idx
+    values = np.empty(n, x.dtype)
+    for i in range(n):
+        values[i] = x[idx[i]]
+    return values, idx
 
 
 def argsort(x: np.ndarray, parts: int | None = None) -> np.ndarray:
-    """A permutation sorting the opinions x (1-D) into non-decreasing order: np.argsort of each of
-    `parts` pieces (default numba.get_num_threads(), at least PARALLEL_SORT_MIN opinions each) on
-    its own thread (numpy releases the GIL while it sorts; the persistent helpers of sync.run_group),
-    the sorted runs then merged pairwise.
-    The sort a 1-D HK run starts with: 10⁶ opinions 1.5x faster than np.argsort on 2 cores."""
+    """A permutation sorting the opinions x (1-D) into non-decreasing order: radix_sorted_run of each
+    of `parts` pieces (default numba.get_num_threads(), at least PARALLEL_SORT_MIN opinions each) on
+    its own thread (the persistent helpers of sync.run_group), the sorted runs then merged pairwise;
+    np.argsort below PARALLEL_SORT_MIN opinions.
+    The sort a 1-D HK run starts with: 10⁶ opinions in 34 ms on 2 cores, against 49 ms with
+    np.argsort of each half and 75 ms for one np.argsort (interleaved in one process)."""
     n = x.shape[0]
-    parts = min(parts or numba.get_num_threads(), n // PARALLEL_SORT_MIN)
-    if parts < 2:
+    if n < PARALLEL_SORT_MIN:
         return np.argsort(x)
+    parts = max(1, min(parts or numba.get_num_threads(), n // PARALLEL_SORT_MIN))
     cuts = np.linspace(0, n, parts + 1).astype(np.int64)
-    runs = run_group(_sorted_run, [(x, cuts[k], cuts[k + 1]) for k in range(parts)])
+    runs = run_group(radix_sorted_run, [(x, cuts[k], cuts[k + 1]) for k in range(parts)])
     while len(runs) > 1:
         merged = []
         for (va, ia), (vb, ib) in zip(runs[0::2], runs[1::2]):
