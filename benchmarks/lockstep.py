@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from particles.kernels import LOCKSTEP_MIN_PAIRS_TILES as _TILES_DEFAULT
+
 OUT = Path(__file__).resolve().parent
 
 CASES = [  # (label, model, params, n, d, steps)
@@ -41,15 +43,6 @@ def _switch(on: bool):
 
     kernels.LOCKSTEP_MIN_ROWS = 24 if on else 10**9
     kernels.LOCKSTEP_MIN_PAIRS_TILES = kernels.LOCKSTEP_MIN_PAIRS if on else _TILES_DEFAULT
-
-
-def _tiles_default():
-    import particles.kernels as kernels
-
-    return kernels.LOCKSTEP_MIN_PAIRS_TILES
-
-
-_TILES_DEFAULT = _tiles_default()
 
 
 def measure(case, rounds=5):

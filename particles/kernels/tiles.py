@@ -266,6 +266,15 @@ def share_sums(plan, spec, ws, slots, n, y_shift, share):
         _add(D, sums, o, row_acc)
 
 
+@njit(cache=True, inline="always")
+def _total(slots, row, i):
+    """slots[0, row, i] + slots[1, row, i] + …, added in slot order (the scalar twin of _summed)."""
+    a = slots[0, row, i]
+    for k in range(1, slots.shape[0]):
+        a += slots[k, row, i]
+    return a
+
+
 @njit(cache=True)
 def finish_rows(plan, spec, slots, which, redo, s, dist, qnorm, kmax, first, last, xT, qT, vT, out):
     """out[i] ← v_i for the rows first..last−1 from partial sums (slots, D + 1, ≥ n) of Σ w and Σ w·v_c,
@@ -276,15 +285,10 @@ def finish_rows(plan, spec, slots, which, redo, s, dist, qnorm, kmax, first, las
     t = xT.dtype.type
     loose = 0
     for i in range(first, last):
-        tot = slots[0, 0, i]
-        for k in range(1, slots.shape[0]):
-            tot += slots[k, 0, i]
+        tot = _total(slots, 0, i)
         f = t(1.0) / tot if spec.normalise else t(1.0 / n)
         for c in range(D):
-            a = slots[0, 1 + c, i]
-            for k in range(1, slots.shape[0]):
-                a += slots[k, 1 + c, i]
-            out[i, c] = a * f
+            out[i, c] = _total(slots, 1 + c, i) * f
         if spec.normalise and tot < spec.tiny:
             which[loose] = i
             loose += 1
@@ -308,10 +312,7 @@ def any_loose(spec, slots, n):
     """Whether a row's Σ w (the slots added in order) is below spec.tiny: finish_rows would redo it."""
     loose = False
     for i in range(n):
-        tot = slots[0, 0, i]
-        for k in range(1, SLOTS):
-            tot += slots[k, 0, i]
-        loose |= tot < spec.tiny
+        loose |= _total(slots, 0, i) < spec.tiny
     return loose
 
 

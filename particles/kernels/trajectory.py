@@ -238,24 +238,27 @@ def _symmetric_shift(spec, qT, qnorm):
     return max_sq, abs(spec.beta) * max_sq if spec.score == SOFTMAX else qT.dtype.type(0.0)
 
 
+@njit(cache=True)
+def _finish_symmetric(plan, spec, ws, max_sq, xT, qT, vT, out):
+    """tiles.finish_rows of every row from the one slot of sums in the SYMMETRIC workspace ws."""
+    sums, col, partial, which, redo, s, dist, qnorm = ws
+    one_slot = sums.reshape((1,) + sums.shape)
+    tiles.finish_rows(plan, spec, one_slot, which, redo, s, dist, qnorm, np.sqrt(max_sq), 0, xT.shape[1],
+                      xT, qT, vT, out)
+
+
 def _symmetric_serial(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
     sums, col, partial, which, redo, s, dist, qnorm = ws
     max_sq, shift = _symmetric_shift(spec, qT, qnorm)
     symmetric_serial(plan.dims, plan.score_s, spec, qT, vT, shift, sums, col)
-    one_slot = sums.reshape((1,) + sums.shape)
-    kmax = np.sqrt(max_sq)
-    tiles.finish_rows(plan, spec, one_slot, which, redo, s, dist, qnorm, kmax, 0, xT.shape[1], xT, qT, vT,
-                      out)
+    _finish_symmetric(plan, spec, ws, max_sq, xT, qT, vT, out)
 
 
 def _symmetric_parallel(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
     sums, col, partial, which, redo, s, dist, qnorm = ws
     max_sq, shift = _symmetric_shift(spec, qT, qnorm)
     velocity_symmetric(plan.dims, plan.score_s, spec, qT, vT, shift, partial, sums)
-    one_slot = sums.reshape((1,) + sums.shape)
-    kmax = np.sqrt(max_sq)
-    tiles.finish_rows(plan, spec, one_slot, which, redo, s, dist, qnorm, kmax, 0, xT.shape[1], xT, qT, vT,
-                      out)
+    _finish_symmetric(plan, spec, ws, max_sq, xT, qT, vT, out)
 
 
 def _range_serial(plan, mode, spec, ws, lanes, xT, qT, kT, vT, out):
