@@ -267,14 +267,41 @@ def test_radix_sorted_run_sorts_any_float_range():
     for x in (rng.random(5000), rng.normal(size=3001) * 1e200, np.round(rng.normal(size=4000), 1), special,
               rng.normal(size=2000).astype(np.float32)):
         for start, stop in ((0, x.size), (3, x.size - 2), (4, 4)):
-            values, idx = hk1d.radix_sorted_run(x, start, stop)
+            values, idx = radix_sorted_run(x, start, stop)
             assert idx.dtype == np.int64 and values.dtype == x.dtype
             np.testing.assert_array_equal(np.sort(idx), np.arange(start, stop))
             np.testing.assert_array_equal(values, x[idx])
             np.testing.assert_array_equal(values, np.sort(x[start:stop]))
             bits = values.view(f"i{values.itemsize}")
             assert np.all(np.diff(idx)[bits[1:] == bits[:-1]] > 0)  # stable
-    assert np.signbit(hk1d.radix_sorted_run(special, 0, 11)[0][4])  # −0 before +0
+    assert np.signbit(radix_sorted_run(special, 0, 11)[0][4])  # −0 before +0
+
+
+def radix_sorted_run(x, start, stop):
+    """hk1d.radix_sorted_run into fresh buffers: (sorted values, their indices)."""
+    m = stop - start
+    values, idx = np.empty(m, x.dtype), np.empty(m, np.int64)
+    hk1d.radix_sorted_run(x, start, stop, np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64),
+                          values, idx)
+    return values, idx
+
+
+def test_merge_tasks_cut_anywhere_give_the_serial_merge():
+    """hk1d.merge_tasks: a merge of two sorted runs cut into pieces at any output positions (merge
+    path splits) equals the serial stable merge (ties: the first run first), with heavy ties."""
+    rng = np.random.default_rng(6)
+    for la, lb in ((500, 300), (0, 40), (40, 0), (1, 1), (257, 1000)):
+        runs = [np.sort(rng.integers(0, 20, m)) for m in (la, lb)]
+        values = np.concatenate(runs).astype(float)
+        ids = np.arange(la + lb)
+        expect = np.argsort(values, kind="stable")  # runs sorted and ties by index: the stable merge
+        for cuts in ([0, la + lb], [0, 1, la + lb], sorted({0, la + lb, *rng.integers(0, la + lb + 1, 5)})):
+            tasks = np.array([(0, la, la + lb, a, b) for a, b in zip(cuts[:-1], cuts[1:])], np.int64)
+            to_values, to_ids = np.full(la + lb, np.nan), np.full(la + lb, -1)
+            for t in rng.permutation(len(tasks)):
+                hk1d.merge_tasks(values, ids, to_values, to_ids, True, tasks[t:t + 1])
+            np.testing.assert_array_equal(to_ids, expect)
+            np.testing.assert_array_equal(to_values, values[expect])
 
 
 def test_neighbour_lists_and_density_switch():

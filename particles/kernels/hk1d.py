@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .fastexp import WINDOW_LANES, count_far_left, count_near, float_key
+from .fastexp import WINDOW_LANES, count_far_left, count_near, float_key, key_float
 from .sync import run_group
 
 CHUNK = 1 << 16  # positions per parallel task in the sweep
@@ -42,80 +42,131 @@ RADIX_BITS = 11  # digit of radix_sorted_run: 6 passes over 64-bit keys, 2048 co
 
 
 @njit(cache=True, nogil=True)
-def merge_sorted(va, ia, vb, ib, v, i):
-    """(v, i) ← the merge of the sorted runs (va, ia) and (vb, ib) of values and their indices
-    (ties: a first); sequential reads of the values, not gathers through the indices."""
-    p = q = 0
-    for k in range(va.shape[0] + vb.shape[0]):
-        if q == vb.shape[0] or (p < va.shape[0] and va[p] <= vb[q]):
-            v[k], i[k] = va[p], ia[p]
-            p += 1
+def merge_split(va, vb, k):
+    """(p, k − p): the first k values of the merge of the sorted runs va and vb (ties: a first) are
+    va[:p] and vb[:k − p] (bisection on the merge path: a[p] comes before b[k − p − 1] iff
+    a[p] ≤ b[k − p − 1])."""
+    lo, hi = max(0, k - vb.shape[0]), min(k, va.shape[0])
+    while lo < hi:
+        p = (lo + hi) // 2
+        if va[p] <= vb[k - p - 1]:
+            lo = p + 1
         else:
-            v[k], i[k] = vb[q], ib[q]
-            q += 1
+            hi = p
+    return lo, k - lo
 
 
 @njit(cache=True, nogil=True)
-def radix_sorted_run(x, start, stop):
-    """(x[start:stop] sorted, their indices into x): an LSD radix sort, RADIX_BITS a pass, of 64-bit
-    keys in the order of the values (fastexp.float_key with its sign bit flipped, so that unsigned
-    order is float order: −0 before +0, NaN at the ends); a pass whose digit is the same for every
-    key is skipped. Stable. 10⁶ float64 opinions: 35 ms on one core, against 80 ms for np.argsort."""
+def merge_tasks(values, ids, to_values, to_ids, keep_values, tasks):
+    """For each task (a, mid, b, first, last): outputs first..last−1 of the merge of the sorted runs
+    [a, mid) and [mid, b) of (values, ids) (ties: a first) into to_values[a + first …], to_ids[a + first …]
+    (to_values only if keep_values). Each task starts at its own split of the merge path, so the pieces
+    of one merge run on different threads and together give the serial merge; the values are read
+    sequentially, never gathered through the indices."""
+    for t in range(tasks.shape[0]):
+        a, mid, b, first, last = tasks[t]
+        va, vb, ia, ib = values[a:mid], values[mid:b], ids[a:mid], ids[mid:b]
+        p, q = merge_split(va, vb, first)
+        for k in range(a + first, a + last):
+            if q == vb.shape[0] or (p < va.shape[0] and va[p] <= vb[q]):
+                v, i = va[p], ia[p]
+                p += 1
+            else:
+                v, i = vb[q], ib[q]
+                q += 1
+            if keep_values:
+                to_values[k] = v
+            to_ids[k] = i
+
+
+@njit(cache=True, nogil=True)
+def radix_sorted_run(x, start, stop, keys, keys_to, idx_to, values, idx):
+    """values ← x[start:stop] sorted, idx ← their indices into x: an LSD radix sort, RADIX_BITS a pass,
+    of 64-bit keys in the order of the values (fastexp.float_key with its sign bit flipped, so that
+    unsigned order is float order: −0 before +0, NaN at the ends); a pass whose digit is the same for
+    every key is skipped, and the passes alternate between idx and idx_to so that the last one writes
+    idx. The values are the sorted keys turned back into floats (key_float: sequential, bit for bit).
+    Stable. keys, keys_to, idx_to: int64 work space; every array has stop − start entries."""
     n = stop - start
     R = 1 << RADIX_BITS
     passes = -(-64 // RADIX_BITS)
     mask, top = np.uint64(R - 1), np.uint64(1) << np.uint64(63)
-    keys = np.empty(n, np.uint64)
     counts = np.zeros((passes, R), np.int64)  # every pass's digit counts, from one read of x
     for i in range(n):
         k = np.uint64(float_key(x[start + i])) ^ top
-        keys[i] = k
+        keys[i] = np.int64(k)
         for p in range(passes):
             counts[p, (k >> np.uint64(p * RADIX_BITS)) & mask] += 1
-    idx = np.arange(start, stop)
-    keys_to, idx_to = np.empty_like(keys), np.empty_like(idx)
+    live = 0
+    for p in range(passes):
+        live += counts[p].max() < n  # (n = 0: no pass)
+    src, done = idx, 0
     for p in range(passes):
         at = counts[p]
-        if n == 0 or at.max() == n:  # one digit for every key: the pass keeps the order
+        if at.max() == n:  # one digit for every key: the pass keeps the order
             continue
+        dst = idx if (live - 1 - done) % 2 == 0 else idx_to
         first = 0
         for r in range(R):
             first, at[r] = first + at[r], first
         shift = np.uint64(p * RADIX_BITS)
         for i in range(n):
-            d = (keys[i] >> shift) & mask
+            k = keys[i]
+            d = (np.uint64(k) >> shift) & mask
             j = at[d]
             at[d] = j + 1
-            keys_to[j], idx_to[j] = keys[i], idx[i]
+            keys_to[j] = k
+            dst[j] = start + i if done == 0 else src[i]
         keys, keys_to = keys_to, keys
-        idx, idx_to = idx_to, idx
-    values = np.empty(n, x.dtype)
+        src = dst
+        done += 1
+    if live == 0:
+        for i in range(n):
+            idx[i] = start + i
     for i in range(n):
-        values[i] = x[idx[i]]
-    return values, idx
+        values[i] = key_float(np.int64(np.uint64(keys[i]) ^ top), values[i])
 
 
 def argsort(x: np.ndarray, parts: int | None = None) -> np.ndarray:
     """A permutation sorting the opinions x (1-D) into non-decreasing order: radix_sorted_run of each
     of `parts` pieces (default numba.get_num_threads(), at least PARALLEL_SORT_MIN opinions each) on
-    its own thread (the persistent helpers of sync.run_group), the sorted runs then merged pairwise;
-    np.argsort below PARALLEL_SORT_MIN opinions.
-    The sort a 1-D HK run starts with: 10⁶ opinions in 34 ms on 2 cores, against 49 ms with
-    np.argsort of each half and 75 ms for one np.argsort (interleaved in one process)."""
+    its own thread (the persistent helpers of sync.run_group), then the sorted runs merged pairwise,
+    each merge cut into pieces along its merge path so that every thread merges (merge_tasks);
+    np.argsort below PARALLEL_SORT_MIN opinions. The work space is one block of numpy memory, which
+    asks for huge pages: fresh small pages cost a fault per 4 KiB (7000 faults, 15-20 ms, for
+    buffers allocated inside the kernels in a simulate call).
+    The sort a 1-D HK run starts with: 10⁶ opinions in 21-23 ms on 2 cores, against 27-28 ms with
+    the kernels' own buffers and a one-thread merge, 49 ms with np.argsort of each half and 75 ms for
+    one np.argsort (interleaved in one process)."""
     n = x.shape[0]
     if n < PARALLEL_SORT_MIN:
         return np.argsort(x)
-    parts = max(1, min(parts or numba.get_num_threads(), n // PARALLEL_SORT_MIN))
+    threads = numba.get_num_threads()
+    parts = max(1, min(parts or threads, n // PARALLEL_SORT_MIN))
     cuts = np.linspace(0, n, parts + 1).astype(np.int64)
-    runs = run_group(radix_sorted_run, [(x, cuts[k], cuts[k + 1]) for k in range(parts)])
-    while len(runs) > 1:
-        merged = []
-        for (va, ia), (vb, ib) in zip(runs[0::2], runs[1::2]):
-            v, i = np.empty(va.shape[0] + vb.shape[0], x.dtype), np.empty(va.shape[0] + vb.shape[0], np.int64)
-            merge_sorted(va, ia, vb, ib, v, i)
-            merged.append((v, i))
-        runs = merged + runs[len(merged) * 2:]
-    return runs[0][1]
+    work = np.empty((4, n), np.int64)  # radix keys, keys_to, idx_to; then the merges' second buffer
+    values, ids = np.empty(n, x.dtype), np.empty(n, np.int64)
+    run_group(radix_sorted_run, [(x, a, b, work[0, a:b], work[1, a:b], work[2, a:b], values[a:b], ids[a:b])
+                                 for a, b in zip(cuts[:-1], cuts[1:])])
+    runs = list(cuts)
+    if len(runs) == 2:
+        return ids
+    buffers = [(values, ids), (work[0].view(x.dtype)[:n], work[3])]
+    while len(runs) > 2:
+        last = len(runs) <= 3
+        (src_v, src_i), (dst_v, dst_i) = buffers
+        if last:
+            dst_i = np.empty(n, np.int64)
+        merges = [(runs[k], runs[k + 1], runs[min(k + 2, len(runs) - 1)]) for k in range(0, len(runs) - 1, 2)]
+        pieces = -(-threads // len(merges))
+        tasks = [(a, mid, b, (b - a) * j // pieces, (b - a) * (j + 1) // pieces)
+                 for a, mid, b in merges for j in range(pieces)]
+        calls = [(src_v, src_i, dst_v, dst_i, not last, np.array(tasks[t::threads], np.int64).reshape(-1, 5))
+                 for t in range(min(threads, len(tasks)))]
+        run_group(merge_tasks, calls)
+        runs = runs[0::2] + ([runs[-1]] if len(runs) % 2 == 0 else [])
+        buffers = buffers[::-1]
+    return dst_i
 
 
 @njit(cache=True)
