@@ -191,6 +191,34 @@ def test_hk1d_matches_a_direct_sum_for_many_opinions():
         assert abs(v[i] - near.mean()) < 1e-13
 
 
+@pytest.mark.parametrize("n, dtype", [(1, np.float64), (5, np.float64), (CHUNK + 3, np.float64),
+                                      (2 * CHUNK, np.float64), (3 * CHUNK + 17, np.float64),
+                                      (2 * CHUNK + 9, np.float32)])
+def test_hk1d_prefix_sums_in_blocks_are_exact_sums(n, dtype):
+    """The blocked compensated prefix sums: P[k] = p_hi[k] + p_lo[k] is Σ_{p<k} xs[p] within the
+    cascaded-sum bound (k·eps)²·Σ|xs[p]| (the residual by math.fsum, exact), at every block boundary
+    and anywhere, for lengths that leave some of a task's blocks short or empty; the serial and the
+    parallel versions give the same bits."""
+    import math
+
+    rng = np.random.default_rng(n)
+    xs = np.sort(rng.normal(size=n) * 10.0 ** rng.integers(-3, 4, n)).astype(dtype)
+    p_hi, p_lo = np.empty(n + 1), np.empty(n + 1)
+    q_hi, q_lo = np.full(n + 1, np.nan), np.full(n + 1, np.nan)
+    hk1d.prefix_sums(xs, n, p_hi, p_lo)
+    hk1d.prefix_sums_parallel(xs, n, q_hi, q_lo)
+    np.testing.assert_array_equal(p_hi, q_hi)
+    np.testing.assert_array_equal(p_lo, q_lo)
+    B = CHUNK
+    ks = {0, n, *range(0, n + 1, B), *(k + d for k in range(0, n + 1, B) for d in (-1, 1)),
+          *rng.integers(0, n + 1, 50)}
+    eps = np.finfo(np.float64).eps
+    for k in sorted(k for k in ks if 0 <= k <= n):
+        residual = math.fsum([*xs[:k].astype(np.float64), -p_hi[k], -p_lo[k]])
+        assert abs(residual) <= 4 * (k * eps) ** 2 * np.abs(xs[:k]).sum(dtype=np.float64), k
+    assert abs(math.fsum([*xs.astype(np.float64), -p_hi[n]])) > 0 or n < 3  # p_hi alone is not the sum
+
+
 @njit
 def _window_counts(xs, starts, centres, r2):
     out = np.empty((starts.shape[0], 2), np.int64)

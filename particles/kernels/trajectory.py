@@ -204,11 +204,12 @@ def _hk1d_velocity(plan, parallel, spec, ws, xT, out):
     if not ordered:
         perm[:] = np.argsort(x, kind="mergesort")
         hk1d.gather_sorted(x, perm, xs)
-    hk1d.prefix_sums(xs, n, p_hi, p_lo)
     means = out.reshape(n) if ordered else tmp  # sorted: the sweep writes v's one column itself
     if parallel:
+        hk1d.prefix_sums_parallel(xs, n, p_hi, p_lo)
         hk1d.sweep(xs, n, p_hi, p_lo, spec.r2, means)
     else:
+        hk1d.prefix_sums(xs, n, p_hi, p_lo)
         hk1d.sweep_serial(xs, n, p_hi, p_lo, spec.r2, means)
     if not ordered:
         for p in range(n):
