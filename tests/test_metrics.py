@@ -32,14 +32,16 @@ def test_k_blobs_give_k_clusters_by_both_methods(k):
 
 
 def test_graph_labels_match_dense_components():
-    """The cell-compressed neighbour search equals the dense ε-graph, ties and bands included."""
+    """The cell-compressed neighbour search (and, from DIRECT_MIN_DIM dimensions, the direct one)
+    equals the dense ε-graph, ties and bands included."""
     # two 1-D cells whose first points are 1.45 apart, while 0.2 and 1.1 are within ε = 1
     assert analysis.count_clusters(np.array([[0.0], [1.45], [0.2], [1.1]]), eps=1.0) == 1
-    for seed in range(6):
+    for seed in range(8):
         rng = np.random.default_rng(seed)
-        d = 1 + seed % 3
-        blobs_ = rng.normal(size=(8, d)).repeat(15, axis=0) + 0.3 * rng.normal(size=(120, d))
-        x = np.concatenate([blobs_, rng.uniform(0, 3, size=(200, d)) ** 2])
+        d = [1, 2, 3, 16, 40][seed % 5]
+        scale = min(1.0, np.sqrt(3 / d))  # distances as in three dimensions
+        blobs_ = rng.normal(size=(8, d)).repeat(15, axis=0) + 0.3 * scale * rng.normal(size=(120, d))
+        x = np.concatenate([blobs_, scale * rng.uniform(0, 3, size=(200, d)) ** 2])
         for eps in (0.05, 0.2, 0.5, 1.0):
             n_ref, ref = connected_components(cdist(x, x) <= eps, directed=False)
             labels = analysis.cluster_labels(x, eps=eps).values

@@ -9,7 +9,8 @@ from . import UsageError
 
 def register(sub):
     p = sub.add_parser("figures", help="make the figures: <out>/<name>.png, .pdf and .nc (plotted data)")
-    p.add_argument("--quick", action="store_true", help="small, fast versions (under a minute in all)")
+    p.add_argument("--quick", action="store_true",
+                   help="small, fast versions (about 2.5 minutes in all on 2 cores)")
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="make only these figures")
     p.add_argument("--list", action="store_true", help="list the figures and exit")

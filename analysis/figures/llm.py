@@ -338,6 +338,7 @@ def make_llm_sinks(quick=False, out=None, progress=True) -> xr.Dataset:
 
     ds = collect(
         n_windows=16 if quick else N_WINDOWS,
+        fit_windows=2 if quick else 8,
         ppl_windows=8 if quick else None,
         seeds=[0] if quick else None,
         progress=progress,

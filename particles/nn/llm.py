@@ -99,7 +99,18 @@ def load_tokenizer():
 
 
 def load_base(attn_implementation: str = "eager"):
-    """(SmolLM2-135M-Instruct in eval mode, float32, tokenizer) from the installed package, offline."""
+    """(SmolLM2-135M-Instruct in eval mode, float32, tokenizer) from the installed package, offline:
+    a fresh copy of each, which the caller may change (krausify, LoRA). Reading the GGUF file takes
+    25-30 s (most of it parsing the tokenizer's fields, twice), so the first call keeps what it read
+    (540 MB) for the later ones, which take about a second; :func:`forget_base` frees it."""
+    import copy
+
+    model, tokenizer = _read_base(attn_implementation)
+    return copy.deepcopy(model), copy.deepcopy(tokenizer)
+
+
+@lru_cache(maxsize=2)
+def _read_base(attn_implementation: str):
     _need("gguf", "accelerate", "transformers")
     from transformers import AutoModelForCausalLM
 
@@ -111,6 +122,11 @@ def load_base(attn_implementation: str = "eager"):
         dtype=torch.float32,
     )
     return model.eval(), load_tokenizer()
+
+
+def forget_base() -> None:
+    """Free the base model that :func:`load_base` keeps in memory."""
+    _read_base.cache_clear()
 
 
 # -- text ------------------------------------------------------------------------------------------
