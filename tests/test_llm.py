@@ -451,7 +451,8 @@ def test_load_base_reads_the_file_once_and_gives_fresh_copies():
     first, tok = llm.load_base()
     krausify(first)
     second, tok2 = llm.load_base()
-    read, read_tok = llm._read_base("eager")
+    gguf = llm.smollm2_dir() / llm.GGUF_FILE
+    read, read_tok = llm._read_base("eager", str(gguf), gguf.stat().st_size, gguf.stat().st_mtime)
     assert second is not read and tok2 is not tok and tok2 is not read_tok
     assert not any(getattr(m, "kind", "") == "hybrid" for m in second.modules())
     assert any(getattr(m, "kind", "") == "hybrid" for m in first.modules())

@@ -105,17 +105,21 @@ def load_base(attn_implementation: str = "eager"):
     (540 MB) for the later ones, which take about a second; :func:`forget_base` frees it."""
     import copy
 
-    model, tokenizer = _read_base(attn_implementation)
+    _need("gguf", "accelerate", "transformers")
+    gguf = smollm2_dir() / GGUF_FILE  # (raises when the package is missing, whatever is kept)
+    stat = gguf.stat()
+    model, tokenizer = _read_base(attn_implementation, str(gguf), stat.st_size, stat.st_mtime)
     return copy.deepcopy(model), copy.deepcopy(tokenizer)
 
 
 @lru_cache(maxsize=2)
-def _read_base(attn_implementation: str):
-    _need("gguf", "accelerate", "transformers")
+def _read_base(attn_implementation: str, gguf: str, size: int, mtime: float):
+    """The model and tokenizer of the GGUF file `gguf` (keyed by its size and mtime too: a file
+    replaced in place is read again)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(smollm2_dir()),
+        str(Path(gguf).parent),
         gguf_file=GGUF_FILE,
         local_files_only=True,
         attn_implementation=attn_implementation,
