@@ -126,7 +126,7 @@ def radix_sorted_run(x, start, stop, keys, keys_to, idx_to, values, idx):
         for i in range(n):
             idx[i] = start + i
     for i in range(n):
-        values[i] = key_float(np.int64(np.uint64(keys[i]) ^ top), values[i])
+        values[i] = key_float(np.int64(np.uint64(keys[i]) ^ top), x[start + i])  # x: the float type
 
 
 def argsort(x: np.ndarray, parts: int | None = None) -> np.ndarray:
@@ -270,7 +270,7 @@ def _block_total(xs, first, last):  # pragma: no cover - numba overload below
 def _block_total_overload(xs, first, last):
     if xs.dtype == types.float64:
         return lambda xs, first, last: _vector_total(xs, first, last)
-    return lambda xs, first, last: _chain(xs, first, last, 0.0, 0.0, np.empty(0), np.empty(0), False)
+    return lambda xs, first, last: _chain(xs, first, last, 0.0, 0.0, xs, xs, False)  # nothing stored
 
 
 @njit(cache=True)
