@@ -18,8 +18,12 @@ install: $(BIN)/.installed
 figures: install          ## regenerate figures/ from the shipped checkpoints (small defaults)
 	$(BIN)/ksync figures --out figures
 
+# pytest-xdist workers, one a core up to 4; each test file stays on one worker (--dist loadfile), so a
+# module's fixtures and the numba kernels only its tests use are built once.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: install browser-deps  ## the default test suite (slow checks are excluded, see `make bench`)
-	$(BIN)/python -m pytest -q
+	KSYNC_REQUIRE_BROWSER=$(if $(KSYNC_SKIP_BROWSER),0,1) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install            ## speed ratios against numpy and torch + the slow tests
 	$(BIN)/ksync bench --json benchmarks/latest.json
