@@ -760,6 +760,7 @@ def machine_summary():
                numba_threading_layer=numba.config.THREADING_LAYER, numpy=np.__version__,
                torch=torch.__version__, torch_threads=torch.get_num_threads(),
                numba_threads=numba.get_num_threads(), numba_vector_bits=vector_bits(),
+               numpy_simd=numpy_simd(), torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
                headdim_blas=headdim.blas_addresses()["library"],
                python=platform.python_version(), load_average_1min=load)
     if keops_available():
@@ -767,6 +768,17 @@ def machine_summary():
 
         out["pykeops"] = pykeops.__version__
     return out
+
+
+def numpy_simd() -> str:
+    """The widest of numpy's dispatch targets that this process runs ("AVX512_ICL", "X86_V3", …;
+    NPY_DISABLE_CPU_FEATURES can lower it), "baseline" if none, "?" where numpy does not say."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    except ImportError:
+        return "?"
+    enabled = [t for t in __cpu_dispatch__ if __cpu_features__.get(t)]
+    return enabled[-1] if enabled else "baseline"
 
 
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16",

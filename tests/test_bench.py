@@ -1,6 +1,9 @@
 """The baselines and the head-dimension section of ``ksync bench`` compute the same steps as our kernels."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -195,10 +198,26 @@ def test_ksync_bench_ensembles_writes_json_and_markdown(tmp_path, monkeypatch):
         numba.set_num_threads(threads[1])
     data = json.loads(out.read_text())
     assert [c["case"] for c in data["cases"]] == ["SA ensemble 8x6x2", "HK 1-D"] and data["machine"]["isa"]
+    assert data["machine"]["numpy_simd"] == bench.numpy_simd()
+    assert data["machine"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     first = data["cases"][0]
     assert first["x_torch"] == pytest.approx(first["torch_s"] / first["ours_s"])
     text = md.read_text()
     assert "| SA ensemble 8x6x2 |" in text and "written by `ksync bench --ensembles" in text
+    assert f"numpy {bench.numpy_simd()}, torch {torch.backends.cpu.get_cpu_capability()}." in text
+
+
+def test_numpy_simd_names_the_dispatch_target_numpy_runs():
+    """numpy_simd: the widest dispatch target enabled in this process; with every target disabled
+    through NPY_DISABLE_CPU_FEATURES (read when numpy is imported) numpy runs its baseline code."""
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    enabled = [t for t in __cpu_dispatch__ if __cpu_features__.get(t)]
+    assert bench.numpy_simd() == (enabled[-1] if enabled else "baseline")
+    code = "from analysis.bench import numpy_simd; print(numpy_simd())"
+    env = dict(os.environ, NPY_DISABLE_CPU_FEATURES=" ".join(__cpu_dispatch__))
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "baseline"
 
 
 def test_interleaved_best_times_alternate_and_keep_the_minimum():

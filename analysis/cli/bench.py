@@ -179,8 +179,10 @@ def run_ensembles(args, bench, repeats, budget, start) -> int:
             fh.write(f"<!-- written by `{command}`, {time.strftime('%Y-%m-%d %H:%M')} -->\n\n"
                      f"Machine: {machine['cpu']} ({machine['isa']}), {machine['cores']} cores, 1-min load "
                      f"{machine['load_average_1min']:.1f}; numba {machine.get('numba_vector_bits', '?')}-bit "
-                     f"vectors. Times: best of at least {repeats} interleaved rounds (wall; each round "
-                     "times ours and every baseline once, fast ones until 0.25 s, after a 20 ms pause).\n\n"
+                     f"vectors, numpy {machine.get('numpy_simd', '?')}, torch "
+                     f"{machine.get('torch_cpu_capability', '?')}. Times: best of at least {repeats} "
+                     "interleaved rounds (wall; each round times ours and every baseline once, fast ones "
+                     "until 0.25 s, after a 20 ms pause).\n\n"
                      + bench.ensemble_table(records) + "\n")
         print(f"wrote {args.markdown}")
     return 0
@@ -190,8 +192,9 @@ def print_machine(machine):
     print(f"machine: {machine['cpu']} ({machine['isa']}), {machine['cores']} cores, load "
           f"{machine['load_average_1min']:.1f}; threads numba {machine['numba_threads']} torch "
           f"{machine['torch_threads']}; numba {machine['numba']} "
-          f"({machine.get('numba_vector_bits', '?')}-bit vectors), numpy {machine['numpy']}, torch "
-          f"{machine['torch']}, headdim BLAS {machine['headdim_blas']}")
+          f"({machine.get('numba_vector_bits', '?')}-bit vectors), numpy {machine['numpy']} "
+          f"({machine.get('numpy_simd', '?')}), torch {machine['torch']} "
+          f"({machine.get('torch_cpu_capability', '?')}), headdim BLAS {machine['headdim_blas']}")
 
 
 def run_headdim(args, bench, repeats, budget, start) -> int:
