@@ -215,6 +215,13 @@ def test_progress_and_blocks_give_the_same_trajectory():
     kw = dict(steps=40, dt=0.1, save_every=15, beta=2.0, noise=0.1)
     np.testing.assert_array_equal(simulate("sa", x0, progress=True, **kw).x.values,
                                   simulate("sa", x0, **kw).x.values)
+    # 1-D HK works in sorted order: a block's end state is copied from its last saved step when that
+    # is the block's end (save_every=1: blocks of 2 steps, 2 saved each), else unsorted again (15)
+    x0 = np.random.default_rng(4).random((3000, 1))
+    for save_every in (1, 15):
+        kw = dict(steps=40, dt=0.5, save_every=save_every, radius=0.05)
+        np.testing.assert_array_equal(simulate("hk", x0, progress=True, **kw).x.values,
+                                      simulate("hk", x0, **kw).x.values)
 
 
 def test_weights_of_ensembles_and_overflow_in_compiled_runs():

@@ -916,7 +916,7 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
     _load(x0, order, L, x, spread)
     slot = 0
     if keep.shape[0] > 0 and keep[0] == step0:
-        _save(x, order, out[:, 0], spread)
+        out[:, 0] = x0  # what _save of the state just loaded gives, without unsorting it
         slot = 1
     for step in range(step0, stop):
         ok = True
@@ -939,7 +939,10 @@ def integrate_one(plan, mode, spec, st, Q, K, V, x0, order, step0, stop, keep, k
         if saving:
             _save(x, order, out[:, slot], spread)
             slot += 1
-    _save(x, order, x_end, spread)
+    if slot > 0 and keep[slot - 1] == stop:
+        x_end[:] = out[:, slot - 1]  # the end state was just saved in particle order: copy it
+    else:
+        _save(x, order, x_end, spread)
 
 
 @njit(cache=True)
